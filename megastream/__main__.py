@@ -1,0 +1,3 @@
+from megastream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Hugging Face format in and out: config.json + (sharded) safetensors.
+
+Loading reads one tensor at a time from the safetensors files straight into the host store's
+fp32 master arena (converting dtype on the way), so peak memory is the store plus one tensor.
+Saving writes into a temporary directory beside the target and renames it into place, so a crash
+mid-save never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from megastream.errors import CheckpointError
+from megastream.model.layout import hf_names
+from megastream.model.spec import ModelSpec
+from megastream.store import HostStore
+
+# Non-weight files copied from the source model / tokenizer directory into every saved model.
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# Tensors some checkpoints carry that the model does not use.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-save the model") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}; "
+                                  "the download is incomplete")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors files found")
+    return files
+
+
+def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) -> None:
+    """Fill the store's master (and working) arenas from a Hugging Face model directory."""
+    model_dir = Path(model_dir)
+    names = hf_names(spec)
+    seen: set[str] = set()
+    for f in _weight_files(model_dir):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    if name not in names:
+                        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and spec.tie_word_embeddings):
+                            continue
+                        raise CheckpointError(f"{f}: unexpected tensor {name!r} for {spec.architecture} "
+                                              f"with {spec.num_layers} layers; config.json and weights disagree")
+                    u, e = names[name]
+                    t = sf.get_tensor(name)
+                    if tuple(t.shape) != e.shape:
+                        raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
+                                              f"implies {e.shape}; config.json and weights disagree")
+                    store.master_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))
+                    seen.add(name)
+        except SafetensorError as err:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({err}); it is corrupt or truncated, "
+                                  "re-download it") from None
+    missing = sorted(set(names) - seen)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{model_dir}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    store.sync_working()
+
+
+def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, source_config: dict | None = None,
+            copy_from: list[Path] = (), shard_bytes: int = 5 * 2**30) -> Path:
+    """Write the master weights as a Hugging Face model directory at `path` (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch_dtype = _DTYPES[dtype]
+
+    # Group tensors into shards of at most shard_bytes, in layout order.
+    shards: list[list[tuple[str, int, object]]] = [[]]
+    size = 0
+    total = 0
+    for u, unit in enumerate(store.units):
+        for e in unit.entries:
+            nbytes = e.numel * torch_dtype.itemsize
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((e.hf_name, u, e))
+            size += nbytes
+            total += nbytes
+
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        # One shard's tensors are materialised at a time (a cast copy of the master slice).
+        tensors = {name: store.master_of(u)[e.offset:e.offset + e.numel].view(e.shape).to(torch_dtype, copy=True)
+                   for name, u, e in shard}
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in tensors})
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    if source_config is not None:
+        config = dict(source_config)
+        config.pop("dtype", None)
+        config["torch_dtype"] = dtype
+    else:
+        config = spec.to_hf_config(dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    copied = set()
+    for src_dir in copy_from:
+        for name in COPIED_FILES:
+            if name not in copied and (Path(src_dir) / name).is_file():
+                shutil.copy2(Path(src_dir) / name, tmp / name)
+                copied.add(name)
+
+    _replace_dir(tmp, path)
+    return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path`; an existing `path` is kept until the new one is in place."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,285 @@
+"""Run configuration: a frozen dataclass tree that the YAML file mirrors key for key.
+
+Everything is checked before any work starts: unknown keys, wrong types, impossible values and
+missing files all raise `ConfigError` naming the file, the dotted key and what is allowed.
+Relative input paths in a YAML file (model.path, data.path, data.tokenizer) are resolved against
+that file's directory, so a config and its data travel together; output.dir and every path given
+with `--set` are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from megastream.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Optional[str] = None  # Hugging Face directory: config.json + *.safetensors
+    preset: Optional[str] = None  # or a named shape (megastream.presets), randomly initialised
+    seed: int = 0  # init seed for presets
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # .jsonl: {"input_ids": [...]} or {"text": "..."} rows
+    seq_len: int = 512
+    shuffle: bool = True
+    tokenizer: Optional[str] = None  # tokenizer.json for text rows; default: the model's, else the demo's
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    micro_batch_size: int = 4  # sequences per micro-batch
+    grad_accum: int = 8  # micro-batches per optimizer step
+    lr: float = 1.0e-5
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr: float = 0.0
+    weight_decay: float = 0.0  # decays 2-D weights (incl. embeddings), not norms or biases
+    grad_clip: float = 1.0  # global L2 norm; 0 disables
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # compute dtype; auto: bf16 on cuda, fp32 on cpu
+    grad_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # host gradient staging; auto: compute dtype
+    loss_chunk_tokens: int = 0  # tokens per LM-head chunk; 0: sized so a chunk's fp32 logits stay near 256 MiB
+    threads: int = 0  # CPU threads for torch; 0: torch's default
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/demo"
+    save_every: int = 0  # 0 = only at the end
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # saved weights; auto: the source's
+    shard_size_gb: float = 5.0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Input paths, resolved against the YAML file's directory.
+_PATH_KEYS = {"model.path", "data.path", "data.tokenizer"}
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Load a YAML file, apply `--set key=value` overrides, validate, return a frozen Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path to a YAML file "
+                          f"(e.g. configs/demo.yaml).")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"({', '.join(f.name for f in dataclasses.fields(Config))}).")
+    base = path.resolve().parent
+    _resolve_paths(raw, base)
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_config(raw, source=str(path))
+
+
+def build_config(raw: dict, source: str = "<config>") -> Config:
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        _check_values(cfg, errors)
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"{source}: invalid configuration:\n{lines}")
+    return cfg
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    for dotted in _PATH_KEYS:
+        section, key = dotted.split(".")
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
+            p = Path(os.path.expanduser(sec[key]))
+            sec[key] = str(p if p.is_absolute() else base / p)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-5")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"--set {item!r}: the key must be SECTION.NAME, e.g. train.lr")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"--set {item!r}: section {parts[0]!r} is not a mapping in the config file")
+    section[parts[1]] = value
+
+
+def _build(cls, raw: Any, prefix: str, errors: list[str]):
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}{key}"
+            errors.append(f"{where}: unknown key; allowed under {prefix.rstrip('.') or 'the top level'}: "
+                          f"{', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        where = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], where + ".", errors)
+        else:
+            ok, value = _coerce(raw[name], tp)
+            if ok:
+                kwargs[name] = value
+            else:
+                errors.append(f"{where}: expected {_describe(tp)}, got {raw[name]!r}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the checks above
+        errors.append(f"{prefix}: {e}")
+        return cls()
+
+
+def _coerce(value: Any, tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is not type(None):
+                ok, v = _coerce(value, a)
+                if ok:
+                    return True, v
+        return False, None
+    if origin is Literal:
+        return (value in args, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return False, None
+        out = []
+        for v, a in zip(value, args):
+            ok, c = _coerce(v, a)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, tuple(out)
+    if tp is bool:
+        return (isinstance(value, bool), value)
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool), value)
+    if tp is float:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-5` (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if tp is str:
+        return (isinstance(value, str), value)
+    return False, None  # pragma: no cover
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _check_values(cfg: Config, errors: list[str]) -> None:
+    from megastream.presets import PRESETS
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            errors.append(f"{key}: {msg}")
+
+    m, d, t, o, e, out = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.engine, cfg.output
+    need((m.path is None) != (m.preset is None), "model",
+         "set exactly one of model.path (a Hugging Face directory) or model.preset "
+         f"({', '.join(PRESETS)})")
+    if m.preset is not None:
+        need(m.preset in PRESETS, "model.preset", f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
+    if m.path is not None:
+        p = Path(m.path)
+        if not p.is_dir():
+            errors.append(f"model.path: {m.path} is not a directory; point it at a Hugging Face model "
+                          "directory holding config.json and *.safetensors")
+        elif not (p / "config.json").is_file():
+            errors.append(f"model.path: {m.path} has no config.json; it must be a Hugging Face model directory")
+        elif not any(p.glob("*.safetensors")):
+            errors.append(f"model.path: {m.path} has no *.safetensors files; megastream reads safetensors "
+                          "only (convert .bin weights with `transformers` save_pretrained)")
+    need(bool(d.path), "data.path", "required: a .jsonl file of {\"input_ids\": [...]} or {\"text\": ...} rows")
+    if d.path:
+        need(Path(d.path).is_file(), "data.path", f"{d.path} does not exist or is not a file")
+    if d.tokenizer:
+        need(Path(d.tokenizer).is_file(), "data.tokenizer", f"{d.tokenizer} does not exist (a tokenizer.json)")
+    need(d.seq_len >= 2, "data.seq_len", f"must be >= 2 (one input and one label), got {d.seq_len}")
+    need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    need(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
+    need(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+         f"must be between 0 and train.steps ({t.steps}), got {t.warmup_steps}")
+    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each beta must be in [0, 1), got {list(o.betas)}")
+    need(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    need(e.loss_chunk_tokens >= 0, "engine.loss_chunk_tokens", f"must be >= 0 (0 = automatic), got {e.loss_chunk_tokens}")
+    need(e.threads >= 0, "engine.threads", f"must be >= 0 (0 = torch's default), got {e.threads}")
+    need(bool(out.dir), "output.dir", "required: the directory for metrics and checkpoints")
+    need(out.save_every >= 0, "output.save_every", f"must be >= 0 (0 = only at the end), got {out.save_every}")
+    need(out.shard_size_gb > 0, "output.shard_size_gb", f"must be > 0, got {out.shard_size_gb}")

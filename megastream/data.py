@@ -1,0 +1,131 @@
+"""Training data for this release: .jsonl rows of pre-tokenized `{"input_ids": [...]}` or raw
+`{"text": "..."}`.
+
+- An input_ids row of exactly seq_len ids is one sequence; a shorter one is padded (padding is
+  excluded from the loss); a longer one is an error.
+- Text rows are tokenized, joined with the end-of-text token, and cut into seq_len windows.
+- Labels are next-token targets (the inputs shifted by one, as in `transformers`), so a full row
+  has seq_len - 1 loss tokens.
+- Order: sequence position p = (step * grad_accum + k) * micro_batch_size + j of micro-batch k;
+  with shuffle off that is row p mod N in file order, with shuffle on a seeded permutation of the
+  rows drawn afresh each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megastream.engine.engine import MicroBatch
+from megastream.engine.loss import IGNORE
+from megastream.errors import DataError
+from megastream.tokenizer import TextTokenizer
+
+PAD_ID = 0
+
+
+@dataclass
+class Dataset:
+    input_ids: torch.Tensor  # (N, S) int64
+    labels: torch.Tensor  # (N, S) int64, IGNORE where no loss
+    source: str
+    n_text_docs: int = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def micro_batches(self, step: int, grad_accum: int, micro_batch_size: int, shuffle: bool,
+                      seed: int) -> list[MicroBatch]:
+        n = len(self)
+        out = []
+        for k in range(grad_accum):
+            start = (step * grad_accum + k) * micro_batch_size
+            rows = [self._row(p, n, shuffle, seed) for p in range(start, start + micro_batch_size)]
+            idx = torch.tensor(rows, dtype=torch.long)
+            out.append(MicroBatch(self.input_ids[idx], self.labels[idx]))
+        return out
+
+    def _row(self, p: int, n: int, shuffle: bool, seed: int) -> int:
+        epoch, r = divmod(p, n)
+        if not shuffle:
+            return r
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+        return int(self._perm[r])
+
+
+def _targets(ids: list[int], seq_len: int) -> tuple[list[int], list[int]]:
+    """Pad to seq_len; targets are the next token, IGNORE past the last real one."""
+    n = len(ids)
+    inputs = ids + [PAD_ID] * (seq_len - n)
+    labels = ids[1:] + [IGNORE] * (seq_len - n + 1)
+    return inputs, labels
+
+
+def load_jsonl(path: str | Path, seq_len: int, vocab_size: int, tokenizer=None) -> Dataset:
+    """Read and validate a .jsonl file. `tokenizer` is a callable returning a TextTokenizer,
+    called only if the file has text rows."""
+    path = Path(path)
+    rows_in, rows_lab = [], []
+    texts: list[tuple[int, str]] = []
+    try:
+        f = path.open(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"data.path: cannot open {path}: {e.strerror}") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                                'JSON object such as {"input_ids": [1, 2, 3]} or {"text": "..."}') from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if "input_ids" in row:
+                ids = row["input_ids"]
+                if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                    raise DataError(f"{where}: input_ids must be a list of integers")
+                if len(ids) < 2:
+                    raise DataError(f"{where}: input_ids has {len(ids)} id(s); a sequence needs at least 2")
+                if len(ids) > seq_len:
+                    raise DataError(f"{where}: input_ids has {len(ids)} ids, more than data.seq_len={seq_len}; "
+                                    "raise data.seq_len or split the row")
+                bad = [i for i in ids if not 0 <= i < vocab_size]
+                if bad:
+                    raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary "
+                                    f"(0..{vocab_size - 1}); the data was tokenized for another model")
+                a, b = _targets(ids, seq_len)
+                rows_in.append(a)
+                rows_lab.append(b)
+            elif "text" in row:
+                if not isinstance(row["text"], str):
+                    raise DataError(f"{where}: text must be a string")
+                texts.append((lineno, row["text"]))
+            else:
+                raise DataError(f"{where}: row has neither \"input_ids\" nor \"text\" (keys: "
+                                f"{', '.join(map(str, row)) or 'none'})")
+    if texts:
+        tok: TextTokenizer = tokenizer()
+        if tok.vocab_size > vocab_size:
+            raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
+                            f"{vocab_size}; use the model's own tokenizer (data.tokenizer)")
+        stream: list[int] = []
+        for ids in tok.encode([t for _, t in texts]):
+            stream += ids + ([tok.eos_id] if tok.eos_id is not None else [])
+        for s in range(0, len(stream), seq_len):
+            window = stream[s:s + seq_len]
+            if len(window) >= 2:
+                a, b = _targets(window, seq_len)
+                rows_in.append(a)
+                rows_lab.append(b)
+    if not rows_in:
+        raise DataError(f"{path}: no training sequences (the file is empty or has only blank lines)")
+    return Dataset(torch.tensor(rows_in, dtype=torch.long), torch.tensor(rows_lab, dtype=torch.long), str(path),
+                   n_text_docs=len(texts))

@@ -1,0 +1,2 @@
+"""The streaming engine: wraps the pure model functions with layer streaming, recompute,
+gradient staging and the host optimizer."""

@@ -1,0 +1,183 @@
+"""One optimizer step, layer-major (see DESIGN.md).
+
+    embed (host gather) -> layer 0..L-1 (all micro-batches per layer, no grad, inputs kept)
+    -> head (chunked loss + grads) -> layer L-1..0 (recompute each micro-batch with grad,
+    accumulate weight grads in fp32 on the device, one D2H per layer) -> embedding grads (host)
+    -> global norm -> per-unit AdamW on a host thread, overlapping what the device does next.
+
+Each layer's weights cross to the device once in forward and once in backward, however many
+micro-batches the step has. Without clipping, a unit's update starts as soon as its gradient
+lands on the host, overlapping the rest of backward; with clipping, updates start once the global
+norm is known, in order 0..L+1, overlapping the next step's forward (which waits per unit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megastream.config import Config
+from megastream.engine.grads import GradStager
+from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss_and_grad
+from megastream.engine.streams import DONE, Streams
+from megastream.engine.weights import WeightStreamer
+from megastream.model.layout import UnitLayout
+from megastream.model.llama import block, rope_tables
+from megastream.model.spec import ModelSpec
+from megastream.optim import AdamWHyper, OptimizerWorker, adamw_, clip_coef
+from megastream.store import HostStore
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, S) int64, host
+    labels: torch.Tensor  # (B, S) int64, host: next-token targets, IGNORE where no loss
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float  # token-mean over the step
+    loss_tokens: int
+    grad_norm: float  # before clipping
+    lr: float
+
+
+def layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy: torch.Tensor,
+                   acc: torch.Tensor, rope, spec: ModelSpec) -> torch.Tensor:
+    """Recompute one layer from its input checkpoint and backprop `dy` through it.
+    Adds the weight gradients into `acc` (fp32, the layer's flat layout); returns d(input)."""
+    leaves = {k: t.detach().requires_grad_() for k, t in layout.views(w_flat).items()}
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        y = block(x, leaves, rope, spec)
+    keys = list(leaves)
+    grads = torch.autograd.grad(y, [x] + [leaves[k] for k in keys], dy)
+    acc_views = layout.views(acc)
+    for k, g in zip(keys, grads[1:]):
+        acc_views[k].add_(g)
+    return grads[0]
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, store: HostStore, cfg: Config, device: torch.device):
+        self.spec = spec
+        self.store = store
+        self.cfg = cfg
+        self.device = device
+        self.dtype = store.compute_dtype
+        self.units = store.units
+        self.L = spec.num_layers
+        self.head_unit = self.L + 1
+        self.adam_steps = 0
+        self.chunk_tokens = cfg.engine.loss_chunk_tokens or auto_chunk_tokens(spec.vocab_size)
+        self.streams = Streams(device)
+        self.worker = OptimizerWorker(self._update_unit)
+        tied = spec.tie_word_embeddings
+        self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait)
+        self.grads = GradStager(store, device, self.streams, tied=tied)
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def close(self) -> None:
+        self.worker.wait_all()
+        self.worker.close()
+
+    def rope(self, seq_len: int):
+        if seq_len not in self._rope:
+            pos = torch.arange(seq_len, device=self.device)
+            self._rope[seq_len] = rope_tables(self.spec, pos, self.dtype)
+        return self._rope[seq_len]
+
+    # ---- the step --------------------------------------------------------------------------------
+    def step(self, mbs: list[MicroBatch], lr: float) -> StepStats:
+        spec, L, head = self.spec, self.L, self.head_unit
+        clip = self.cfg.train.grad_clip
+        rope = self.rope(mbs[0].input_ids.shape[1])
+        n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))  # host tensors: no sync
+        inv_n = 1.0 / max(n_tok, 1)
+        self.adam_steps += 1
+        self.weights.invalidate()
+
+        # 1. Embedding: gather the batch's rows from the host working copy.
+        self.worker.wait(0)  # host wait: the embedding's previous update
+        self.grads.begin_embed()
+        table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
+        # H2D: tokens * H * itemsize bytes per micro-batch (small, pageable)
+        xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
+        labels = [mb.labels.to(self.device, non_blocking=True) for mb in mbs]
+
+        # 2. Forward, layer-major: every micro-batch passes layer i before layer i+1.
+        ckpts: list[list[torch.Tensor] | None] = []
+        with torch.no_grad():
+            for i in range(L):
+                u = i + 1
+                w = self.weights.acquire(u)
+                self.weights.prefetch(u + 1, keep=u)  # next layer (or the head) on h2d, under this compute
+                views = self.units[u].views(w)
+                ckpts.append(xs)  # layer-boundary checkpoints stay on the device
+                xs = [block(x, views, rope, spec) for x in xs]
+                self.weights.release(u)
+
+        # 3. Head: chunked loss with d(hidden) and head gradients in one pass.
+        hw = self.weights.acquire(head)
+        self.weights.prefetch(L, keep=head)  # the last layer is normally still resident
+        nv = self.grads.n_vocab_w
+        acc = self.grads.begin_head()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        dys = []
+        for x, lab in zip(xs, labels):
+            loss, dy = head_loss_and_grad(
+                x, lab, hw[nv:], hw[:nv].view(spec.vocab_size, spec.hidden_size), spec.rms_norm_eps, inv_n,
+                acc[:nv].view(spec.vocab_size, spec.hidden_size), acc[nv:], self.chunk_tokens)
+            loss_sum += loss
+            dys.append(dy)
+        del xs
+        self.weights.release(head)
+        ready = {head: self.grads.finish_head()}  # unit -> event: its gradient is on the host
+        if clip <= 0:
+            self._submit(head, ready[head], lr, 1.0)
+
+        # 4. Backward, layer-major in reverse, recomputing each layer from its checkpoint.
+        for i in reversed(range(L)):
+            u = i + 1
+            w = self.weights.acquire(u)
+            if i > 0:
+                self.weights.prefetch(u - 1, keep=u)
+            acc = self.grads.begin(u)
+            dys = [layer_backward(x, w, self.units[u], dy, acc, rope, spec) for x, dy in zip(ckpts[i], dys)]
+            ckpts[i] = None  # free this layer's checkpoints
+            self.weights.release(u)
+            ready[u] = self.grads.finish(u, acc)
+            if clip <= 0:
+                self._submit(u, ready[u], lr, 1.0)
+
+        # 5. Embedding gradient: scatter-add on the host.
+        embed_norm = self.grads.embed_backward([mb.input_ids for mb in mbs], dys)
+
+        # 6. Global norm (sync point: waits for all backward work), then the updates.
+        norms = self.grads.norms.cpu()
+        norms[0] = embed_norm
+        total = float(torch.linalg.vector_norm(norms))
+        if clip > 0:
+            coef = clip_coef(total, clip)
+            for u in range(len(self.units)):
+                self._submit(u, ready.get(u, DONE), lr, coef)
+        else:
+            self._submit(0, DONE, lr, 1.0)
+        loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
+        return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
+
+    # ---- optimizer -------------------------------------------------------------------------------
+    def _submit(self, u: int, ready, lr: float, coef: float) -> None:
+        t, o = self.cfg.train, self.cfg.optim
+        hyper = AdamWHyper(lr=lr, beta1=o.betas[0], beta2=o.betas[1], eps=o.eps, weight_decay=t.weight_decay,
+                           step=self.adam_steps, grad_scale=coef)
+        self.worker.submit(u, ready, hyper)
+
+    def _update_unit(self, u: int, hyper: AdamWHyper) -> None:
+        """Runs on the optimizer thread: one fused-in-spirit pass over unit u's host buffers."""
+        s = self.store
+        m, v = s.moments_of(u)
+        adamw_(s.master_of(u), s.grad_of(u), m, v, self.units[u].n_decay, hyper)
+        if s.working is not s.master:
+            s.working_of(u).copy_(s.master_of(u))  # fp32 master -> compute-dtype working copy

@@ -1,0 +1,62 @@
+"""Final norm + LM head + cross-entropy in token chunks, with gradients in the same pass.
+
+The full (tokens, vocab) logits never exist: each chunk's fp32 logits are turned into
+d(loss)/d(logits) in place, which then gives d(hidden) and the lm_head gradient (accumulated
+into the fp32 device buffer in vocab blocks, so no (V, H) temporary is ever allocated).
+The loss is a sum; the caller passes `inv_n` = 1 / (loss tokens in the whole optimizer step),
+so gradients are those of the token-mean over the step, exactly as if the batch ran at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megastream.model.llama import rms_norm
+
+IGNORE = -100
+_LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits per chunk when chunk size is automatic
+_DW_BLOCK_BUDGET = 128 * 2**20  # bytes of the per-block lm_head gradient temporary
+
+
+def auto_chunk_tokens(vocab: int) -> int:
+    return max(16, _LOGITS_BUDGET // (4 * vocab))
+
+
+def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor,
+                       eps: float, inv_n: float, acc_head_w: torch.Tensor, acc_norm_w: torch.Tensor,
+                       chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (B, S, H) final hidden states, labels (B, S) with IGNORE for no loss.
+    Returns (summed loss as an fp32 0-d tensor, d(loss * inv_n)/dh of shape (B, S, H)).
+    Adds d/d(head_w) into acc_head_w (V, H) and d/d(norm_w) into acc_norm_w (H,), both fp32."""
+    H = h.shape[-1]
+    V = head_w.shape[0]
+    hf, lf = h.reshape(-1, H), labels.reshape(-1)
+    dh = torch.empty_like(hf)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    v_block = min(V, max(1024, _DW_BLOCK_BUDGET // (H * h.element_size())))
+    for s in range(0, hf.shape[0], chunk_tokens):
+        hc = hf[s:s + chunk_tokens].detach().requires_grad_()
+        nw = norm_w.detach().requires_grad_()
+        with torch.enable_grad():
+            hn = rms_norm(hc, nw, eps)  # (c, H)
+        hn_d = hn.detach()
+        z = F.linear(hn_d, head_w).float()  # (c, V) fp32 logits, the chunk's only large buffer
+        lab = lf[s:s + chunk_tokens]
+        valid = lab != IGNORE
+        tgt = lab.clamp_min(0)[:, None]
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        loss += ((lse - z.gather(1, tgt)[:, 0]) * valid).sum()
+        # d loss / d z = softmax(z) - onehot(target), zero for ignored rows, scaled by 1/n; in place.
+        z.sub_(lse[:, None]).exp_()
+        z.scatter_add_(1, tgt, -valid[:, None].to(z.dtype))
+        z.mul_((valid.to(z.dtype) * inv_n)[:, None])
+        dz = z.to(hn_d.dtype)
+        del z
+        dhn = dz @ head_w  # (c, H)
+        for v0 in range(0, V, v_block):  # lm_head gradient, one vocab block at a time
+            acc_head_w[v0:v0 + v_block].add_(dz[:, v0:v0 + v_block].t() @ hn_d)
+        dhc, dnw = torch.autograd.grad(hn, [hc, nw], dhn)
+        dh[s:s + chunk_tokens] = dhc
+        acc_norm_w.add_(dnw)
+    return loss, dh.view(h.shape)

@@ -1,0 +1,99 @@
+"""Device copies of the weights: a double buffer for the layers and one buffer for the head.
+
+While layer i computes from one slot, layer i+1 is copied into the other on the h2d stream.
+The schedule a step walks is 0..L-1, head, L-1..0: the last two layers of the forward pass are
+still resident when backward starts, so they are not copied again. Weights change only between
+steps (the optimizer updates the host copy), so `invalidate()` at the start of each step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megastream.engine.streams import DONE, Streams
+from megastream.store import HostStore
+
+
+class WeightStreamer:
+    def __init__(self, store: HostStore, device: torch.device, streams: Streams, *, tied: bool,
+                 before_copy: Callable[[int], None]):
+        self.store = store
+        self.streams = streams
+        self.tied = tied
+        self.before_copy = before_copy  # blocks until the host optimizer is done with a unit
+        self.head_unit = len(store.units) - 1
+        dtype = store.compute_dtype
+        n_layer = max(u.numel for u in store.units[1:-1])
+        self.slots = [torch.empty(n_layer, dtype=dtype, device=device) for _ in range(2)]
+        self.slot_unit: list[int | None] = [None, None]
+        self.loaded = [DONE, DONE]  # h2d finished writing the slot
+        self.free = [DONE, DONE]  # compute finished reading the slot
+        # Head buffer: [lm_head (V*H) | final norm (H)], lm_head taken from the embedding when tied.
+        self.n_vocab_w = store.units[0].numel
+        self.head = torch.empty(self.n_vocab_w + store.units[-1].entries[-1].numel, dtype=dtype, device=device)
+        self.head_loaded = None
+        self.head_free = DONE
+
+    def invalidate(self) -> None:
+        """Forget what is resident: the host weights have been updated."""
+        self.slot_unit = [None, None]
+        self.head_loaded = None
+
+    def _numel(self, u: int) -> int:
+        return self.store.units[u].numel
+
+    def prefetch(self, u: int, keep: int | None = None) -> None:
+        """Start copying unit `u` to the device (async on h2d) unless it is resident.
+        The slot holding `keep` (the unit being computed) is never evicted."""
+        if u == self.head_unit:
+            return self._prefetch_head()
+        if u in self.slot_unit:
+            return
+        s = 0 if self.slot_unit[0] is None or self.slot_unit[1] == keep else 1
+        if self.slot_unit[s] == keep and keep is not None:
+            s ^= 1
+        self.before_copy(u)  # host wait: the optimizer has written this unit's new weights
+        n = self._numel(u)
+        with self.streams.on(self.streams.h2d):
+            self.streams.wait(self.streams.h2d, self.free[s])
+            # H2D: n * itemsize bytes from the pinned working arena (h2d stream)
+            self.slots[s][:n].copy_(self.store.working_of(u), non_blocking=True)
+            self.loaded[s] = self.streams.record(self.streams.h2d)
+        self.slot_unit[s] = u
+
+    def acquire(self, u: int) -> torch.Tensor:
+        """The flat device buffer of unit `u`, ready for the compute stream."""
+        if u == self.head_unit:
+            self._prefetch_head()
+            self.streams.wait(self.streams.compute, self.head_loaded)
+            return self.head
+        self.prefetch(u)
+        s = self.slot_unit.index(u)
+        self.streams.wait(self.streams.compute, self.loaded[s])
+        return self.slots[s][:self._numel(u)]
+
+    def release(self, u: int) -> None:
+        """The compute stream has queued its last read of unit `u` for now."""
+        ev = self.streams.record(self.streams.compute)
+        if u == self.head_unit:
+            self.head_free = ev
+        else:
+            self.free[self.slot_unit.index(u)] = ev
+
+    def _prefetch_head(self) -> None:
+        if self.head_loaded is not None:
+            return
+        self.before_copy(self.head_unit)
+        if self.tied:
+            self.before_copy(0)
+        with self.streams.on(self.streams.h2d):
+            self.streams.wait(self.streams.h2d, self.head_free)
+            # H2D: (V*H + H) * itemsize bytes (h2d stream)
+            if self.tied:
+                self.head[:self.n_vocab_w].copy_(self.store.working_of(0), non_blocking=True)
+                self.head[self.n_vocab_w:].copy_(self.store.working_of(self.head_unit), non_blocking=True)
+            else:
+                self.head.copy_(self.store.working_of(self.head_unit), non_blocking=True)
+            self.head_loaded = self.streams.record(self.streams.h2d)

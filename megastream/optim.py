@@ -1,0 +1,117 @@
+"""The host optimizer: exact AdamW (decoupled weight decay) on one unit's flat buffers, the
+learning-rate schedule, and a worker thread that runs unit updates while the device keeps going.
+
+The update is `torch.optim.AdamW`'s single-tensor algorithm op for op, so float32 runs match it
+to rounding. Weight decay covers the unit's 2-D weights, which the layout puts first.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from megastream.config import TrainConfig
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    if t.schedule == "linear":
+        return t.lr - (t.lr - t.min_lr) * progress
+    return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_coef(total_norm: float, max_norm: float) -> float:
+    """The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by (1.0 when disabled)."""
+    if max_norm <= 0:
+        return 1.0
+    coef = torch.tensor(max_norm, dtype=torch.float32) / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6)
+    return float(coef.clamp(max=1.0))
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int  # 1-based count of updates, for bias correction
+    grad_scale: float = 1.0  # clipping coefficient
+
+
+def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, n_decay: int, h: AdamWHyper) -> None:
+    """One AdamW update of flat fp32 buffers in place. `g` may be bf16 (upcast here) and is consumed."""
+    g = g.float() if g.dtype != torch.float32 else g
+    if h.grad_scale != 1.0:
+        g.mul_(h.grad_scale)
+    if h.weight_decay and n_decay:
+        p[:n_decay].mul_(1 - h.lr * h.weight_decay)
+    m.lerp_(g, 1 - h.beta1)
+    v.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+    bias_correction1 = 1 - h.beta1 ** h.step
+    bias_correction2_sqrt = math.sqrt(1 - h.beta2 ** h.step)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(h.eps)
+    p.addcdiv_(m, denom, value=-h.lr / bias_correction1)
+
+
+class OptimizerWorker:
+    """Runs `update(unit, hyper)` on a background thread, in submission order.
+
+    `wait(u)` blocks until the last submitted update of unit u has finished (immediately if none
+    is pending); the weight streamer calls it before copying a unit to the device, so the next
+    step's forward proceeds layer by layer as updates land. Torch ops release the GIL, so updates
+    run in parallel with the main thread's device work.
+    """
+
+    def __init__(self, update):
+        self._update = update
+        self._q: queue.Queue = queue.Queue()
+        self._done: dict[int, threading.Event] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="megastream-optimizer", daemon=True)
+        self._thread.start()
+
+    def submit(self, u: int, ready, hyper: AdamWHyper) -> None:
+        """Queue an update of unit u once `ready` (the D2H copy of its gradient) has completed."""
+        ev = threading.Event()
+        self._done[u] = ev
+        self._q.put((u, ready, hyper, ev))
+
+    def wait(self, u: int) -> None:
+        ev = self._done.get(u)
+        if ev is not None:
+            ev.wait()
+        if self._error is not None:
+            raise RuntimeError("the optimizer thread failed") from self._error
+
+    def wait_all(self) -> None:
+        for u in list(self._done):
+            self.wait(u)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            u, ready, hyper, ev = item
+            try:
+                if self._error is None:
+                    ready.synchronize()  # host wait for the gradient copy (GIL released)
+                    self._update(u, hyper)
+            except BaseException as e:  # surfaced to the main thread by wait()
+                self._error = e
+            finally:
+                ev.set()

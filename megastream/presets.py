@@ -1,0 +1,45 @@
+"""Named model shapes for random-init runs (`model.preset`): the real architectures' config.json
+values, so a benchmark or a plan needs no download."""
+
+from __future__ import annotations
+
+from megastream.model.spec import ModelSpec
+
+_LLAMA3_ROPE_8B = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE_1B = dict(_LLAMA3_ROPE_8B, factor=32.0)
+
+
+def _llama(**kw) -> ModelSpec:
+    base = dict(architecture="LlamaForCausalLM", rms_norm_eps=1e-5, rope_theta=500000.0,
+                max_position_embeddings=131072, torch_dtype="bfloat16")
+    return ModelSpec(**{**base, **kw})
+
+
+def _qwen2(**kw) -> ModelSpec:
+    base = dict(architecture="Qwen2ForCausalLM", rms_norm_eps=1e-6, rope_theta=1000000.0,
+                qkv_bias=True, max_position_embeddings=32768, torch_dtype="bfloat16")
+    return ModelSpec(**{**base, **kw})
+
+
+PRESETS: dict[str, ModelSpec] = {
+    # The demo's model: a 1.6M-parameter Llama that trains on the CPU in about a minute.
+    "tiny": _llama(vocab_size=2048, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+                   num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=2048,
+                   torch_dtype="float32"),
+    "llama-3.2-1b": _llama(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                           num_heads=32, num_kv_heads=8, head_dim=64, rope_scaling=_LLAMA3_ROPE_1B,
+                           tie_word_embeddings=True),
+    "llama-3.1-8b": _llama(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                           num_heads=32, num_kv_heads=8, head_dim=128, rope_scaling=_LLAMA3_ROPE_8B),
+    "qwen2.5-0.5b": _qwen2(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                           num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "qwen2.5-1.5b": _qwen2(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                           num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "qwen2.5-7b": _qwen2(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                         num_heads=28, num_kv_heads=4, head_dim=128),
+    "qwen2.5-14b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_layers=48,
+                          num_heads=40, num_kv_heads=8, head_dim=128),
+    "qwen2.5-32b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
+                          num_heads=40, num_kv_heads=8, head_dim=128),
+}

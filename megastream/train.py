@@ -1,0 +1,167 @@
+"""`megastream train`: the training loop, top to bottom.
+
+    build the model in host RAM -> read the data -> for each step: lr, micro-batches,
+    engine.step (forward/backward/update), log, maybe save -> wait for the last updates -> save.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from megastream.checkpoint import load_hf_weights, save_hf
+from megastream.config import Config
+from megastream.data import Dataset, load_jsonl
+from megastream.engine.engine import Engine
+from megastream.errors import ConfigError, DataError
+from megastream.model.layout import count_params, model_layout
+from megastream.model.spec import ModelSpec
+from megastream.optim import lr_at
+from megastream.presets import PRESETS
+from megastream.store import HostStore
+from megastream.tokenizer import DEMO_TOKENIZER, TextTokenizer, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.engine.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device: 'cuda' was asked for but torch.cuda.is_available() is False (a CPU "
+                          "build of torch, or no visible GPU); use engine.device: auto or cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def resolve_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, host gradient staging dtype)."""
+    e = cfg.engine
+    compute = _DTYPES[e.dtype] if e.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    grad = compute if e.grad_dtype == "auto" else _DTYPES[e.grad_dtype]
+    return compute, grad
+
+
+@dataclass
+class Model:
+    spec: ModelSpec
+    store: HostStore
+    source_config: dict | None  # the source config.json, re-saved with the weights
+    source_dir: Path | None
+
+
+def build_model(cfg: Config, device: torch.device) -> Model:
+    compute, grad = resolve_dtypes(cfg, device)
+    pin = device.type == "cuda"
+    if cfg.model.path is not None:
+        src = Path(cfg.model.path)
+        spec = ModelSpec.from_dir(src)
+        store = HostStore(model_layout(spec), compute, grad, pin=pin)
+        load_hf_weights(store, spec, src)
+        return Model(spec, store, json.loads((src / "config.json").read_text()), src)
+    spec = PRESETS[cfg.model.preset]
+    store = HostStore(model_layout(spec), compute, grad, pin=pin)
+    store.init_random(spec.initializer_range, cfg.model.seed)
+    return Model(spec, store, None, None)
+
+
+def _tokenizer_for(cfg: Config):
+    used: list[TextTokenizer] = []
+
+    def make() -> TextTokenizer:
+        if cfg.data.tokenizer:
+            path = Path(cfg.data.tokenizer)
+        elif cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
+            path = Path(cfg.model.path) / "tokenizer.json"
+        elif cfg.model.preset:
+            path = DEMO_TOKENIZER
+        else:
+            raise DataError(f"{cfg.data.path} has text rows but {cfg.model.path} has no tokenizer.json; "
+                            "set data.tokenizer to a tokenizer.json")
+        used.append(load_tokenizer(path))
+        return used[-1]
+
+    return make, used
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    existing = [p.name for p in (out / "metrics.jsonl", out / "final") if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(existing)}); choose a new directory "
+                          "(--set output.dir=...) or pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
+    if cfg.output.dtype != "auto":
+        return cfg.output.dtype
+    return spec.torch_dtype if spec.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer]) -> None:
+    copy_from = ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]
+    save_hf(path, model.spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
+            copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30))
+
+
+def train(cfg: Config, *, overwrite: bool = False, log=print) -> list[dict]:
+    """Run a whole training job; returns the per-step metrics."""
+    device = resolve_device(cfg)
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.output.dir)
+    _prepare_output(out, overwrite)
+
+    model = build_model(cfg, device)
+    spec, store = model.spec, model.store
+    make_tok, used_toks = _tokenizer_for(cfg)
+    data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok)
+
+    t = cfg.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len
+    n_params = count_params(spec)
+    log(f"megastream: {cfg.model.preset or cfg.model.path} ({spec.architecture}), {n_params / 1e6:.1f}M params, "
+        f"{spec.num_layers} layers | device {device}, compute {store.compute_dtype}, grads {store.grad_dtype} | "
+        f"host store {store.host_bytes() / 2**30:.2f} GiB ({store.host_bytes() / n_params:.1f} B/param) | "
+        f"{len(data)} sequences of {cfg.data.seq_len}, {tokens_per_step} tokens/step, {t.steps} steps")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    engine = Engine(spec, store, cfg, device)
+    history = []
+    try:
+        with open(out / "metrics.jsonl", "w") as metrics, \
+                tqdm(total=t.steps, desc="train", unit="step", disable=not cfg.output.progress,
+                     file=sys.stderr, dynamic_ncols=True) as bar:
+            for step in range(t.steps):
+                lr = lr_at(step, t)
+                mbs = data.micro_batches(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
+                t0 = time.perf_counter()
+                stats = engine.step(mbs, lr)  # returns after a device sync (loss, grad norm)
+                dt = time.perf_counter() - t0
+                rec = {"step": step + 1, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                       "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens,
+                       "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                history.append(rec)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update()
+                if cfg.output.save_every and (step + 1) % cfg.output.save_every == 0 and step + 1 < t.steps:
+                    engine.worker.wait_all()
+                    _save(out / f"checkpoint-{step + 1}", cfg, model, used_toks)
+        engine.worker.wait_all()
+        _save(out / "final", cfg, model, used_toks)
+    finally:
+        engine.close()
+        store.close()
+    first, last = history[0]["loss"], history[-1]["loss"]
+    log(f"megastream: done, loss {first:.4f} -> {last:.4f}; model saved to {out / 'final'}")
+    return history
