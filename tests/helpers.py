@@ -1,0 +1,70 @@
+"""Shared test fixtures: tiny Hugging Face models written with save_pretrained, data files, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+LLAMA_KW = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=64,
+                tie_word_embeddings=False,
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                              "rope_theta": 500000.0})
+QWEN2_KW = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def make_hf_model(kind: str, path: Path, seed: int = 0, max_shard_size=None):
+    """A tiny random LlamaForCausalLM or Qwen2ForCausalLM saved in fp32 with save_pretrained."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_KW))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN2_KW))
+        with torch.no_grad():  # transformers zero-inits biases; make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    model = model.float()
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    return model
+
+
+def write_ids(path: Path, rows: list[list[int]]) -> Path:
+    path.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    return path
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "megastream", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"megastream {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
