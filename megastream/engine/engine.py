@@ -111,12 +111,13 @@ class Engine:
         with torch.no_grad():
             for i in range(L):
                 u = i + 1
-                w = self.weights.acquire(u)
-                self.weights.prefetch(u + 1, keep=u)  # next layer (or the head) on h2d, under this compute
-                views = self.units[u].views(w)
+                views = self.units[u].views(self.weights.acquire(u))
                 ckpts.append(xs)  # layer-boundary checkpoints stay on the device
-                xs = [block(x, views, rope, spec) for x in xs]
+                xs = [block(x, views, rope, spec) for x in xs]  # queued on the compute stream
                 self.weights.release(u)
+                # Next layer (or the head) on h2d under this layer's compute. Issued after the
+                # compute is queued: the host may block here until the optimizer has updated it.
+                self.weights.prefetch(u + 1, keep=u)
 
         # 3. Head: chunked loss with d(hidden) and head gradients in one pass.
         hw = self.weights.acquire(head)
@@ -141,12 +142,12 @@ class Engine:
         for i in reversed(range(L)):
             u = i + 1
             w = self.weights.acquire(u)
-            if i > 0:
-                self.weights.prefetch(u - 1, keep=u)
             acc = self.grads.begin(u)
             dys = [layer_backward(x, w, self.units[u], dy, acc, rope, spec) for x, dy in zip(ckpts[i], dys)]
             ckpts[i] = None  # free this layer's checkpoints
             self.weights.release(u)
+            if i > 0:
+                self.weights.prefetch(u - 1, keep=u)  # previous layer on h2d under this backward
             ready[u] = self.grads.finish(u, acc)
             if clip <= 0:
                 self._submit(u, ready[u], lr, 1.0)
