@@ -10,6 +10,7 @@ with `--set` are relative to the current directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -150,8 +151,12 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def _build(cls, raw: Any, prefix: str, errors: list[str]):
+    if raw is None:  # an empty section (`train:` with nothing under it)
+        raw = {}
     if not isinstance(raw, dict):
-        errors.append(f"{prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        errors.append(f"{prefix.rstrip('.') or 'top level'}: expected a mapping of keys ({names}), "
+                      f"got {type(raw).__name__} {raw!r}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -212,13 +217,13 @@ def _coerce(value: Any, tp) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, bool):
             return False, None
-        if isinstance(value, (int, float)):
-            return True, float(value)
         if isinstance(value, str):  # YAML 1.1 reads `3e-5` (no dot) as a string
             try:
-                return True, float(value)
+                value = float(value)
             except ValueError:
                 return False, None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return True, float(value)
         return False, None
     if tp is str:
         return (isinstance(value, str), value)
@@ -234,7 +239,7 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
         return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
             type(None): "null"}.get(tp, str(tp))
 
 

@@ -52,9 +52,9 @@ class Dataset:
         epoch, r = divmod(p, n)
         if not shuffle:
             return r
-        if getattr(self, "_perm_epoch", None) != epoch:
+        if getattr(self, "_perm_key", None) != (seed, epoch):
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+            self._perm, self._perm_key = torch.randperm(n, generator=g), (seed, epoch)
         return int(self._perm[r])
 
 
@@ -73,14 +73,18 @@ def load_jsonl(path: str | Path, seq_len: int, vocab_size: int, tokenizer=None) 
     rows_in, rows_lab = [], []
     texts: list[tuple[int, str]] = []
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open("rb")
     except OSError as e:
         raise DataError(f"data.path: cannot open {path}: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -57,17 +57,19 @@ class Model:
     source_dir: Path | None
 
 
-def build_model(cfg: Config, device: torch.device) -> Model:
+def model_spec(cfg: Config) -> ModelSpec:
+    """The model's shape, from config.json or the preset table (cheap: no weights are read)."""
+    return ModelSpec.from_dir(cfg.model.path) if cfg.model.path is not None else PRESETS[cfg.model.preset]
+
+
+def build_model(cfg: Config, spec: ModelSpec, device: torch.device) -> Model:
+    """Allocate the host store and fill it from the checkpoint or a seeded random init."""
     compute, grad = resolve_dtypes(cfg, device)
-    pin = device.type == "cuda"
+    store = HostStore(model_layout(spec), compute, grad, pin=device.type == "cuda")
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
-        spec = ModelSpec.from_dir(src)
-        store = HostStore(model_layout(spec), compute, grad, pin=pin)
         load_hf_weights(store, spec, src)
         return Model(spec, store, json.loads((src / "config.json").read_text()), src)
-    spec = PRESETS[cfg.model.preset]
-    store = HostStore(model_layout(spec), compute, grad, pin=pin)
     store.init_random(spec.initializer_range, cfg.model.seed)
     return Model(spec, store, None, None)
 
@@ -91,12 +93,15 @@ def _tokenizer_for(cfg: Config):
     return make, used
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def _prepare_output(out: Path, overwrite: bool, create: bool) -> None:
     existing = [p.name for p in (out / "metrics.jsonl", out / "final") if p.exists()]
     if existing and not overwrite:
         raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(existing)}); choose a new directory "
                           "(--set output.dir=...) or pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir: {out} exists and is not a directory")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
@@ -118,12 +123,18 @@ def train(cfg: Config, *, overwrite: bool = False, log=print) -> list[dict]:
         torch.set_num_threads(cfg.engine.threads)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output.dir)
-    _prepare_output(out, overwrite)
+    _prepare_output(out, overwrite, create=False)  # refuse early, create only once inputs are valid
 
-    model = build_model(cfg, device)
-    spec, store = model.spec, model.store
+    # Inputs first (cheap), so bad data fails before gigabytes are allocated or anything is written.
+    spec = model_spec(cfg)
+    if cfg.data.seq_len > spec.max_position_embeddings:
+        log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
+            f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
     make_tok, used_toks = _tokenizer_for(cfg)
     data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok)
+    model = build_model(cfg, spec, device)
+    store = model.store
+    _prepare_output(out, overwrite, create=True)
 
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len

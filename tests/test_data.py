@@ -1,0 +1,319 @@
+"""Training data: .jsonl loading and validation, next-token labels, and the order in which rows are served."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import write_ids
+from megastream.data import Dataset, load_jsonl
+from megastream.errors import DataError, MegastreamError
+from megastream.tokenizer import DEMO_TOKENIZER, load_tokenizer
+
+IGNORE = -100
+
+
+def _demo_tok():
+    return load_tokenizer(DEMO_TOKENIZER)
+
+
+def _no_tokenizer():
+    raise AssertionError("the tokenizer must only be loaded when the file has text rows")
+
+
+def _distinct_rows(n: int, seq_len: int) -> list[list[int]]:
+    """Row i is [100*i + 1, 100*i + 2, ...]: every row and position distinguishable."""
+    return [[100 * i + t + 1 for t in range(seq_len)] for i in range(n)]
+
+
+def _first_ids(mbs) -> list[int]:
+    return [int(x) for mb in mbs for x in mb.input_ids[:, 0]]
+
+
+def _load_error(tmp_path, text: str, seq_len: int = 8, vocab: int = 1000, name: str = "train.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as ei:
+        load_jsonl(path, seq_len, vocab, _no_tokenizer)
+    return str(ei.value)
+
+
+# ---------------------------------------------------------------------------------------------- order
+
+
+def test_unshuffled_micro_batches_follow_file_order_and_wrap(tmp_path):
+    N, S, MB, ACCUM = 7, 4, 2, 3
+    rows = _distinct_rows(N, S)
+    ds = load_jsonl(write_ids(tmp_path / "train.jsonl", rows), S, 1000, _no_tokenizer)
+    assert len(ds) == N
+    for step in range(4):  # 4 steps x 6 rows = 24 rows: wraps past the end of the 7-row file three times
+        mbs = ds.micro_batches(step, ACCUM, MB, shuffle=False, seed=0)
+        assert len(mbs) == ACCUM
+        for k, mb in enumerate(mbs):
+            start = (step * ACCUM + k) * MB
+            want = [rows[p % N] for p in range(start, start + MB)]
+            assert mb.input_ids.shape == (MB, S) and mb.input_ids.dtype == torch.long
+            assert mb.input_ids.tolist() == want, (step, k)
+            assert mb.labels.tolist() == [r[1:] + [IGNORE] for r in want], (step, k)
+
+
+def test_unshuffled_wraparound_inside_a_micro_batch(tmp_path):
+    rows = _distinct_rows(7, 4)
+    ds = load_jsonl(write_ids(tmp_path / "train.jsonl", rows), 4, 1000, _no_tokenizer)
+    # step 1, micro-batch 0 with grad_accum 3 and micro_batch_size 2 starts at row 6: rows 6 then 0
+    mb = ds.micro_batches(1, 3, 2, shuffle=False, seed=0)[0]
+    assert mb.input_ids.tolist() == [rows[6], rows[0]]
+    # the seed plays no part without shuffling
+    assert ds.micro_batches(1, 3, 2, shuffle=False, seed=123)[0].input_ids.tolist() == [rows[6], rows[0]]
+
+
+def test_shuffle_is_seeded(tmp_path):
+    N = 10
+    path = write_ids(tmp_path / "train.jsonl", _distinct_rows(N, 4))
+    one = lambda seed: _first_ids(load_jsonl(path, 4, 2000, _no_tokenizer).micro_batches(0, N, 1, True, seed))
+    a, b = one(0), one(0)
+    assert a == b  # same seed, fresh datasets: same order
+    ds = load_jsonl(path, 4, 2000, _no_tokenizer)
+    assert _first_ids(ds.micro_batches(0, N, 1, True, 0)) == a == _first_ids(ds.micro_batches(0, N, 1, True, 0))
+    assert a != [100 * i + 1 for i in range(N)]  # actually shuffled
+    assert one(1) != a  # a different seed gives a different order
+    assert one(2) not in (a, one(1))
+
+
+def test_shuffle_seed_change_on_the_same_dataset(tmp_path):
+    N = 10
+    path = write_ids(tmp_path / "train.jsonl", _distinct_rows(N, 4))
+    fresh = _first_ids(load_jsonl(path, 4, 2000, _no_tokenizer).micro_batches(0, N, 1, True, 1))
+    ds = load_jsonl(path, 4, 2000, _no_tokenizer)
+    ds.micro_batches(0, N, 1, True, 0)
+    assert _first_ids(ds.micro_batches(0, N, 1, True, 1)) == fresh
+
+
+@pytest.mark.parametrize("mb,accum", [(1, 7), (3, 2), (2, 5)])
+def test_each_shuffled_epoch_is_a_permutation(tmp_path, mb, accum):
+    N, EPOCHS = 7, 4
+    path = write_ids(tmp_path / "train.jsonl", _distinct_rows(N, 4))
+    ds = load_jsonl(path, 4, 1000, _no_tokenizer)
+    per_step = mb * accum
+    steps = -(-N * EPOCHS // per_step)
+    order = [i for s in range(steps) for i in _first_ids(ds.micro_batches(s, accum, mb, True, seed=5))]
+    order = [(x - 1) // 100 for x in order[:N * EPOCHS]]  # row indices, epochs may straddle micro-batches
+    epochs = [order[e * N:(e + 1) * N] for e in range(EPOCHS)]
+    for e, ep in enumerate(epochs):
+        assert sorted(ep) == list(range(N)), (e, ep)  # every row exactly once per epoch
+    assert len({tuple(ep) for ep in epochs}) > 1  # drawn afresh each epoch, not one order repeated
+    # served the same way again (e.g. after a restart): identical
+    again = [i for s in range(steps) for i in _first_ids(
+        load_jsonl(path, 4, 1000, _no_tokenizer).micro_batches(s, accum, mb, True, seed=5))]
+    assert [(x - 1) // 100 for x in again[:N * EPOCHS]] == order
+
+
+def test_shuffled_rows_keep_their_labels(tmp_path):
+    rows = _distinct_rows(5, 4)
+    ds = load_jsonl(write_ids(tmp_path / "train.jsonl", rows), 4, 1000, _no_tokenizer)
+    for mb in ds.micro_batches(0, 5, 2, True, seed=3):
+        for ids, labels in zip(mb.input_ids.tolist(), mb.labels.tolist()):
+            assert ids in rows and labels == ids[1:] + [IGNORE]
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def test_full_row_labels_are_next_tokens(tmp_path):
+    ids = [11, 12, 13, 14, 15, 16]
+    ds = load_jsonl(write_ids(tmp_path / "train.jsonl", [ids]), 6, 100, _no_tokenizer)
+    assert ds.input_ids.tolist() == [ids]
+    labels = ds.labels[0].tolist()
+    assert labels[:-1] == ids[1:]
+    for t in range(5):
+        assert labels[t] == ids[t + 1]
+    assert labels[-1] == IGNORE
+    assert sum(lab != IGNORE for lab in labels) == len(ids) - 1
+
+
+def test_short_row_is_padded_and_padding_ignored(tmp_path):
+    ids = [21, 22, 23]
+    ds = load_jsonl(write_ids(tmp_path / "train.jsonl", [ids, [1, 2, 3, 4, 5, 6]]), 6, 100, _no_tokenizer)
+    inputs, labels = ds.input_ids[0].tolist(), ds.labels[0].tolist()
+    assert inputs[:3] == ids and len(inputs) == 6
+    assert inputs[3:] == [0, 0, 0]  # padded with id 0
+    assert labels == [22, 23, IGNORE, IGNORE, IGNORE, IGNORE]
+    assert sum(lab != IGNORE for lab in labels) == len(ids) - 1
+    assert ds.labels.dtype == torch.long and ds.input_ids.shape == (2, 6)
+
+
+def test_two_id_row_has_one_loss_token(tmp_path):
+    ds = load_jsonl(write_ids(tmp_path / "train.jsonl", [[7, 8]]), 4, 100, _no_tokenizer)
+    assert ds.input_ids.tolist() == [[7, 8, 0, 0]]
+    assert ds.labels.tolist() == [[8, IGNORE, IGNORE, IGNORE]]
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('\n{"input_ids": [1, 2]}\n   \n{"input_ids": [3, 4]}\n\n')
+    ds = load_jsonl(path, 2, 10, _no_tokenizer)
+    assert ds.input_ids.tolist() == [[1, 2], [3, 4]]
+    assert ds.source == str(path)
+
+
+# ---------------------------------------------------------------------------------------------- malformed files
+
+
+def test_data_error_is_a_user_error():
+    assert issubclass(DataError, MegastreamError) and DataError.exit_code == 2
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    msg = _load_error(tmp_path, '{"input_ids": [1, 2]}\n{"input_ids": [3, 4]}\n{"input_ids": [5, 6\n')
+    assert "train.jsonl:3" in msg
+    assert "not valid JSON" in msg
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    msg = _load_error(tmp_path, '{"input_ids": [1, 2]}\n\n\n{oops}\n')
+    assert "train.jsonl:4" in msg
+
+
+def test_row_that_is_a_list(tmp_path):
+    msg = _load_error(tmp_path, '{"input_ids": [1, 2]}\n[1, 2, 3]\n')
+    assert "train.jsonl:2" in msg and "JSON object" in msg and "list" in msg
+
+
+def test_row_without_input_ids_or_text(tmp_path):
+    msg = _load_error(tmp_path, '{"ids": [1, 2], "label": 3}\n')
+    assert "train.jsonl:1" in msg
+    assert "input_ids" in msg and "text" in msg
+    assert "ids, label" in msg  # shows the keys it did find
+
+
+def test_input_ids_longer_than_seq_len(tmp_path):
+    msg = _load_error(tmp_path, '{"input_ids": [1, 2, 3, 4, 5]}\n', seq_len=4)
+    assert "train.jsonl:1" in msg and "seq_len" in msg and "5" in msg and "4" in msg
+
+
+def test_input_ids_exactly_seq_len_is_fine(tmp_path):
+    ds = load_jsonl(write_ids(tmp_path / "train.jsonl", [[1, 2, 3, 4]]), 4, 10, _no_tokenizer)
+    assert ds.input_ids.tolist() == [[1, 2, 3, 4]]
+
+
+def test_token_id_outside_the_vocab(tmp_path):
+    msg = _load_error(tmp_path, '{"input_ids": [1, 2]}\n{"input_ids": [3, 10]}\n', vocab=10)
+    assert "train.jsonl:2" in msg and "10" in msg and "vocabulary" in msg and "0..9" in msg
+    # the largest valid id is accepted
+    ds = load_jsonl(write_ids(tmp_path / "ok.jsonl", [[0, 9]]), 8, 10, _no_tokenizer)
+    assert ds.input_ids[0, :2].tolist() == [0, 9]
+
+
+def test_negative_token_id(tmp_path):
+    msg = _load_error(tmp_path, '{"input_ids": [1, -1]}\n')
+    assert "train.jsonl:1" in msg and "-1" in msg and "vocabulary" in msg
+
+
+def test_input_ids_with_one_element(tmp_path):
+    msg = _load_error(tmp_path, '{"input_ids": [5]}\n')
+    assert "train.jsonl:1" in msg and "1 id" in msg and "at least 2" in msg
+
+
+@pytest.mark.parametrize("value", ["[1, 2.5]", "[1, true]", '"1 2 3"', "[[1, 2]]"])
+def test_input_ids_not_a_list_of_ints(tmp_path, value):
+    msg = _load_error(tmp_path, '{"input_ids": %s}\n' % value)
+    assert "train.jsonl:1" in msg and "list of integers" in msg
+
+
+def test_text_not_a_string(tmp_path):
+    msg = _load_error(tmp_path, '{"text": ["a", "b"]}\n')
+    assert "train.jsonl:1" in msg and "text must be a string" in msg
+
+
+def test_empty_file(tmp_path):
+    msg = _load_error(tmp_path, "\n   \n\n", name="empty.jsonl")
+    assert "empty.jsonl" in msg and "no training sequences" in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError) as ei:
+        load_jsonl(tmp_path / "nope.jsonl", 8, 10, _no_tokenizer)
+    assert "nope.jsonl" in str(ei.value) and "cannot open" in str(ei.value)
+
+
+def test_invalid_utf8_is_a_data_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"input_ids": [1, 2]}\n\xff\xfe\n')
+    with pytest.raises(DataError, match="train.jsonl:2: not valid UTF-8"):
+        load_jsonl(path, 8, 10, _no_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------- text rows
+
+
+def test_text_rows_are_tokenized_joined_and_windowed(tmp_path):
+    texts = ["Assert statements are a convenient way to insert debugging assertions into a program.",
+             "x = [1, 2, 3]\nprint(x)",
+             "The current code generator emits no code for an assert statement when optimization is requested."]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = _demo_tok()
+    assert tok.eos_id is not None
+    expected = [i for t in texts for i in tok.encode([t])[0] + [tok.eos_id]]
+    S = 16
+    assert len(expected) % S >= 2  # the last window is a padded, kept one
+
+    calls = []
+    ds = load_jsonl(path, S, tok.vocab_size, lambda: calls.append(1) or _demo_tok())
+    assert calls == [1]
+    assert ds.n_text_docs == 3
+    assert len(ds) == -(-len(expected) // S)
+    stream = []
+    for r in range(len(ds)):
+        ids, labels = ds.input_ids[r].tolist(), ds.labels[r].tolist()
+        n = sum(lab != IGNORE for lab in labels) + 1  # real tokens in this window
+        assert ids[:n] == expected[r * S:r * S + n]
+        assert labels[:n - 1] == ids[1:n] and labels[n - 1:] == [IGNORE] * (S - n + 1)
+        if r < len(ds) - 1:
+            assert n == S  # every window but the last is full
+        stream += ids[:n]
+    assert stream == expected
+    # documents are separated by the end-of-text id, and decode back to the text
+    docs, cur = [], []
+    for i in stream:
+        if i == tok.eos_id:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    assert [tok.decode(d) for d in docs] == texts
+
+
+def test_text_and_input_ids_rows_mix(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n" + json.dumps({"text": "hello there"}) + "\n")
+    ds = load_jsonl(path, 8, 2048, _demo_tok)
+    assert len(ds) == 2 and ds.n_text_docs == 1
+    assert ds.input_ids[0, :3].tolist() == [5, 6, 7]
+    tok = _demo_tok()
+    want = tok.encode(["hello there"])[0] + [tok.eos_id]
+    assert ds.input_ids[1, :len(want)].tolist() == want
+
+
+def test_tokenizer_larger_than_the_model_vocab(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": "some text"}) + "\n")
+    with pytest.raises(DataError) as ei:
+        load_jsonl(path, 16, 100, _demo_tok)
+    msg = str(ei.value)
+    assert "tokenizer.json" in msg and str(_demo_tok().vocab_size) in msg and "100" in msg
+
+
+def test_demo_tokenizer_has_an_end_of_text_token():
+    tok = _demo_tok()
+    assert tok.eos_id == tok.tok.token_to_id("<|endoftext|>")
+    assert tok.vocab_size == 2048
+
+
+def test_bad_tokenizer_file_is_a_data_error(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="cannot load tokenizer"):
+        load_tokenizer(bad)
