@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model as a YAML config describes")
     t.add_argument("config", help="path to a YAML config (see configs/)")
     common(t)
-    d = sub.add_parser("demo", help="train the built-in demo model on the bundled corpus (CPU, ~1 min)")
+    d = sub.add_parser("demo", help="train the built-in demo model on the bundled corpus (CPU, 1-2 min)")
     common(d)
     return p
 

@@ -23,7 +23,7 @@ def _qwen2(**kw) -> ModelSpec:
 
 
 PRESETS: dict[str, ModelSpec] = {
-    # The demo's model: a 1.3M-parameter Llama that trains on the CPU in about a minute.
+    # The demo's model: a 1.3M-parameter Llama that trains on the CPU in 1-2 minutes.
     "tiny": _llama(vocab_size=2048, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
                    num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=2048,
                    torch_dtype="float32"),
