@@ -52,8 +52,6 @@ class WeightStreamer:
         if u in self.slot_unit:
             return
         s = 0 if self.slot_unit[0] is None or self.slot_unit[1] == keep else 1
-        if self.slot_unit[s] == keep and keep is not None:
-            s ^= 1
         self.before_copy(u)  # host wait: the optimizer has written this unit's new weights
         n = self._numel(u)
         with self.streams.on(self.streams.h2d):
