@@ -69,7 +69,7 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
                     if tuple(t.shape) != e.shape:
                         raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                                               f"implies {e.shape}; config.json and weights disagree")
-                    store.master_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))
+                    store.weights_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))  # dtype cast here
                     seen.add(name)
         except SafetensorError as err:
             raise CheckpointError(f"{f}: cannot read safetensors file ({err}); it is corrupt or truncated, "
@@ -83,7 +83,8 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
 
 def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, source_config: dict | None = None,
             copy_from: list[Path] = (), shard_bytes: int = 5 * 2**30) -> Path:
-    """Write the master weights as a Hugging Face model directory at `path` (atomically)."""
+    """Write the weights (fp32 master, or the bf16 working copy without one) as a Hugging Face
+    model directory at `path` (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -111,7 +112,7 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         # One shard's tensors are materialised at a time (a cast copy of the master slice).
-        tensors = {name: store.master_of(u)[e.offset:e.offset + e.numel].view(e.shape).to(torch_dtype, copy=True)
+        tensors = {name: store.weights_of(u)[e.offset:e.offset + e.numel].view(e.shape).to(torch_dtype, copy=True)
                    for name, u, e in shard}
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in tensors})

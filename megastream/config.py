@@ -56,6 +56,8 @@ class TrainConfig:
 class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1.0e-8
+    master: Literal["fp32", "none"] = "fp32"  # none: the bf16 weights are updated with stochastic rounding
+    states: Literal["fp32", "bf16", "int8"] = "fp32"  # AdamW moments; int8: blockwise, dynamic-exponent code
 
 
 @dataclass(frozen=True)

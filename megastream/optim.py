@@ -1,8 +1,7 @@
-"""The host optimizer: exact AdamW (decoupled weight decay) on one unit's flat buffers, the
-learning-rate schedule, and a worker thread that runs unit updates while the device keeps going.
-
-The update is `torch.optim.AdamW`'s single-tensor algorithm op for op, so float32 runs match it
-to rounding. Weight decay covers the unit's 2-D weights, which the layout puts first.
+"""The host optimizer's schedule and plumbing: the learning-rate schedule, the clipping factor,
+and a worker thread that runs unit updates while the device keeps going. The update itself is
+`megastream.ops.adamw_step` (csrc/adamw.cpp, with a pure-PyTorch fallback): AdamW with decoupled
+weight decay over the unit's 2-D weights, which the layout puts first.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -48,19 +48,10 @@ class AdamWHyper:
     grad_scale: float = 1.0  # clipping coefficient
 
 
-def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, n_decay: int, h: AdamWHyper) -> None:
-    """One AdamW update of flat fp32 buffers in place. `g` may be bf16 (upcast here) and is consumed."""
-    g = g.float() if g.dtype != torch.float32 else g
-    if h.grad_scale != 1.0:
-        g.mul_(h.grad_scale)
-    if h.weight_decay and n_decay:
-        p[:n_decay].mul_(1 - h.lr * h.weight_decay)
-    m.lerp_(g, 1 - h.beta1)
-    v.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
-    bias_correction1 = 1 - h.beta1 ** h.step
-    bias_correction2_sqrt = math.sqrt(1 - h.beta2 ** h.step)
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(h.eps)
-    p.addcdiv_(m, denom, value=-h.lr / bias_correction1)
+def sr_key(seed: int, step: int, unit: int) -> int:
+    """32-bit key for stochastic rounding of one unit's update: a function of (seed, step, unit)
+    only, so runs reproduce whatever the threading."""
+    return zlib.crc32(f"{seed}:{step}:{unit}".encode())
 
 
 class OptimizerWorker:

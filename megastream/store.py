@@ -4,12 +4,16 @@ Every kind of per-parameter state is one large flat arena, and each unit (embed,
 see model/layout.py) is a contiguous slice of it:
 
   working  compute dtype  the copy streamed to the device (pinned: it crosses PCIe every pass)
-  master   fp32           the weights the optimizer updates (aliases `working` when computing in fp32)
-  m, v     fp32           AdamW moments
+  master   fp32           the weights the optimizer updates (optim.master: fp32); aliases `working`
+                          when computing in fp32; absent with optim.master: none, where the bf16
+                          working copy is the weights (updated with stochastic rounding)
+  m, v     fp32 | bf16 | int8 (+ one fp32 scale per 256-element block each)   AdamW moments
   grad     grad dtype     gradient staging, written by D2H copies (pinned); layers and head only
   embed_grad fp32         the embedding's gradient, accumulated on the host (pinned)
 
-Host bytes per parameter: 2 + 4 + 8 (+ 2 or 4 staging) with bf16 compute, 4 + 8 (+ 4) in fp32.
+Model state in host bytes per parameter (bf16 compute): 2 + 4 + 8 = 14 (full precision),
+2 + 4 = 6 (no master, bf16 states), 2 + 2 + 8/256 = 4.03 (no master, int8 states); gradient
+staging adds 2 (bf16) or 4 (fp32). State slices start on 256-element boundaries (int8 blocks).
 Pinning uses cudaHostRegister on whole arenas: torch's pinned allocator would round every
 allocation up to a power of two (a 28 GB arena would take 32 GB) and pinning per tensor is slow.
 """
@@ -41,34 +45,53 @@ def _unpin(t: torch.Tensor) -> None:
         torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
+STATE_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+                "int8": (torch.int8, torch.uint8)}
+BLOCK = 256  # elements per int8 quantisation block (csrc/adamw.cpp kBlock)
+
+
 class HostStore:
     def __init__(self, units: list[UnitLayout], compute_dtype: torch.dtype, grad_dtype: torch.dtype,
-                 pin: bool):
+                 pin: bool, master: bool = True, states: str = "fp32"):
         self.units = units
         self.compute_dtype = compute_dtype
         self.grad_dtype = grad_dtype
+        self.states = states
         sizes = [u.numel for u in units]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        padded = [-(-n // BLOCK) * BLOCK for n in sizes]
+        self.state_offsets = [sum(padded[:i]) for i in range(len(padded) + 1)]
         n = self.offsets[-1]
         n_embed = sizes[0]
         self.numel = n
 
-        self.master = torch.zeros(n, dtype=torch.float32)
-        self.m = torch.zeros(n, dtype=torch.float32)
-        self.v = torch.zeros(n, dtype=torch.float32)
         aliased = compute_dtype == torch.float32
-        self.working = self.master if aliased else torch.empty(n, dtype=compute_dtype)
+        self.working = torch.zeros(n, dtype=compute_dtype)
+        self.master = (self.working if aliased else torch.zeros(n, dtype=torch.float32)) if master else None
+        m_dtype, v_dtype = STATE_DTYPES[states]
+        ns = self.state_offsets[-1]
+        self.m = torch.zeros(ns, dtype=m_dtype)
+        self.v = torch.zeros(ns, dtype=v_dtype)
+        n_blocks = ns // BLOCK if states == "int8" else 0
+        self.m_scale = torch.zeros(n_blocks, dtype=torch.float32)
+        self.v_scale = torch.zeros(n_blocks, dtype=torch.float32)
         # Gradient staging for units 1.. (the embedding accumulates separately, in fp32).
         self.grad = torch.zeros(n - n_embed, dtype=grad_dtype)
         self.embed_grad = torch.zeros(n_embed, dtype=torch.float32)
 
         self._pinned: list[torch.Tensor] = []
         if pin:
-            self.working = self._pin(self.working)
-            if aliased:
-                self.master = self.working
+            pinned = self._pin(self.working)
+            if self.master is self.working:
+                self.master = pinned
+            self.working = pinned
             self.grad = self._pin(self.grad)
             self.embed_grad = self._pin(self.embed_grad)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The arena the optimizer updates: the fp32 master, or the working copy without one."""
+        return self.master if self.master is not None else self.working
 
     def _pin(self, t: torch.Tensor) -> torch.Tensor:
         p = _pin(t)
@@ -88,11 +111,17 @@ class HostStore:
     def working_of(self, u: int) -> torch.Tensor:
         return self._slice(self.working, u)
 
-    def master_of(self, u: int) -> torch.Tensor:
-        return self._slice(self.master, u)
+    def weights_of(self, u: int) -> torch.Tensor:
+        return self._slice(self.weights, u)
 
-    def moments_of(self, u: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._slice(self.m, u), self._slice(self.v, u)
+    def states_of(self, u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(m, v, m_scale, v_scale) of unit u; the scales are None unless states are int8."""
+        lo, n = self.state_offsets[u], self.units[u].numel
+        m, v = self.m[lo:lo + n], self.v[lo:lo + n]
+        if self.states != "int8":
+            return m, v, None, None
+        b0, b1 = lo // BLOCK, -(-(lo + n) // BLOCK)
+        return m, v, self.m_scale[b0:b1], self.v_scale[b0:b1]
 
     def grad_of(self, u: int) -> torch.Tensor:
         if u == 0:
@@ -102,23 +131,40 @@ class HostStore:
 
     def sync_working(self) -> None:
         """working <- master, for all units (after load or init)."""
-        if self.working is not self.master:
+        if self.master is not None and self.working is not self.master:
             self.working.copy_(self.master)
 
+    def breakdown(self) -> dict[str, int]:
+        """Host bytes held, by component."""
+        def nbytes(*ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        out = {"working": nbytes(self.working)}
+        if self.master is not None and self.master is not self.working:
+            out["master"] = nbytes(self.master)
+        out["states"] = nbytes(self.m, self.v, self.m_scale, self.v_scale)
+        out["grad_staging"] = nbytes(self.grad, self.embed_grad)
+        return out
+
     def host_bytes(self) -> int:
-        arenas = {id(t): t for t in (self.master, self.m, self.v, self.working, self.grad, self.embed_grad)}
-        return sum(t.numel() * t.element_size() for t in arenas.values())
+        return sum(self.breakdown().values())
+
+    def state_bytes_per_param(self) -> float:
+        """Persistent model state per parameter: weights, master and moments (no staging)."""
+        b = self.breakdown()
+        return (b["working"] + b.get("master", 0) + b["states"]) / self.numel
 
     # ---- initialisation ----------------------------------------------------------------------
     def init_random(self, std: float, seed: int) -> None:
-        """Random init as transformers does: N(0, std) matrices, unit norms, zero biases."""
+        """Random init as transformers does: N(0, std) matrices, unit norms, zero biases.
+        Drawn in fp32 whatever the storage dtype, so every optimizer mode starts from the same model."""
         g = torch.Generator().manual_seed(seed)
         for u, unit in enumerate(self.units):
-            views = unit.views(self.master_of(u))
+            views = unit.views(self.weights_of(u))
             for e in unit.entries:
                 t = views[e.key]
                 if e.decay:
-                    t.normal_(0.0, std, generator=g)
+                    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
                 elif e.key.endswith("_b"):
                     t.zero_()
                 else:

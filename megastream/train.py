@@ -16,6 +16,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from megastream import ops
 from megastream.checkpoint import load_hf_weights, save_hf
 from megastream.config import Config
 from megastream.data import Dataset, load_jsonl
@@ -65,7 +66,8 @@ def model_spec(cfg: Config) -> ModelSpec:
 def build_model(cfg: Config, spec: ModelSpec, device: torch.device) -> Model:
     """Allocate the host store and fill it from the checkpoint or a seeded random init."""
     compute, grad = resolve_dtypes(cfg, device)
-    store = HostStore(model_layout(spec), compute, grad, pin=device.type == "cuda")
+    store = HostStore(model_layout(spec), compute, grad, pin=device.type == "cuda",
+                      master=cfg.optim.master == "fp32", states=cfg.optim.states)
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
         load_hf_weights(store, spec, src)
@@ -139,10 +141,13 @@ def train(cfg: Config, *, overwrite: bool = False, log=print) -> list[dict]:
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len
     n_params = count_params(spec)
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in store.breakdown().items())
     log(f"megastream: {cfg.model.preset or cfg.model.path} ({spec.architecture}), {n_params / 1e6:.1f}M params, "
-        f"{spec.num_layers} layers | device {device}, compute {store.compute_dtype}, grads {store.grad_dtype} | "
-        f"host store {store.host_bytes() / 2**30:.2f} GiB ({store.host_bytes() / n_params:.1f} B/param) | "
-        f"{len(data)} sequences of {cfg.data.seq_len}, {tokens_per_step} tokens/step, {t.steps} steps")
+        f"{spec.num_layers} layers | device {device}, compute {str(store.compute_dtype)[6:]}, "
+        f"master {cfg.optim.master}, states {cfg.optim.states}, C++ ops {'on' if ops.have_ext() else 'off'}\n"
+        f"megastream: host memory {store.host_bytes() / 2**30:.2f} GiB ({parts} GiB): "
+        f"{store.state_bytes_per_param():.2f} B/param of model state, {store.host_bytes() / n_params:.2f} B/param "
+        f"in all | {len(data)} sequences of {cfg.data.seq_len}, {tokens_per_step} tokens/step, {t.steps} steps")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     engine = Engine(spec, store, cfg, device)

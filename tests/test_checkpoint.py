@@ -53,7 +53,7 @@ def test_preset_saves_a_loadable_config(tmp_path):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.dtype == torch.bfloat16
     emb = model.get_input_embeddings().weight
-    assert torch.equal(emb.float(), store.master_of(0).view(emb.shape).bfloat16().float())
+    assert torch.equal(emb.float(), store.weights_of(0).view(emb.shape).bfloat16().float())
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def test_demo_output_loads_in_transformers(demo_run):
     spec = ModelSpec.from_dir(final)
     store = HostStore(model_layout(spec), torch.float32, torch.float32, pin=False)
     load_hf_weights(store, spec, final)
-    w = [u.views(store.master_of(i)) for i, u in enumerate(store.units)]
+    w = [u.views(store.weights_of(i)) for i, u in enumerate(store.units)]
     x = w[0]["embed"][ids]
     rope = rope_tables(spec, torch.arange(ids.shape[1]), torch.float32)
     with torch.no_grad():

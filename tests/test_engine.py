@@ -33,7 +33,7 @@ def _batches(spec, M, B, S, seed=0):
 def _plain_grads(spec, store, mbs):
     """Whole-model autograd over the concatenated micro-batches, token-mean loss."""
     units = store.units
-    flats = [store.master_of(u).clone().requires_grad_() for u in range(len(units))]
+    flats = [store.weights_of(u).clone().requires_grad_() for u in range(len(units))]
     views = [unit.views(f) for unit, f in zip(units, flats)]
     ids = torch.cat([mb.input_ids for mb in mbs])
     labels = torch.cat([mb.labels for mb in mbs])

@@ -23,7 +23,7 @@ def _load(path):
 
 
 def _forward(spec, store, ids):
-    units = [u.views(store.master_of(i)) for i, u in enumerate(store.units)]
+    units = [u.views(store.weights_of(i)) for i, u in enumerate(store.units)]
     x = units[0]["embed"][ids]
     rope = rope_tables(spec, torch.arange(ids.shape[1]), torch.float32)
     for i in range(spec.num_layers):

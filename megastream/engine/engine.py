@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megastream import ops
 from megastream.config import Config
 from megastream.engine.grads import GradStager
 from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss_and_grad
@@ -25,7 +26,7 @@ from megastream.engine.weights import WeightStreamer
 from megastream.model.layout import UnitLayout
 from megastream.model.llama import block, rope_tables
 from megastream.model.spec import ModelSpec
-from megastream.optim import AdamWHyper, OptimizerWorker, adamw_, clip_coef
+from megastream.optim import AdamWHyper, OptimizerWorker, clip_coef, sr_key
 from megastream.store import HostStore
 
 
@@ -176,9 +177,13 @@ class Engine:
         self.worker.submit(u, ready, hyper)
 
     def _update_unit(self, u: int, hyper: AdamWHyper) -> None:
-        """Runs on the optimizer thread: one fused-in-spirit pass over unit u's host buffers."""
+        """Runs on the optimizer thread: one fused pass over unit u's host buffers (csrc/adamw.cpp)
+        reads the staged gradient, updates weights and moments, writes the bf16 working copy."""
         s = self.store
-        m, v = s.moments_of(u)
-        adamw_(s.master_of(u), s.grad_of(u), m, v, self.units[u].n_decay, hyper)
-        if s.working is not s.master:
-            s.working_of(u).copy_(s.master_of(u))  # fp32 master -> compute-dtype working copy
+        m, v, m_scale, v_scale = s.states_of(u)
+        separate_working = s.master is not None and s.working is not s.master
+        ops.adamw_step(s.weights_of(u), s.grad_of(u), m, v, m_scale, v_scale,
+                       s.working_of(u) if separate_working else None, n_decay=self.units[u].n_decay,
+                       lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                       weight_decay=hyper.weight_decay, step=hyper.step, grad_scale=hyper.grad_scale,
+                       key=sr_key(self.cfg.train.seed, hyper.step, u))

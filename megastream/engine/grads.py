@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from megastream import ops
 from megastream.engine.streams import DONE, Streams
 from megastream.store import HostStore
 
@@ -81,7 +82,7 @@ class GradStager:
         for i, dx in zip(ids, dxs):
             # D2H: tokens*H*itemsize bytes (sync copy, small)
             g.index_add_(0, i.reshape(-1).cpu(), dx.reshape(-1, dx.shape[-1]).float().cpu())
-        return float(torch.linalg.vector_norm(self.store.embed_grad))
+        return ops.accumulate_sqnorm(self.store.embed_grad) ** 0.5  # one vectorised pass
 
     # ---- common ----------------------------------------------------------------------------------
     def _to_host(self, u: int, acc: torch.Tensor, host: torch.Tensor):
