@@ -21,41 +21,32 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 namespace {
 
+// Small helpers must inline into the SIMD loops (an out-of-line call there scalarises the loop).
+#define MS_INLINE inline __attribute__((always_inline))
+
 constexpr int64_t kBlock = 256;  // elements per int8 quantisation block (and per OpenMP work item)
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+MS_INLINE uint32_t f32_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+MS_INLINE float bits_f32(uint32_t u) { return __builtin_bit_cast(float, u); }
+MS_INLINE float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even; NaN stays NaN. The helpers work on the float's bits with plain selects:
+// gcc vectorises these, and gives up on some equivalent forms (memcpy punning, bool masks).
+MS_INLINE uint32_t bf16_rne_bits(uint32_t u) {
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
 }
 
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float bits_f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even; NaN stays NaN.
-inline uint16_t f32_to_bf16_rne(float f) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+MS_INLINE uint16_t f32_to_bf16_rne(float f) { return static_cast<uint16_t>(bf16_rne_bits(f32_bits(f))); }
 
 // murmur3's 32-bit finaliser: a good bijective mix for counter-based randomness.
-inline uint32_t fmix32(uint32_t h) {
+MS_INLINE uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85ebca6bu;
   h ^= h >> 13;
@@ -64,13 +55,19 @@ inline uint32_t fmix32(uint32_t h) {
   return h;
 }
 
+// Round to nearest even without the NaN guard, for the moments: identical for every number and
+// for arithmetic (quiet, default-payload) NaNs, and cheaper in the loop that is compute-bound.
+MS_INLINE uint16_t f32_to_bf16_rne_fast(float f) {
+  const uint32_t u = f32_bits(f);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // Stochastic rounding to bf16: add 16 random bits below the kept mantissa, then truncate.
-// Rounds the magnitude up with probability equal to the dropped fraction: unbiased.
-inline uint16_t f32_to_bf16_sr(float f, uint32_t key, int64_t i) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7f800000u) == 0x7f800000u) return f32_to_bf16_rne(f);  // inf / nan
-  uint32_t r = fmix32(static_cast<uint32_t>(i) * 0x9e3779b1u + key) >> 16;
-  return static_cast<uint16_t>((u + r) >> 16);
+// Rounds the magnitude up with probability equal to the dropped fraction: unbiased. The bits are
+// a hash of (key, element index): reproducible, independent of threading. Infinities and quiet
+// NaNs pass through unchanged (their low 16 bits are zero, so nothing carries).
+MS_INLINE uint16_t f32_to_bf16_sr(float f, uint32_t key, uint32_t i) {
+  return static_cast<uint16_t>((f32_bits(f) + (fmix32(i * 0x9e3779b1u + key) >> 16)) >> 16);
 }
 
 // ---- 8-bit code ------------------------------------------------------------------------------
@@ -79,43 +76,46 @@ inline uint16_t f32_to_bf16_sr(float f, uint32_t key, int64_t i) {
 // float with a 3-bit mantissa. m: sign + 4 exponent bits (15 binades below absmax); v is stored as
 // sqrt(v) with 5 exponent bits (31 binades of sqrt(v), i.e. 62 of v). A linear int8 code would
 // flush the many small second moments of a block to zero, and an update m / (sqrt(0) + eps)
-// explodes; a logarithmic code keeps every magnitude within 2^-4 relative error down to the
-// floor. Smaller values flush to 0 (code 0).
+// explodes; a logarithmic code keeps every magnitude within 2^-3 relative error (one code step,
+// rounding stochastically) down to the floor. Smaller values flush to 0 (code 0).
 constexpr int kMantShift = 20;  // keep 3 of float32's 23 mantissa bits
-constexpr uint32_t kHalf = 1u << (kMantShift - 1);
 constexpr uint32_t kMBase = ((127u - 15u) << 3) - 1;  // code 1 <-> 2^-15
 constexpr uint32_t kVBase = ((127u - 31u) << 3) - 1;  // code 1 <-> 2^-31
 
-inline uint32_t enc_mag(float y, uint32_t base, uint32_t maxcode) {  // y in [0, 1]
-  uint32_t c = (f32_bits(y) + kHalf) >> kMantShift;
+// y in [0, 1]; r: random bits below the kept mantissa (16 random bits shifted up to the top of
+// the 20 dropped ones), so the code rounds up with probability equal to the dropped fraction (stochastic rounding keeps the moments unbiased: with round-to-nearest, per-step changes
+// below half a code step would be lost, as small updates are with bf16 weights).
+MS_INLINE uint32_t enc_mag(float y, uint32_t base, uint32_t maxcode, uint32_t r) {
+  uint32_t c = (f32_bits(y) + r) >> kMantShift;
   c = c > base ? c - base : 0u;
   return c < maxcode ? c : maxcode;
 }
 
-inline float dec_mag(uint32_t c, uint32_t base) {
+MS_INLINE float dec_mag(uint32_t c, uint32_t base) {
   return c == 0 ? 0.0f : bits_f32((c + base) << kMantShift);
 }
 
-inline int8_t enc_m(float m, float inv_scale) {
-  uint32_t c = enc_mag(std::fabs(m) * inv_scale, kMBase, 127u);
+MS_INLINE int8_t enc_m(float m, float inv_scale, uint32_t r) {
+  uint32_t c = enc_mag(std::fabs(m) * inv_scale, kMBase, 127u, r);
   return static_cast<int8_t>(m < 0 ? -static_cast<int32_t>(c) : static_cast<int32_t>(c));
 }
 
-inline float dec_m(int8_t q, float scale) {
+MS_INLINE float dec_m(int8_t q, float scale) {
   int32_t c = q;
   float mag = dec_mag(static_cast<uint32_t>(c < 0 ? -c : c), kMBase) * scale;
   return c < 0 ? -mag : mag;
 }
 
-inline uint8_t enc_v(float sqrt_v, float inv_scale) {
-  return static_cast<uint8_t>(enc_mag(sqrt_v * inv_scale, kVBase, 255u));
+MS_INLINE uint8_t enc_v(float sqrt_v, float inv_scale, uint32_t r) {
+  return static_cast<uint8_t>(enc_mag(sqrt_v * inv_scale, kVBase, 255u, r));
 }
 
-inline float dec_v(uint8_t q, float scale) {  // returns sqrt(v)
+MS_INLINE float dec_v(uint8_t q, float scale) {  // returns sqrt(v)
   return dec_mag(q, kVBase) * scale;
 }
 
 enum class States { F32, BF16, I8 };
+constexpr uint32_t kStateKey = 0x68e31da4u;  // decorrelates the state codes' draws from the weights'
 
 // Scalar factors, computed in double and rounded once to float (as torch does with Python scalars).
 struct Hyper {
@@ -123,7 +123,7 @@ struct Hyper {
   float one_m_beta1;  // 1 - beta1
   float beta2;
   float one_m_beta2;  // 1 - beta2
-  float bc2_sqrt;     // sqrt(1 - beta2^step)
+  float inv_bc2_sqrt; // 1 / sqrt(1 - beta2^step): a multiply, not a second division per element
   float eps;
   float neg_step_size;  // -lr / (1 - beta1^step)
   float grad_scale;
@@ -131,71 +131,102 @@ struct Hyper {
   uint32_t key;
 };
 
-// One block [b0, b1) of one unit. G: gradient element type; W: weight element type.
+// One block [b0, b1) of one unit. Main memory is touched once: each input read once, each output
+// written once.
 template <typename G, bool kMasterF32, States S>
 inline void adamw_block(int64_t b0, int64_t b1, const G* g, void* w, void* mp, void* vp, float* m_scale,
                         float* v_scale, uint16_t* working, const Hyper& h) {
-  float mbuf[kBlock], vbuf[kBlock];
-  const int64_t n = b1 - b0;
-  const int64_t blk = b0 / kBlock;
-  const float m_sc = S == States::I8 ? m_scale[blk] : 0.f;
-  const float v_sc = S == States::I8 ? v_scale[blk] : 0.f;
+  const int n = static_cast<int>(b1 - b0);  // 32-bit loop counters: int64 vector arithmetic is slow
+  const int n_decay = static_cast<int>(std::min<int64_t>(std::max<int64_t>(h.n_decay - b0, 0), n));
+  const uint32_t i0 = static_cast<uint32_t>(b0);  // element index for the random streams
+
+  if constexpr (S != States::I8) {
+    // fp32 / bf16 states: one fused loop, each element read and written once.
+    const G* gs = g + b0;
+#pragma omp simd
+    for (int j = 0; j < n; ++j) {
+      float gi;
+      if constexpr (sizeof(G) == 2) gi = bf16_to_f32(reinterpret_cast<const uint16_t*>(gs)[j]);
+      else gi = reinterpret_cast<const float*>(gs)[j];
+      gi = gi * h.grad_scale;
+      float p, m, v;
+      if constexpr (kMasterF32) p = static_cast<float*>(w)[b0 + j];
+      else p = bf16_to_f32(static_cast<uint16_t*>(w)[b0 + j]);
+      if constexpr (S == States::F32) {
+        m = static_cast<float*>(mp)[b0 + j];
+        v = static_cast<float*>(vp)[b0 + j];
+      } else {
+        m = bf16_to_f32(static_cast<uint16_t*>(mp)[b0 + j]);
+        v = bf16_to_f32(static_cast<uint16_t*>(vp)[b0 + j]);
+      }
+      const float decay = j < n_decay ? h.decay : 1.0f;
+      m = m + (gi - m) * h.one_m_beta1;
+      v = v * h.beta2 + (gi * h.one_m_beta2) * gi;
+      const float denom = std::sqrt(v) * h.inv_bc2_sqrt + h.eps;
+      p = p * decay + (m / denom) * h.neg_step_size;
+      if constexpr (kMasterF32) {
+        static_cast<float*>(w)[b0 + j] = p;
+        if (working) working[b0 + j] = f32_to_bf16_rne(p);
+      } else {
+        static_cast<uint16_t*>(w)[b0 + j] = f32_to_bf16_sr(p, h.key, i0 + j);
+      }
+      if constexpr (S == States::F32) {
+        static_cast<float*>(mp)[b0 + j] = m;
+        static_cast<float*>(vp)[b0 + j] = v;
+      } else {
+        static_cast<uint16_t*>(mp)[b0 + j] = f32_to_bf16_rne_fast(m);
+        static_cast<uint16_t*>(vp)[b0 + j] = f32_to_bf16_rne_fast(v);
+      }
+    }
+    return;
+  }
+
+  // int8 states: the block's new maxima are needed before any moment code is written, so the new
+  // m and sqrt(v) wait in L1-resident scratch while the weights are written; then one encode pass.
+  alignas(64) float mb[kBlock], sb[kBlock];
+  const int8_t* mq_in = static_cast<int8_t*>(mp) + b0;
+  const uint8_t* vq_in = static_cast<uint8_t*>(vp) + b0;
+  const float m_sc = m_scale[b0 / kBlock], v_sc = v_scale[b0 / kBlock];
+  const G* gs = g + b0;
   float m_max = 0.f, v_max = 0.f;
 #pragma omp simd reduction(max : m_max, v_max)
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t i = b0 + j;
+  for (int j = 0; j < n; ++j) {
     float gi;
-    if constexpr (sizeof(G) == 2) gi = bf16_to_f32(reinterpret_cast<const uint16_t*>(g)[i]);
-    else gi = reinterpret_cast<const float*>(g)[i];
-    if (h.grad_scale != 1.0f) gi = gi * h.grad_scale;
-    float p = kMasterF32 ? static_cast<float*>(w)[i] : bf16_to_f32(static_cast<uint16_t*>(w)[i]);
-    float m, v;  // v here is the second moment itself
-    if constexpr (S == States::F32) {
-      m = static_cast<float*>(mp)[i];
-      v = static_cast<float*>(vp)[i];
-    } else if constexpr (S == States::BF16) {
-      m = bf16_to_f32(static_cast<uint16_t*>(mp)[i]);
-      v = bf16_to_f32(static_cast<uint16_t*>(vp)[i]);
-    } else {
-      m = dec_m(static_cast<int8_t*>(mp)[i], m_sc);
-      const float s = dec_v(static_cast<uint8_t*>(vp)[i], v_sc);
-      v = s * s;
-    }
-    if (i < h.n_decay) p = p * h.decay;
-    m = m + (gi - m) * h.one_m_beta1;
-    v = v * h.beta2 + (gi * h.one_m_beta2) * gi;
-    const float denom = std::sqrt(v) / h.bc2_sqrt + h.eps;
-    p = p + (m / denom) * h.neg_step_size;
+    if constexpr (sizeof(G) == 2) gi = bf16_to_f32(reinterpret_cast<const uint16_t*>(gs)[j]);
+    else gi = reinterpret_cast<const float*>(gs)[j];
+    gi = gi * h.grad_scale;
+    float p;
+    if constexpr (kMasterF32) p = static_cast<float*>(w)[b0 + j];
+    else p = bf16_to_f32(static_cast<uint16_t*>(w)[b0 + j]);
+    const float m0 = dec_m(mq_in[j], m_sc);
+    const float s0 = dec_v(vq_in[j], v_sc);
+    const float decay = j < n_decay ? h.decay : 1.0f;
+    const float m = m0 + (gi - m0) * h.one_m_beta1;
+    const float sv = std::sqrt((s0 * s0) * h.beta2 + (gi * h.one_m_beta2) * gi);  // sqrt of the new v
+    const float denom = sv * h.inv_bc2_sqrt + h.eps;
+    p = p * decay + (m / denom) * h.neg_step_size;
     if constexpr (kMasterF32) {
-      static_cast<float*>(w)[i] = p;
-      if (working) working[i] = f32_to_bf16_rne(p);
+      static_cast<float*>(w)[b0 + j] = p;
+      if (working) working[b0 + j] = f32_to_bf16_rne(p);
     } else {
-      static_cast<uint16_t*>(w)[i] = f32_to_bf16_sr(p, h.key, i);
+      static_cast<uint16_t*>(w)[b0 + j] = f32_to_bf16_sr(p, h.key, i0 + j);
     }
-    if constexpr (S == States::F32) {
-      static_cast<float*>(mp)[i] = m;
-      static_cast<float*>(vp)[i] = v;
-    } else if constexpr (S == States::BF16) {
-      static_cast<uint16_t*>(mp)[i] = f32_to_bf16_rne(m);
-      static_cast<uint16_t*>(vp)[i] = f32_to_bf16_rne(v);
-    } else {
-      mbuf[j] = m;
-      vbuf[j] = std::sqrt(v);
-      m_max = std::fmax(m_max, std::fabs(m));
-      v_max = std::fmax(v_max, vbuf[j]);
-    }
+    mb[j] = m;
+    sb[j] = sv;
+    const float am = std::fabs(m);
+    m_max = am > m_max ? am : m_max;  // not std::fmax: its NaN rules make gcc call libm per element
+    v_max = sv > v_max ? sv : v_max;
   }
-  if constexpr (S == States::I8) {
-    m_scale[blk] = m_max;
-    v_scale[blk] = v_max;
-    const float im = m_max > 0 ? 1.0f / m_max : 0.f, iv = v_max > 0 ? 1.0f / v_max : 0.f;
-    int8_t* mq = static_cast<int8_t*>(mp);
-    uint8_t* vq = static_cast<uint8_t*>(vp);
+  m_scale[b0 / kBlock] = m_max;
+  v_scale[b0 / kBlock] = v_max;
+  const float im = m_max > 0 ? 1.0f / m_max : 0.f, iv = v_max > 0 ? 1.0f / v_max : 0.f;
+  int8_t* mq = static_cast<int8_t*>(mp) + b0;
+  uint8_t* vq = static_cast<uint8_t*>(vp) + b0;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      mq[b0 + j] = enc_m(mbuf[j], im);
-      vq[b0 + j] = enc_v(vbuf[j], iv);
-    }
+  for (int j = 0; j < n; ++j) {
+    const uint32_t r = fmix32((i0 + j) * 0x9e3779b1u + (h.key ^ kStateKey));  // 16 random bits each
+    mq[j] = enc_m(mb[j], im, (r >> 16) << 4);
+    vq[j] = enc_v(sb[j], iv, (r & 0xffffu) << 4);
   }
 }
 
@@ -263,7 +294,7 @@ void adamw_step(at::Tensor weights, const at::Tensor& grad, at::Tensor exp_avg, 
   h.one_m_beta1 = static_cast<float>(1.0 - beta1);
   h.beta2 = static_cast<float>(beta2);
   h.one_m_beta2 = static_cast<float>(1.0 - beta2);
-  h.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  h.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
   h.eps = static_cast<float>(eps);
   h.neg_step_size = static_cast<float>(-(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))));
   h.grad_scale = static_cast<float>(grad_scale);

@@ -44,14 +44,24 @@ def bf16_stochastic_round(x: torch.Tensor, key: int) -> torch.Tensor:
     b = _bits(x)
     idx = torch.arange(x.numel(), dtype=torch.int64)
     r = fmix32((idx * 0x9E3779B1 + key) & _MASK) >> 16
-    sr = (b + r) >> 16
-    finite = (b & 0x7F800000) != 0x7F800000
-    out = torch.where(finite, sr, _bits(x.to(torch.bfloat16).float()) >> 16)
+    out = (b + r) >> 16
     return torch.where(out >= 2**15, out - 2**16, out).to(torch.int16).view(torch.bfloat16)
 
 
-def _enc_mag(y: torch.Tensor, base: int, maxcode: int) -> torch.Tensor:
-    c = (_bits(y) + (1 << 19)) >> 20
+_STATE_KEY = 0x68E31DA4
+
+
+def _state_rand(n: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hash per element: 16 random bits for m's code, 16 for v's, shifted to the top of the
+    20 bits each code drops."""
+    idx = torch.arange(n, dtype=torch.int64)
+    r = fmix32((idx * 0x9E3779B1 + (key ^ _STATE_KEY)) & _MASK)
+    return (r >> 16) << 4, (r & 0xFFFF) << 4
+
+
+def _enc_mag(y: torch.Tensor, base: int, maxcode: int, r: torch.Tensor) -> torch.Tensor:
+    """Stochastically rounded code (see csrc/adamw.cpp, "8-bit code")."""
+    c = (_bits(y) + r) >> 20
     return torch.where(c > base, c - base, torch.zeros_like(c)).clamp_max(maxcode)
 
 
@@ -79,20 +89,20 @@ def dequantize_sqrt_v(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _dec_mag(q.to(torch.int64), _V_BASE) * _per_block(scale, q.numel())
 
 
-def quantize_m(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_m(m: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 -> (int8 codes, fp32 absmax per block)."""
     n = m.numel()
     mx = _blocks(m.abs()).amax(dim=1)
     inv = torch.where(mx > 0, 1.0 / mx, torch.zeros_like(mx))
-    c = _enc_mag(m.abs() * _per_block(inv, n), _M_BASE, 127)
+    c = _enc_mag(m.abs() * _per_block(inv, n), _M_BASE, 127, _state_rand(n, key)[0])
     return torch.where(m < 0, -c, c).to(torch.int8), mx
 
 
-def quantize_sqrt_v(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_sqrt_v(s: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """sqrt(v) in fp32 -> (uint8 codes, fp32 max per block)."""
     mx = _blocks(s).amax(dim=1)
     inv = torch.where(mx > 0, 1.0 / mx, torch.zeros_like(mx))
-    return _enc_mag(s * _per_block(inv, s.numel()), _V_BASE, 255).to(torch.uint8), mx
+    return _enc_mag(s * _per_block(inv, s.numel()), _V_BASE, 255, _state_rand(s.numel(), key)[1]).to(torch.uint8), mx
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -120,9 +130,8 @@ def adamw_step(weights, grad, exp_avg, exp_avg_sq, m_scale, v_scale, working, n_
         p[:n_decay] = p[:n_decay] * (1 - lr * weight_decay)
     m = m + (g - m) * (1 - beta1)
     v = v * beta2 + (g * (1 - beta2)) * g
-    # Divide by an expanded tensor: torch rewrites division by a Python scalar as a multiply.
-    bc2_sqrt = torch.tensor([math.sqrt(1 - beta2 ** step)], dtype=torch.float32).expand(v.numel())
-    denom = _sqrt(v) / bc2_sqrt + eps
+    sv = _sqrt(v)
+    denom = sv * (1.0 / math.sqrt(1 - beta2 ** step)) + eps
     p = p + (m / denom) * (-(lr / (1 - beta1 ** step)))
     if weights.dtype == torch.float32:
         weights.copy_(p)
@@ -131,12 +140,12 @@ def adamw_step(weights, grad, exp_avg, exp_avg_sq, m_scale, v_scale, working, n_
     else:
         weights.copy_(bf16_stochastic_round(p, key))
     if int8:
-        qm, sm = quantize_m(m)
-        qv, sv = quantize_sqrt_v(_sqrt(v))
+        qm, sm = quantize_m(m, key)
+        qv, s_v = quantize_sqrt_v(sv, key)
         exp_avg.copy_(qm)
         exp_avg_sq.copy_(qv)
         m_scale.copy_(sm)
-        v_scale.copy_(sv)
+        v_scale.copy_(s_v)
     else:
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)

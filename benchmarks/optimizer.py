@@ -1,0 +1,147 @@
+"""The host optimizer step, side by side on the same buffers: the best plain-PyTorch pipeline
+against each megastream mode (csrc/adamw.cpp), plus this machine's memory bandwidth.
+
+    python benchmarks/optimizer.py                       # 275M (one Qwen2.5-14B layer) and 4M params
+    python benchmarks/optimizer.py --sizes 46.8e6 --json out.json
+
+The torch pipeline is what a user would write with stock PyTorch: cast the bf16 gradient to fp32,
+`torch.optim.AdamW(fused=True)` on fp32 weights/moments, copy the fp32 weights to the bf16 working
+copy. Logical bytes per parameter (each input read once, each output written once):
+
+    torch pipeline                     2+4 (cast) + 16+12 (AdamW) + 4+2 (copy)   = 40
+    master fp32, states fp32           g 2 + p,m,v 12 read + p,m,v 12 + working 2 = 28
+    master fp32, states bf16           2 + 4+2+2 + 4+2+2 + 2                      = 20
+    no master (bf16 + SR), states bf16 2 + 2+2+2 + 2+2+2                          = 14
+    no master (bf16 + SR), states int8 2 + 2+1+1 + 2+1+1 (+ 2 fp32 scales / 256)  ~ 10
+
+Bandwidth is an in-place triad over two 1 GiB arrays (bytes read + bytes written over time), the
+same read-modify-write pattern as the optimizer. Each figure is the median of --repeats timed runs
+after one warm-up; ratios compare runs taken in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from megastream import ops
+from megastream.ops import reference as R
+
+HP = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+MODES = [  # name, master fp32?, states, logical bytes per parameter, host bytes per parameter (model state)
+    ("fp32-master+fp32-states", True, "fp32", 28, 14),
+    ("fp32-master+bf16-states", True, "bf16", 20, 10),
+    ("bf16-sr+bf16-states", False, "bf16", 14, 6),
+    ("bf16-sr+int8-states", False, "int8", 10 + 8 / 256, 4 + 8 / 256),
+]
+
+
+def _timeit(fn, repeats: int) -> float:
+    fn()  # warm-up: page faults, thread pools
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _rand(n: int, dtype: torch.dtype, scale: float, g: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, generator=g) * 2 - 1).mul_(scale).to(dtype)
+
+
+def measure_bandwidth(nbytes: int = 2**30, repeats: int = 7) -> float:
+    """GB/s of an in-place triad a += 0.5 * b over two large fp32 arrays (8 bytes read and 4 written
+    per element): the optimizer's own access pattern, read-modify-write in place. An out-of-place
+    copy would read 50% more than it counts (write-allocate) and understate what DRAM delivers."""
+    a = torch.rand(nbytes // 4)
+    b = torch.rand(nbytes // 4)
+    t = _timeit(lambda: a.add_(b, alpha=0.5), repeats)
+    return 3 * nbytes / t / 1e9
+
+
+def bench_torch(n: int, repeats: int, g: torch.Generator) -> float:
+    p = _rand(n, torch.float32, 0.05, g)
+    grad_bf16 = _rand(n, torch.bfloat16, 1e-3, g)
+    grad32 = torch.empty(n)
+    working = torch.empty(n, dtype=torch.bfloat16)
+    param = torch.nn.Parameter(p)
+    param.grad = grad32
+    opt = torch.optim.AdamW([param], fused=True, **{k: v for k, v in HP.items() if k not in ("beta1", "beta2")},
+                            betas=(HP["beta1"], HP["beta2"]))
+
+    def step():
+        grad32.copy_(grad_bf16)  # bf16 -> fp32 gradient cast
+        opt.step()  # fused AdamW on fp32 weights and moments
+        working.copy_(param.detach())  # fp32 -> bf16 working copy
+
+    t = _timeit(step, repeats)
+    del opt, param, p, grad_bf16, grad32, working
+    return t
+
+
+def bench_mode(n: int, master: bool, states: str, repeats: int, g: torch.Generator) -> float:
+    w = _rand(n, torch.float32 if master else torch.bfloat16, 0.05, g)
+    grad = _rand(n, torch.bfloat16, 1e-3, g)
+    working = torch.empty(n, dtype=torch.bfloat16) if master else None
+    if states == "int8":
+        m, ms = R.quantize_m(_rand(n, torch.float32, 1e-4, g))
+        v, vs = R.quantize_sqrt_v(_rand(n, torch.float32, 1e-4, g).abs_())
+    else:
+        dt = torch.float32 if states == "fp32" else torch.bfloat16
+        m, v, ms, vs = _rand(n, dt, 1e-4, g), _rand(n, dt, 1e-8, g).abs_(), None, None
+    counter = iter(range(1, 10**9))
+
+    def step():
+        ops.adamw_step(w, grad, m, v, ms, vs, working, n_decay=n, step=next(counter), key=7, use_ext=True, **HP)
+
+    return _timeit(step, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[275e6, 4e6],
+                    help="parameters per buffer (default: one Qwen2.5-14B layer, and a small one)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    a = ap.parse_args()
+    if not ops.have_ext():
+        raise SystemExit("the C++ ops could not be built here; nothing to benchmark against")
+    g = torch.Generator().manual_seed(0)
+    bw = measure_bandwidth()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+          f"memory bandwidth (in-place triad) {bw:.1f} GB/s")
+    rows = []
+    for size in a.sizes:
+        n = int(size)
+        t_torch = bench_torch(n, a.repeats, g)
+        entries = [("torch-pipeline", t_torch, 40, 14)]
+        for name, master, states, bpp, host_bpp in MODES:
+            entries.append((name, bench_mode(n, master, states, a.repeats, g), bpp, host_bpp))
+        print(f"\n{n / 1e6:.1f}M parameters")
+        print(f"{'mode':<26}{'ns/param':>10}{'GB/s':>8}{'% of bw':>9}{'vs torch':>10}{'host B/param':>14}")
+        for name, t, bpp, host_bpp in entries:
+            ns = t / n * 1e9
+            gbps = bpp / ns
+            row = {"mode": name, "params": n, "ns_per_param": ns, "gbps": gbps, "pct_of_bandwidth": 100 * gbps / bw,
+                   "speedup_vs_torch": t_torch / t, "bytes_per_param": bpp, "host_bytes_per_param": host_bpp}
+            rows.append(row)
+            print(f"{name:<26}{ns:>10.3f}{gbps:>8.1f}{row['pct_of_bandwidth']:>8.0f}%{row['speedup_vs_torch']:>9.2f}x"
+                  f"{host_bpp:>14.2f}")
+    if a.json:
+        meta = {"device": f"CPU: {cpu}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+                "torch_version": torch.__version__, "bandwidth_gbps": bw}
+        with open(a.json, "w") as f:
+            json.dump([dict(row, **meta) for row in rows], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
