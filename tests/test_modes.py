@@ -1,0 +1,49 @@
+"""The lean memory modes train like full precision: the demo config through the real CLI, in
+full precision (fp32), lean (bf16 weights with stochastic rounding, bf16 moments) and compact
+(bf16 weights, int8 moments), same steps, same data."""
+
+import re
+
+import pytest
+
+from helpers import read_metrics, run_cli
+
+STEPS = 40
+COMMON = ["--set", f"train.steps={STEPS}", "--set", "train.lr=1e-3", "--set", "train.min_lr=1e-4",
+          "--set", "output.progress=false"]
+MODES = {  # name: (optim.master, optim.states, engine.dtype, model-state bytes per parameter)
+    "full": ("fp32", "fp32", "float32", 12.0),  # fp32 compute: the working copy is the master
+    "lean": ("none", "bf16", "bfloat16", 6.0),
+    "compact": ("none", "int8", "bfloat16", 4.03),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for name, (master, states, dtype, _) in MODES.items():
+        d = tmp_path_factory.mktemp(name) / "run"
+        proc = run_cli("demo", *COMMON, "--set", f"optim.master={master}", "--set", f"optim.states={states}",
+                       "--set", f"engine.dtype={dtype}", "--set", f"output.dir={d}")
+        out[name] = (read_metrics(d), proc.stdout)
+    return out
+
+
+def _final(metrics):  # mean of the last 10 steps: one step's loss is noisy
+    return sum(m["loss"] for m in metrics[-10:]) / 10
+
+
+@pytest.mark.parametrize("mode", ["lean", "compact"])
+def test_lean_modes_reach_full_precision_loss(runs, mode):
+    full, got = _final(runs["full"][0]), _final(runs[mode][0])
+    assert got < runs[mode][0][0]["loss"] - 1.0, "the loss must fall"
+    assert abs(got - full) <= 0.02 * full, (mode, got, full)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_startup_prints_host_bytes_per_param(runs, mode):
+    stdout = runs[mode][1]
+    m = re.search(r"host memory ([\d.]+) GiB .*?: ([\d.]+) B/param of model state", stdout)
+    assert m, stdout
+    assert float(m.group(2)) == pytest.approx(MODES[mode][3], abs=0.01)
+    assert "C++ ops on" in stdout
