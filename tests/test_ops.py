@@ -194,3 +194,17 @@ def test_fallback_warns_once(monkeypatch, tmp_path):
 def test_the_extension_is_built_here():
     """CI machines have a compiler: the compiled ops must be in use, not the fallback."""
     assert ops.have_ext()
+
+
+def test_int8_codes_round_stochastically_and_unbiased():
+    """A value between two codes is encoded as either neighbour, in proportion: the mean over many
+    keys recovers it (with round-to-nearest, small per-step moment changes would stall)."""
+    x = torch.full((256,), 0.3)
+    x[0] = 1.0  # the block's absmax: 0.3 then sits between two 3-bit-mantissa codes
+    means = []
+    for fn, dec in ((R.quantize_m, R.dequantize_m), (R.quantize_sqrt_v, R.dequantize_sqrt_v)):
+        vals = torch.stack([dec(*fn(x, key)) for key in range(400)])[:, 1:]
+        assert len(vals.unique()) == 2  # the two neighbouring codes
+        means.append(vals.double().mean().item())
+    # 400 keys x 255 elements; one code step at 0.3 is 2^-5: the mean is far tighter than that
+    assert means[0] == pytest.approx(0.3, rel=2e-3) and means[1] == pytest.approx(0.3, rel=2e-3)
