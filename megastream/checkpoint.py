@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -82,9 +83,11 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
 
 
 def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, source_config: dict | None = None,
-            copy_from: list[Path] = (), shard_bytes: int = 5 * 2**30) -> Path:
+            copy_from: list[Path] = (), shard_bytes: int = 5 * 2**30,
+            extra: Callable[[Path], None] | None = None) -> Path:
     """Write the weights (fp32 master, or the bf16 working copy without one) as a Hugging Face
-    model directory at `path` (atomically)."""
+    model directory at `path` (atomically). `extra(tmp_dir)` may add files (optimizer state)
+    before the directory is renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -134,6 +137,8 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
             if name not in copied and (Path(src_dir) / name).is_file():
                 shutil.copy2(Path(src_dir) / name, tmp / name)
                 copied.add(name)
+    if extra is not None:
+        extra(tmp)
 
     _replace_dir(tmp, path)
     return path

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="override one config key, e.g. --set train.lr=3e-5 (repeatable)")
         sp.add_argument("--overwrite", action="store_true",
                         help="replace the run already in output.dir")
+        sp.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                        help="continue from the newest checkpoint in output.dir, or from PATH")
 
     t = sub.add_parser("train", help="train a model as a YAML config describes")
     t.add_argument("config", help="path to a YAML config (see configs/)")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         path = DEMO_CONFIG if args.command == "demo" else args.config
         cfg = load_config(path, args.set)
-        train(cfg, overwrite=args.overwrite)
+        train(cfg, overwrite=args.overwrite, resume=args.resume)
     except MegastreamError as e:
         print(f"megastream: error: {e}", file=sys.stderr)
         return e.exit_code

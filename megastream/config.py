@@ -72,7 +72,8 @@ class EngineConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/demo"
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # resumable checkpoint-<step>/ every N steps; 0 = only final/ at the end
+    keep_last: int = 0  # keep only the newest N checkpoints; 0 = keep all
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # saved weights; auto: the source's
     shard_size_gb: float = 5.0
     progress: bool = True
@@ -289,4 +290,5 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     need(e.threads >= 0, "engine.threads", f"must be >= 0 (0 = torch's default), got {e.threads}")
     need(bool(out.dir), "output.dir", "required: the directory for metrics and checkpoints")
     need(out.save_every >= 0, "output.save_every", f"must be >= 0 (0 = only at the end), got {out.save_every}")
+    need(out.keep_last >= 0, "output.keep_last", f"must be >= 0 (0 = keep all), got {out.keep_last}")
     need(out.shard_size_gb > 0, "output.shard_size_gb", f"must be > 0, got {out.shard_size_gb}")

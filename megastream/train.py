@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from megastream.model.layout import count_params, model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
 from megastream.presets import PRESETS
+from megastream.resume import latest_checkpoint, prune, read_training_state, write_training_state
 from megastream.store import HostStore
 from megastream.tokenizer import DEMO_TOKENIZER, TextTokenizer, load_tokenizer
 
@@ -63,16 +66,19 @@ def model_spec(cfg: Config) -> ModelSpec:
     return ModelSpec.from_dir(cfg.model.path) if cfg.model.path is not None else PRESETS[cfg.model.preset]
 
 
-def build_model(cfg: Config, spec: ModelSpec, device: torch.device) -> Model:
-    """Allocate the host store and fill it from the checkpoint or a seeded random init."""
+def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool = True) -> Model:
+    """Allocate the host store and fill it from the checkpoint or a seeded random init
+    (init=False when a training checkpoint will fill it instead)."""
     compute, grad = resolve_dtypes(cfg, device)
     store = HostStore(model_layout(spec), compute, grad, pin=device.type == "cuda",
                       master=cfg.optim.master == "fp32", states=cfg.optim.states)
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
-        load_hf_weights(store, spec, src)
+        if init:
+            load_hf_weights(store, spec, src)
         return Model(spec, store, json.loads((src / "config.json").read_text()), src)
-    store.init_random(spec.initializer_range, cfg.model.seed)
+    if init:
+        store.init_random(spec.initializer_range, cfg.model.seed)
     return Model(spec, store, None, None)
 
 
@@ -104,6 +110,8 @@ def _prepare_output(out: Path, overwrite: bool, create: bool) -> None:
         raise ConfigError(f"output.dir: {out} exists and is not a directory")
     if create:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp-*"):  # a save that crashed: never a complete checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
@@ -112,20 +120,59 @@ def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
     return spec.torch_dtype if spec.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer]) -> None:
+def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer], extra=None) -> None:
     copy_from = ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]
     save_hf(path, model.spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
-            copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30))
+            copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30), extra=extra)
 
 
-def train(cfg: Config, *, overwrite: bool = False, log=print) -> list[dict]:
-    """Run a whole training job; returns the per-step metrics."""
+def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: Model,
+                     tokenizers: list[TextTokenizer]) -> None:
+    """checkpoint-<step>/: the HF model plus the exact training state, written atomically."""
+    def extra(tmp: Path) -> None:
+        write_training_state(tmp, model.store, step=step, adam_steps=adam_steps, config=cfg.to_dict())
+        if os.environ.get("MEGASTREAM_TEST_CRASH_DURING_SAVE") == str(step):  # fault injection for tests
+            os._exit(3)
+
+    _save(out / f"checkpoint-{step}", cfg, model, tokenizers, extra=extra)
+    prune(out, cfg.output.keep_last)
+
+
+_DATA_KEYS = ("data.path", "data.seq_len", "data.shuffle", "train.micro_batch_size", "train.grad_accum",
+              "train.seed", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr", "train.steps")
+
+
+def _resume_point(cfg: Config, out: Path, resume: str) -> Path:
+    path = latest_checkpoint(out) if resume == "latest" else Path(resume)
+    if path is None:
+        raise ConfigError(f"--resume: {out} holds no checkpoint-<step>/ to resume (set output.save_every to "
+                          "write them), or pass --resume PATH")
+    if not path.is_dir():
+        raise ConfigError(f"--resume: {path} is not a directory; pass a checkpoint-<step> directory")
+    return path
+
+
+def _config_changes(old: dict, new: dict) -> list[str]:
+    changed = []
+    for key in _DATA_KEYS:
+        section, name = key.split(".")
+        a, b = old.get(section, {}).get(name), new.get(section, {}).get(name)
+        if a != b and not (isinstance(a, list) and tuple(a) == b):
+            changed.append(f"{key}: {a!r} -> {b!r}")
+    return changed
+
+
+def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, log=print) -> list[dict]:
+    """Run a whole training job (or continue one: resume = "latest" or a checkpoint path);
+    returns the per-step metrics of this invocation."""
     device = resolve_device(cfg)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output.dir)
-    _prepare_output(out, overwrite, create=False)  # refuse early, create only once inputs are valid
+    resume_from = _resume_point(cfg, out, resume) if resume else None
+    # Refuse early, create only once inputs are valid; a resumed run continues its own directory.
+    _prepare_output(out, overwrite or resume_from is not None, create=False)
 
     # Inputs first (cheap), so bad data fails before gigabytes are allocated or anything is written.
     spec = model_spec(cfg)
@@ -134,9 +181,19 @@ def train(cfg: Config, *, overwrite: bool = False, log=print) -> list[dict]:
             f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
     make_tok, used_toks = _tokenizer_for(cfg)
     data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok)
-    model = build_model(cfg, spec, device)
+    model = build_model(cfg, spec, device, init=resume_from is None)
     store = model.store
-    _prepare_output(out, overwrite, create=True)
+    start_step, adam_steps = 0, 0
+    if resume_from is not None:
+        state = read_training_state(resume_from, store)
+        start_step, adam_steps = state["step"], state["adam_steps"]
+        if start_step >= cfg.train.steps:
+            raise ConfigError(f"--resume: {resume_from} is at step {start_step}, and train.steps is "
+                              f"{cfg.train.steps}; raise train.steps to train further")
+        for change in _config_changes(state.get("config", {}), cfg.to_dict()):
+            log(f"megastream: warning: resuming with a changed setting, {change}")
+        log(f"megastream: resuming from {resume_from} at step {start_step}")
+    _prepare_output(out, overwrite or resume_from is not None, create=True)
 
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len
@@ -151,12 +208,18 @@ def train(cfg: Config, *, overwrite: bool = False, log=print) -> list[dict]:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     engine = Engine(spec, store, cfg, device)
+    engine.adam_steps = adam_steps
     history = []
+    metrics_path = out / "metrics.jsonl"
+    if resume_from is not None:  # keep the records up to the checkpoint, drop any written after it
+        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if line.strip() and json.loads(line)["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     try:
-        with open(out / "metrics.jsonl", "w") as metrics, \
-                tqdm(total=t.steps, desc="train", unit="step", disable=not cfg.output.progress,
+        with open(metrics_path, "a" if resume_from is not None else "w") as metrics, \
+                tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=not cfg.output.progress,
                      file=sys.stderr, dynamic_ncols=True) as bar:
-            for step in range(t.steps):
+            for step in range(start_step, t.steps):
                 lr = lr_at(step, t)
                 mbs = data.micro_batches(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
                 t0 = time.perf_counter()
@@ -170,14 +233,15 @@ def train(cfg: Config, *, overwrite: bool = False, log=print) -> list[dict]:
                 history.append(rec)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update()
-                if cfg.output.save_every and (step + 1) % cfg.output.save_every == 0 and step + 1 < t.steps:
-                    engine.worker.wait_all()
-                    _save(out / f"checkpoint-{step + 1}", cfg, model, used_toks)
+                if cfg.output.save_every and (step + 1) % cfg.output.save_every == 0:
+                    engine.worker.wait_all()  # the step's updates must have landed
+                    _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks)
         engine.worker.wait_all()
         _save(out / "final", cfg, model, used_toks)
     finally:
         engine.close()
         store.close()
-    first, last = history[0]["loss"], history[-1]["loss"]
-    log(f"megastream: done, loss {first:.4f} -> {last:.4f}; model saved to {out / 'final'}")
+    if history:
+        log(f"megastream: done, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; "
+            f"model saved to {out / 'final'}")
     return history

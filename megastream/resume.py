@@ -1,0 +1,117 @@
+"""Training checkpoints that resume exactly: `output.dir/checkpoint-<step>/`.
+
+A checkpoint is a Hugging Face model directory (loadable as is) plus
+  optimizer/<unit>.safetensors  per unit (embed, layer.i, head): the exact weights (fp32 master,
+                         or the bf16 weights without one) and the AdamW moments in their configured
+                         precision (and int8 block scales). One file per unit, so saving copies
+                         at most one layer at a time.
+  rng_state.safetensors  the torch RNG state
+  trainer_state.json     completed steps, AdamW step count, the config it was written with
+Everything else a step depends on derives from the step number: the learning rate, the data
+position (rows are addressed by step), and the stochastic-rounding keys (seed, step, unit).
+The directory is written under a temporary name and renamed, so a crash mid-save leaves the
+previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from megastream.errors import CheckpointError
+from megastream.store import HostStore
+
+STATE_FILE = "trainer_state.json"
+OPTIM_DIR = "optimizer"
+RNG_FILE = "rng_state.safetensors"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def unit_tensors(store: HostStore, u: int) -> dict[str, torch.Tensor]:
+    """Views of unit u's exact training state (no copies)."""
+    m, v, ms, vs = store.states_of(u)
+    out = {"weights": store.weights_of(u), "exp_avg": m, "exp_avg_sq": v}
+    if ms is not None:
+        out.update(exp_avg_scale=ms, exp_avg_sq_scale=vs)
+    return out
+
+
+def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: int, config: dict) -> None:
+    """Add the optimizer state and trainer state to a checkpoint directory being written."""
+    (tmp / OPTIM_DIR).mkdir()
+    for u, unit in enumerate(store.units):
+        # Clones: the views share the arenas' storage, which safetensors refuses; one unit at a time.
+        save_file({k: t.clone() for k, t in unit_tensors(store, u).items()},
+                  str(tmp / OPTIM_DIR / f"{unit.name}.safetensors"))
+    save_file({"rng_state": torch.get_rng_state()}, str(tmp / RNG_FILE))
+    state = {"step": step, "adam_steps": adam_steps, "master": "fp32" if store.master is not None else "none",
+             "states": store.states, "config": config}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def read_training_state(path: Path, store: HostStore) -> dict:
+    """Load a checkpoint's exact state into `store`; returns trainer_state.json."""
+    state_path = path / STATE_FILE
+    if not state_path.is_file() or not (path / OPTIM_DIR).is_dir():
+        raise CheckpointError(f"{path} is not a resumable checkpoint (it needs {STATE_FILE} and {OPTIM_DIR}/); "
+                              "pass a checkpoint-<step> directory written by megastream train")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{state_path}: not valid JSON ({e}); the checkpoint is damaged, resume from an "
+                              "earlier one") from None
+    master = "fp32" if store.master is not None else "none"
+    if state.get("master") != master or state.get("states") != store.states:
+        raise CheckpointError(
+            f"{path} was written with optim.master={state.get('master')}, optim.states={state.get('states')}, "
+            f"but the config says optim.master={master}, optim.states={store.states}; set them to match the "
+            "checkpoint to resume it")
+    for u, unit in enumerate(store.units):
+        f = path / OPTIM_DIR / f"{unit.name}.safetensors"
+        want = unit_tensors(store, u)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                missing = sorted(set(want) - set(sf.keys()))
+                if missing:
+                    raise CheckpointError(f"{f}: missing {', '.join(missing)}; the checkpoint does not match "
+                                          "this configuration")
+                for name, dst in want.items():
+                    t = sf.get_tensor(name)
+                    if t.shape != dst.shape or t.dtype != dst.dtype:
+                        raise CheckpointError(f"{f}: {name} is {t.dtype} {tuple(t.shape)}, expected {dst.dtype} "
+                                              f"{tuple(dst.shape)}; the checkpoint does not match this model")
+                    dst.copy_(t)
+        except (SafetensorError, FileNotFoundError) as e:
+            raise CheckpointError(f"{f}: cannot read ({e}); the checkpoint is incomplete or corrupt, resume "
+                                  "from an earlier one") from None
+    if (path / RNG_FILE).is_file():
+        with safe_open(str(path / RNG_FILE), framework="pt") as sf:
+            torch.set_rng_state(sf.get_tensor("rng_state"))
+    store.sync_working()
+    return state
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in output_dir, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    return sorted((s, p) for s, p in found if (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all)."""
+    if keep_last > 0:
+        for _, p in checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(p)
