@@ -176,6 +176,10 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
 
     # Inputs first (cheap), so bad data fails before gigabytes are allocated or anything is written.
     spec = model_spec(cfg)
+    if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
+                          "megastream computes full causal attention, which equals sliding-window attention only "
+                          f"up to the window: set data.seq_len <= {spec.sliding_window}")
     if cfg.data.seq_len > spec.max_position_embeddings:
         log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
             f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")

@@ -19,23 +19,33 @@ LLAMA_KW = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_
                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
                               "rope_theta": 500000.0})
+QWEN3_KW = dict(vocab_size=72, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=64,
+               tie_word_embeddings=False, attention_bias=True)
+MISTRAL_KW = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, rms_norm_eps=1e-5, max_position_embeddings=64, sliding_window=48,
+                  tie_word_embeddings=False)
 QWEN2_KW = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=True)
 
 
 def make_hf_model(kind: str, path: Path, seed: int = 0, max_shard_size=None):
-    """A tiny random LlamaForCausalLM or Qwen2ForCausalLM saved in fp32 with save_pretrained."""
+    """A tiny random Llama / Qwen2 / Qwen3 / Mistral causal LM saved in fp32 with save_pretrained."""
     import transformers
 
     torch.manual_seed(seed)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_KW))
-    else:
+    elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN2_KW))
-        with torch.no_grad():  # transformers zero-inits biases; make them matter
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.1)
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_KW))
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**MISTRAL_KW))
+    with torch.no_grad():  # transformers inits biases to 0 and norms to 1: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     model = model.float()
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kw)

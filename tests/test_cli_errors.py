@@ -91,3 +91,16 @@ def test_malformed_data_line_exits_2_and_keeps_the_earlier_run(finished_run):
                    cwd=root, check=False)
     _user_error(proc, "bad.jsonl:3", "not valid JSON")
     assert _snapshot(root / "A") == snap
+
+
+def test_sequence_longer_than_mistral_sliding_window_is_refused(tmp_path):
+    from helpers import make_hf_model
+
+    make_hf_model("mistral", tmp_path / "model")  # sliding_window=48
+    data = write_ids(tmp_path / "train.jsonl", [[1, 2, 3, 4]] * 4)
+    cfg = write_config(tmp_path / "run.yaml", {"model": {"path": str(tmp_path / "model")},
+                                               "data": {"path": str(data), "seq_len": 56},
+                                               "output": {"dir": str(tmp_path / "out")}})
+    proc = run_cli("train", str(cfg), check=False)
+    _user_error(proc, "data.seq_len=56", "sliding_window=48", "data.seq_len <= 48")
+    assert not (tmp_path / "out").exists()

@@ -32,7 +32,7 @@ def _forward(spec, store, ids):
     return logits(x, units[-1]["norm"], head_w, spec)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 def test_logits_match_transformers(tmp_path, kind):
     model = make_hf_model(kind, tmp_path)
     spec, store = _load(tmp_path)
@@ -66,7 +66,7 @@ def test_transformers_v4_config_layout_is_read():
 
 def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(CheckpointError, match="LlamaForCausalLM.*Qwen2ForCausalLM"):
+    with pytest.raises(CheckpointError, match="LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
         ModelSpec.from_dir(tmp_path)
     cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
            "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
@@ -107,3 +107,14 @@ def test_preset_shapes():
     assert per_layer("qwen2.5-1.5b") == pytest.approx(46.8e6, rel=0.01)
     assert count_params(PRESETS["qwen2.5-14b"]) == pytest.approx(14.77e9, rel=0.01)
     assert count_params(PRESETS["llama-3.1-8b"]) == pytest.approx(8.03e9, rel=0.01)
+
+
+def test_qwen3_and_mistral_specs(tmp_path):
+    make_hf_model("qwen3", tmp_path / "q3")
+    q3 = ModelSpec.from_dir(tmp_path / "q3")
+    assert q3.qk_norm and q3.qkv_bias and q3.o_bias and q3.head_dim == 16  # head_dim != hidden/heads
+    names = [e.hf_name for e in model_layout(q3)[1].entries]
+    assert "model.layers.0.self_attn.q_norm.weight" in names and "model.layers.0.self_attn.o_proj.bias" in names
+    make_hf_model("mistral", tmp_path / "mi")
+    mi = ModelSpec.from_dir(tmp_path / "mi")
+    assert mi.sliding_window == 48 and not mi.qk_norm and not mi.qkv_bias

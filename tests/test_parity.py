@@ -64,8 +64,10 @@ def _reference(model, rows, clip: float):
     return losses, norms
 
 
-@pytest.mark.parametrize("kind,clip,sharded", [("llama", 0.5, True), ("qwen2", 0.5, False), ("llama", 0.0, False)],
-                         ids=["llama-clip-sharded", "qwen2-tied-bias-clip", "llama-noclip"])
+@pytest.mark.parametrize("kind,clip,sharded", [("llama", 0.5, True), ("qwen2", 0.5, False), ("llama", 0.0, False),
+                                               ("qwen3", 0.5, False), ("mistral", 0.5, False)],
+                         ids=["llama-clip-sharded", "qwen2-tied-bias-clip", "llama-noclip", "qwen3-qknorm-bias",
+                              "mistral"])
 def test_train_matches_transformers_adamw(tmp_path, kind, clip, sharded):
     model_dir = tmp_path / "model"
     model = make_hf_model(kind, model_dir, max_shard_size="20KB" if sharded else None)

@@ -85,6 +85,9 @@ def layer_layout(spec: ModelSpec, i: int) -> UnitLayout:
               ("v_b", p + "self_attn.v_proj.bias", (kv,))]
     if spec.o_bias:
         t += [("o_b", p + "self_attn.o_proj.bias", (H,))]
+    if spec.qk_norm:
+        t += [("q_norm", p + "self_attn.q_norm.weight", (spec.head_dim,)),
+              ("k_norm", p + "self_attn.k_norm.weight", (spec.head_dim,))]
     return _unit(f"layer.{i}", t)
 
 

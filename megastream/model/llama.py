@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3/3.1/3.2, Qwen2/2.5) as pure functions of their weights.
+"""The Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3) as pure functions of their weights.
 
 A transformer layer is `block(x, w, rope, spec) -> x`, where `w` maps short names to views of
 that layer's flat buffer (megastream.model.layout). Nothing here holds state, allocates
@@ -81,8 +81,11 @@ def block(x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor,
     cos, sin = rope
 
     h = rms_norm(x, w["ln1"], spec.rms_norm_eps)
-    q = F.linear(h, w["q"], w.get("q_b")).view(B, S, nh, hd).transpose(1, 2)  # (B, nh, S, hd)
-    k = F.linear(h, w["k"], w.get("k_b")).view(B, S, nkv, hd).transpose(1, 2)  # (B, nkv, S, hd)
+    q = F.linear(h, w["q"], w.get("q_b")).view(B, S, nh, hd)  # (B, S, nh, hd)
+    k = F.linear(h, w["k"], w.get("k_b")).view(B, S, nkv, hd)  # (B, S, nkv, hd)
+    if "q_norm" in w:  # Qwen3: per-head RMSNorm of q and k
+        q, k = rms_norm(q, w["q_norm"], spec.rms_norm_eps), rms_norm(k, w["k_norm"], spec.rms_norm_eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, S, hd), (B, nkv, S, hd)
     v = F.linear(h, w["v"], w.get("v_b")).view(B, S, nkv, hd).transpose(1, 2)  # (B, nkv, S, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     a = attention(q, k, v).transpose(1, 2).reshape(B, S, nh * hd)  # (B, S, nh*hd)

@@ -12,10 +12,12 @@ from typing import Optional
 
 from megastream.errors import CheckpointError
 
-# architecture name in config.json -> (model_type, q/k/v bias)
+# architecture name in config.json -> model_type
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -36,6 +38,8 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: always; Llama: attention_bias
     o_bias: bool = False  # Llama attention_bias also biases o_proj
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: Optional[int] = None  # Mistral v0.1: attention window (must cover data.seq_len)
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
     torch_dtype: str = "bfloat16"  # dtype the weights were published in
@@ -57,8 +61,8 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelSpec":
         archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            cfg.get("model_type", ""), "")
+        by_type = {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}
+        arch = archs[0] if archs else by_type.get(cfg.get("model_type", ""), "")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
                 f"{source}: architecture {arch or cfg.get('model_type')!r} is not supported; "
@@ -74,7 +78,7 @@ class ModelSpec:
             unsupported.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu')")
         if cfg.get("mlp_bias", False):
             unsupported.append("mlp_bias=true")
-        if cfg.get("use_sliding_window", False):
+        if cfg.get("use_sliding_window", False):  # Qwen2/3: off in every released checkpoint
             unsupported.append("use_sliding_window=true")
         if cfg.get("pretraining_tp", 1) != 1:
             unsupported.append(f"pretraining_tp={cfg['pretraining_tp']}")
@@ -90,7 +94,7 @@ class ModelSpec:
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
         is_qwen2 = arch == "Qwen2ForCausalLM"
-        bias = bool(cfg.get("attention_bias", False))
+        bias = bool(cfg.get("attention_bias", False))  # Llama / Qwen3: biases on q, k, v and o
         extra = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
         return cls(
             architecture=arch,
@@ -107,6 +111,8 @@ class ModelSpec:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=True if is_qwen2 else bias,
             o_bias=False if is_qwen2 else bias,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=cfg.get("sliding_window") if arch == "MistralForCausalLM" else None,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             initializer_range=float(cfg.get("initializer_range", 0.02)),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -146,9 +152,12 @@ class ModelSpec:
             "torch_dtype": dtype,
             **self.extra,
         }
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3"):
             cfg["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
             cfg["mlp_bias"] = False
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = self.sliding_window
         return cfg
 
     def to_dict(self) -> dict:
