@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -32,7 +32,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # .jsonl: {"input_ids": [...]} or {"text": "..."} rows
+    path: Union[str, tuple[str, ...]] = ""  # .jsonl file, a list of them, or a directory of them
+    overflow: Literal["truncate", "drop", "error"] = "truncate"  # pre-tokenized rows longer than seq_len
     seq_len: int = 512
     shuffle: bool = True
     tokenizer: Optional[str] = None  # tokenizer.json for text rows; default: the model's, else the demo's
@@ -131,9 +132,18 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     for dotted in _PATH_KEYS:
         section, key = dotted.split(".")
         sec = raw.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
-            p = Path(os.path.expanduser(sec[key]))
-            sec[key] = str(p if p.is_absolute() else base / p)
+        if not isinstance(sec, dict):
+            continue
+        value = sec.get(key)
+        if isinstance(value, str) and value:
+            sec[key] = _resolve(value, base)
+        elif isinstance(value, list):
+            sec[key] = [_resolve(v, base) if isinstance(v, str) and v else v for v in value]
+
+
+def _resolve(value: str, base: Path) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else base / p)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -203,6 +213,16 @@ def _coerce(value: Any, tp) -> tuple[bool, Any]:
         return False, None
     if origin is Literal:
         return (value in args, value)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: a non-empty list
+        if not isinstance(value, (list, tuple)) or not value:
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, args[0])
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, tuple(out)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             return False, None
@@ -240,6 +260,8 @@ def _describe(tp) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a non-empty list of {_describe(args[0])}s"
     if origin is tuple:
         return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
@@ -269,9 +291,13 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
         elif not any(p.glob("*.safetensors")):
             errors.append(f"model.path: {m.path} has no *.safetensors files; megastream reads safetensors "
                           "only (convert .bin weights with `transformers` save_pretrained)")
-    need(bool(d.path), "data.path", "required: a .jsonl file of {\"input_ids\": [...]} or {\"text\": ...} rows")
-    if d.path:
-        need(Path(d.path).is_file(), "data.path", f"{d.path} does not exist or is not a file")
+    need(bool(d.path), "data.path", "required: a .jsonl file of {\"input_ids\": [...]} or {\"text\": ...} rows, "
+         "a list of such files, or a directory of them")
+    for p in ([d.path] if isinstance(d.path, str) else d.path) if d.path else []:
+        if Path(p).is_dir():
+            need(any(Path(p).glob("*.jsonl")), "data.path", f"directory {p} holds no *.jsonl files")
+        else:
+            need(Path(p).is_file(), "data.path", f"{p} does not exist")
     if d.tokenizer:
         need(Path(d.tokenizer).is_file(), "data.tokenizer", f"{d.tokenizer} does not exist (a tokenizer.json)")
     need(d.seq_len >= 2, "data.seq_len", f"must be >= 2 (one input and one label), got {d.seq_len}")

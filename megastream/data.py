@@ -1,8 +1,8 @@
-"""Training data for this release: .jsonl rows of pre-tokenized `{"input_ids": [...]}` or raw
-`{"text": "..."}`.
+"""Training data: .jsonl rows (one file, a list, or a directory of them) of pre-tokenized
+`{"input_ids": [...]}` (optionally with aligned `"labels"`, -100 for no loss) or raw `{"text": "..."}`.
 
 - An input_ids row of exactly seq_len ids is one sequence; a shorter one is padded (padding is
-  excluded from the loss); a longer one is an error.
+  excluded from the loss); a longer one is truncated, dropped or an error (data.overflow), counted.
 - Text rows are tokenized, joined with the end-of-text token, and cut into seq_len windows.
 - Labels are next-token targets (the inputs shifted by one, as in `transformers`), so a full row
   has seq_len - 1 loss tokens.
@@ -33,6 +33,8 @@ class Dataset:
     labels: torch.Tensor  # (N, S) int64, IGNORE where no loss
     source: str
     n_text_docs: int = 0
+    n_truncated: int = 0  # pre-tokenized rows cut to seq_len (data.overflow: truncate)
+    n_dropped: int = 0  # ... or skipped (data.overflow: drop)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -58,20 +60,59 @@ class Dataset:
         return int(self._perm[r])
 
 
-def _targets(ids: list[int], seq_len: int) -> tuple[list[int], list[int]]:
-    """Pad to seq_len; targets are the next token, IGNORE past the last real one."""
+def _targets(ids: list[int], seq_len: int, labels: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Pad to seq_len; targets are the next token's label (the token itself unless `labels` says
+    otherwise, transformers-style: labels align with input_ids and are shifted here), IGNORE past
+    the last real one."""
     n = len(ids)
     inputs = ids + [PAD_ID] * (seq_len - n)
-    labels = ids[1:] + [IGNORE] * (seq_len - n + 1)
-    return inputs, labels
+    targets = (labels if labels is not None else ids)[1:] + [IGNORE] * (seq_len - n + 1)
+    return inputs, targets
 
 
-def load_jsonl(path: str | Path, seq_len: int, vocab_size: int, tokenizer=None) -> Dataset:
-    """Read and validate a .jsonl file. `tokenizer` is a callable returning a TextTokenizer,
-    called only if the file has text rows."""
-    path = Path(path)
+def data_files(path) -> list[Path]:
+    """data.path as files: one file, a list of files, or every *.jsonl in a directory (sorted)."""
+    out = []
+    for p in [path] if isinstance(path, (str, Path)) else path:
+        p = Path(p)
+        out += sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+    return out
+
+
+def load_jsonl(path, seq_len: int, vocab_size: int, tokenizer=None, overflow: str = "error") -> Dataset:
+    """Read and validate .jsonl data (a file, a list of files, or a directory). `tokenizer` is a
+    callable returning a TextTokenizer, called only if there are text rows. Pre-tokenized rows
+    longer than seq_len are truncated, dropped (both counted) or an error, per `overflow`."""
     rows_in, rows_lab = [], []
-    texts: list[tuple[int, str]] = []
+    texts: list[str] = []
+    counts = {"truncated": 0, "dropped": 0}
+    files = data_files(path)
+    for f in files:
+        _read_file(f, seq_len, vocab_size, overflow, rows_in, rows_lab, texts, counts)
+    if texts:
+        tok: TextTokenizer = tokenizer()
+        if tok.vocab_size > vocab_size:
+            raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
+                            f"{vocab_size}; use the model's own tokenizer (data.tokenizer)")
+        stream: list[int] = []
+        for ids in tok.encode(texts):
+            stream += ids + ([tok.eos_id] if tok.eos_id is not None else [])
+        for s in range(0, len(stream), seq_len):
+            window = stream[s:s + seq_len]
+            if len(window) >= 2:
+                a, b = _targets(window, seq_len)
+                rows_in.append(a)
+                rows_lab.append(b)
+    source = ", ".join(map(str, files))
+    if not rows_in:
+        raise DataError(f"{source}: no training sequences (empty files, blank lines only, or every row dropped "
+                        "by data.overflow: drop)")
+    return Dataset(torch.tensor(rows_in, dtype=torch.long), torch.tensor(rows_lab, dtype=torch.long), source,
+                   n_text_docs=len(texts), n_truncated=counts["truncated"], n_dropped=counts["dropped"])
+
+
+def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, rows_in: list, rows_lab: list,
+               texts: list, counts: dict) -> None:
     try:
         f = path.open("rb")
     except OSError as e:
@@ -93,43 +134,45 @@ def load_jsonl(path: str | Path, seq_len: int, vocab_size: int, tokenizer=None) 
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             if "input_ids" in row:
-                ids = row["input_ids"]
-                if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                    raise DataError(f"{where}: input_ids must be a list of integers")
+                ids = _int_list(row["input_ids"], "input_ids", where)
+                labels = _int_list(row["labels"], "labels", where) if "labels" in row else None
+                if labels is not None and len(labels) != len(ids):
+                    raise DataError(f"{where}: labels has {len(labels)} entries and input_ids {len(ids)}; they must "
+                                    "align one to one (use -100 where a token gets no loss)")
                 if len(ids) < 2:
                     raise DataError(f"{where}: input_ids has {len(ids)} id(s); a sequence needs at least 2")
                 if len(ids) > seq_len:
-                    raise DataError(f"{where}: input_ids has {len(ids)} ids, more than data.seq_len={seq_len}; "
-                                    "raise data.seq_len or split the row")
+                    if overflow == "error":
+                        raise DataError(f"{where}: input_ids has {len(ids)} ids, more than data.seq_len={seq_len}; "
+                                        "raise data.seq_len, split the row, or set data.overflow: truncate | drop")
+                    if overflow == "drop":
+                        counts["dropped"] += 1
+                        continue
+                    counts["truncated"] += 1
+                    ids = ids[:seq_len]
+                    labels = labels[:seq_len] if labels is not None else None
                 bad = [i for i in ids if not 0 <= i < vocab_size]
                 if bad:
                     raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary "
                                     f"(0..{vocab_size - 1}); the data was tokenized for another model")
-                a, b = _targets(ids, seq_len)
+                if labels is not None:
+                    bad = [i for i in labels if i != IGNORE and not 0 <= i < vocab_size]
+                    if bad:
+                        raise DataError(f"{where}: label {bad[0]} is neither -100 nor a token id of the model "
+                                        f"(0..{vocab_size - 1})")
+                a, b = _targets(ids, seq_len, labels)
                 rows_in.append(a)
                 rows_lab.append(b)
             elif "text" in row:
                 if not isinstance(row["text"], str):
                     raise DataError(f"{where}: text must be a string")
-                texts.append((lineno, row["text"]))
+                texts.append(row["text"])
             else:
                 raise DataError(f"{where}: row has neither \"input_ids\" nor \"text\" (keys: "
                                 f"{', '.join(map(str, row)) or 'none'})")
-    if texts:
-        tok: TextTokenizer = tokenizer()
-        if tok.vocab_size > vocab_size:
-            raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
-                            f"{vocab_size}; use the model's own tokenizer (data.tokenizer)")
-        stream: list[int] = []
-        for ids in tok.encode([t for _, t in texts]):
-            stream += ids + ([tok.eos_id] if tok.eos_id is not None else [])
-        for s in range(0, len(stream), seq_len):
-            window = stream[s:s + seq_len]
-            if len(window) >= 2:
-                a, b = _targets(window, seq_len)
-                rows_in.append(a)
-                rows_lab.append(b)
-    if not rows_in:
-        raise DataError(f"{path}: no training sequences (the file is empty or has only blank lines)")
-    return Dataset(torch.tensor(rows_in, dtype=torch.long), torch.tensor(rows_lab, dtype=torch.long), str(path),
-                   n_text_docs=len(texts))
+
+
+def _int_list(value, key: str, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise DataError(f"{where}: {key} must be a list of integers")
+    return value

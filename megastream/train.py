@@ -93,7 +93,7 @@ def _tokenizer_for(cfg: Config):
         elif cfg.model.preset:
             path = DEMO_TOKENIZER
         else:
-            raise DataError(f"{cfg.data.path} has text rows but {cfg.model.path} has no tokenizer.json; "
+            raise DataError(f"data.path has text rows but {cfg.model.path} has no tokenizer.json; "
                             "set data.tokenizer to a tokenizer.json")
         used.append(load_tokenizer(path))
         return used[-1]
@@ -184,7 +184,10 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
         log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
             f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
     make_tok, used_toks = _tokenizer_for(cfg)
-    data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok)
+    data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow)
+    if data.n_truncated or data.n_dropped:
+        log(f"megastream: warning: {data.n_truncated} row(s) longer than data.seq_len={cfg.data.seq_len} truncated, "
+            f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")
     model = build_model(cfg, spec, device, init=resume_from is None)
     store = model.store
     start_step, adam_steps = 0, 0

@@ -178,9 +178,18 @@ def test_data_path_required(data_file):
     assert "data.path: required" in msg
 
 
-def test_data_path_that_is_a_directory(tmp_path, data_file):
-    msg = _error(_raw(data_file, data={"path": str(tmp_path)}))
-    assert "data.path" in msg and "not a file" in msg
+def test_data_path_directory_and_list(tmp_path, data_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = _error(_raw(data_file, data={"path": str(empty)}))
+    assert "data.path" in msg and "holds no *.jsonl files" in msg
+    assert build_config(_raw(data_file, data={"path": str(data_file.parent)})).data.path == str(data_file.parent)
+    cfg = build_config(_raw(data_file, data={"path": [str(data_file), str(data_file)]}))
+    assert cfg.data.path == (str(data_file), str(data_file))
+    msg = _error(_raw(data_file, data={"path": [str(data_file), str(tmp_path / "nope.jsonl")]}))
+    assert "nope.jsonl does not exist" in msg
+    msg = _error(_raw(data_file, data={"path": []}))
+    assert "data.path" in msg
 
 
 def test_missing_tokenizer_file(tmp_path, data_file):

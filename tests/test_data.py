@@ -317,3 +317,50 @@ def test_bad_tokenizer_file_is_a_data_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(DataError, match="cannot load tokenizer"):
         load_tokenizer(bad)
+
+
+# ---------------------------------------------------------------------------------------- issue 4 additions
+
+def test_labels_rows_shift_like_transformers(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}) + "\n")
+    ds = load_jsonl(path, 6, 10, _no_tokenizer)
+    # target of position t is labels[t+1]: prompt tokens masked, completion tokens kept
+    assert ds.labels[0].tolist() == [-100, 7, 8, -100, -100, -100]
+    assert ds.input_ids[0].tolist()[:4] == [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("row,msg", [({"input_ids": [1, 2, 3], "labels": [1, 2]}, "must align"),
+                                     ({"input_ids": [1, 2, 3], "labels": [1, 2, 99]}, "label 99"),
+                                     ({"input_ids": [1, 2, 3], "labels": "x"}, "labels must be a list")])
+def test_bad_labels_rows(tmp_path, row, msg):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=msg):
+        load_jsonl(path, 8, 10, _no_tokenizer)
+
+
+def test_overflow_policies_count_rows(tmp_path):
+    path = write_ids(tmp_path / "train.jsonl", [[1, 2, 3], [1, 2, 3, 4, 5, 6], [4, 5, 6, 7, 8, 9, 1]])
+    ds = load_jsonl(path, 4, 10, _no_tokenizer, overflow="truncate")
+    assert len(ds) == 3 and ds.n_truncated == 2 and ds.n_dropped == 0
+    assert ds.input_ids[2].tolist() == [4, 5, 6, 7] and ds.labels[2].tolist() == [5, 6, 7, -100]
+    ds = load_jsonl(path, 4, 10, _no_tokenizer, overflow="drop")
+    assert len(ds) == 1 and ds.n_dropped == 2
+    with pytest.raises(DataError, match=r"train.jsonl:2: .*data.overflow"):
+        load_jsonl(path, 4, 10, _no_tokenizer, overflow="error")
+
+
+def test_list_of_files_and_directory(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_ids(d / "b.jsonl", [[3, 4], [5, 6]])
+    write_ids(d / "a.jsonl", [[1, 2]])
+    (d / "notes.txt").write_text("ignored")
+    ds = load_jsonl(d, 2, 10, _no_tokenizer)  # directory: *.jsonl in name order
+    assert ds.input_ids.tolist() == [[1, 2], [3, 4], [5, 6]]
+    ds = load_jsonl([d / "b.jsonl", d / "a.jsonl"], 2, 10, _no_tokenizer)  # list: in the given order
+    assert ds.input_ids.tolist() == [[3, 4], [5, 6], [1, 2]]
+    (d / "b.jsonl").write_text('{"input_ids": [1, 2]}\n{oops\n')
+    with pytest.raises(DataError, match=r"b.jsonl:2"):
+        load_jsonl(d, 2, 10, _no_tokenizer)
