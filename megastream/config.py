@@ -34,6 +34,7 @@ class ModelConfig:
 class DataConfig:
     path: Union[str, tuple[str, ...]] = ""  # .jsonl file, a list of them, or a directory of them
     overflow: Literal["truncate", "drop", "error"] = "truncate"  # pre-tokenized rows longer than seq_len
+    pack: bool = True  # pack documents into seq_len rows (attention blocked across them); false: pad
     seq_len: int = 512
     shuffle: bool = True
     tokenizer: Optional[str] = None  # tokenizer.json for text rows; default: the model's, else the demo's

@@ -3,7 +3,9 @@
 
 - An input_ids row of exactly seq_len ids is one sequence; a shorter one is padded (padding is
   excluded from the loss); a longer one is truncated, dropped or an error (data.overflow), counted.
-- Text rows are tokenized, joined with the end-of-text token, and cut into seq_len windows.
+- Text rows are tokenized and end with the end-of-text token; texts longer than seq_len are split.
+- data.pack (the default): documents are packed in order into seq_len rows, RoPE positions restart
+  at each document and attention never crosses a boundary; otherwise each document is a padded row.
 - Labels are next-token targets (the inputs shifted by one, as in `transformers`), so a full row
   has seq_len - 1 loss tokens.
 - Order: sequence position p = (step * grad_accum + k) * micro_batch_size + j of micro-batch k;
@@ -35,6 +37,8 @@ class Dataset:
     n_text_docs: int = 0
     n_truncated: int = 0  # pre-tokenized rows cut to seq_len (data.overflow: truncate)
     n_dropped: int = 0  # ... or skipped (data.overflow: drop)
+    positions: torch.Tensor | None = None  # (N, S) RoPE positions when rows pack several documents
+    doc_ids: torch.Tensor | None = None  # (N, S) document index of each token (-1: padding)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -47,7 +51,9 @@ class Dataset:
             start = (step * grad_accum + k) * micro_batch_size
             rows = [self._row(p, n, shuffle, seed) for p in range(start, start + micro_batch_size)]
             idx = torch.tensor(rows, dtype=torch.long)
-            out.append(MicroBatch(self.input_ids[idx], self.labels[idx]))
+            packed = self.positions is not None
+            out.append(MicroBatch(self.input_ids[idx], self.labels[idx], self.positions[idx] if packed else None,
+                                  self.doc_ids[idx] if packed else None))
         return out
 
     def _row(self, p: int, n: int, shuffle: bool, seed: int) -> int:
@@ -60,16 +66,6 @@ class Dataset:
         return int(self._perm[r])
 
 
-def _targets(ids: list[int], seq_len: int, labels: list[int] | None = None) -> tuple[list[int], list[int]]:
-    """Pad to seq_len; targets are the next token's label (the token itself unless `labels` says
-    otherwise, transformers-style: labels align with input_ids and are shifted here), IGNORE past
-    the last real one."""
-    n = len(ids)
-    inputs = ids + [PAD_ID] * (seq_len - n)
-    targets = (labels if labels is not None else ids)[1:] + [IGNORE] * (seq_len - n + 1)
-    return inputs, targets
-
-
 def data_files(path) -> list[Path]:
     """data.path as files: one file, a list of files, or every *.jsonl in a directory (sorted)."""
     out = []
@@ -79,40 +75,70 @@ def data_files(path) -> list[Path]:
     return out
 
 
-def load_jsonl(path, seq_len: int, vocab_size: int, tokenizer=None, overflow: str = "error") -> Dataset:
-    """Read and validate .jsonl data (a file, a list of files, or a directory). `tokenizer` is a
-    callable returning a TextTokenizer, called only if there are text rows. Pre-tokenized rows
-    longer than seq_len are truncated, dropped (both counted) or an error, per `overflow`."""
-    rows_in, rows_lab = [], []
+def load_jsonl(path, seq_len: int, vocab_size: int, tokenizer=None, overflow: str = "error",
+               pack: bool = False) -> Dataset:
+    """Read and validate .jsonl data (a file, a list of files, or a directory) into sequences.
+    `tokenizer` is a callable returning a TextTokenizer, called only if there are text rows.
+    Pre-tokenized rows longer than seq_len are truncated, dropped (both counted) or an error, per
+    `overflow`; texts longer than seq_len are split into seq_len pieces. With `pack`, documents
+    are packed in order into seq_len rows, positions restarting and attention confined to each
+    document; without it, every document is its own padded row."""
+    docs: list[tuple[list[int], list[int] | None]] = []  # (input ids, labels or None = every token)
     texts: list[str] = []
     counts = {"truncated": 0, "dropped": 0}
     files = data_files(path)
     for f in files:
-        _read_file(f, seq_len, vocab_size, overflow, rows_in, rows_lab, texts, counts)
+        _read_file(f, seq_len, vocab_size, overflow, docs, texts, counts)
     if texts:
         tok: TextTokenizer = tokenizer()
         if tok.vocab_size > vocab_size:
             raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                             f"{vocab_size}; use the model's own tokenizer (data.tokenizer)")
-        stream: list[int] = []
         for ids in tok.encode(texts):
-            stream += ids + ([tok.eos_id] if tok.eos_id is not None else [])
-        for s in range(0, len(stream), seq_len):
-            window = stream[s:s + seq_len]
-            if len(window) >= 2:
-                a, b = _targets(window, seq_len)
-                rows_in.append(a)
-                rows_lab.append(b)
+            ids = ids + ([tok.eos_id] if tok.eos_id is not None else [])
+            docs += [(ids[s:s + seq_len], None) for s in range(0, len(ids), seq_len) if len(ids[s:s + seq_len]) >= 2]
     source = ", ".join(map(str, files))
-    if not rows_in:
+    if not docs:
         raise DataError(f"{source}: no training sequences (empty files, blank lines only, or every row dropped "
                         "by data.overflow: drop)")
-    return Dataset(torch.tensor(rows_in, dtype=torch.long), torch.tensor(rows_lab, dtype=torch.long), source,
-                   n_text_docs=len(texts), n_truncated=counts["truncated"], n_dropped=counts["dropped"])
+    rows = _pack(docs, seq_len) if pack else [[d] for d in docs]
+    inputs, labels, positions, doc_ids = zip(*(_row(r, seq_len) for r in rows))
+    multi = pack and any(len(r) > 1 for r in rows)  # single-document rows need no mask
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Dataset(t(inputs), t(labels), source, n_text_docs=len(texts), n_truncated=counts["truncated"],
+                   n_dropped=counts["dropped"], positions=t(positions) if multi else None,
+                   doc_ids=t(doc_ids) if multi else None)
 
 
-def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, rows_in: list, rows_lab: list,
-               texts: list, counts: dict) -> None:
+def _pack(docs: list, seq_len: int) -> list[list]:
+    """Greedy, in order: a document goes into the current row if it fits, else starts a new one."""
+    rows, cur, used = [], [], 0
+    for d in docs:
+        if cur and used + len(d[0]) > seq_len:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(d)
+        used += len(d[0])
+    return rows + [cur]
+
+
+def _row(docs: list, seq_len: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One seq_len row from its documents: inputs, next-token targets (the next token's label,
+    never across a document boundary), positions restarting per document, document index."""
+    inputs, targets, positions, doc_ids = [], [], [], []
+    for k, (ids, labels) in enumerate(docs):
+        lab = labels if labels is not None else ids
+        inputs += ids
+        targets += lab[1:] + [IGNORE]
+        positions += list(range(len(ids)))
+        doc_ids += [k] * len(ids)
+    pad = seq_len - len(inputs)
+    return (inputs + [PAD_ID] * pad, targets + [IGNORE] * pad, positions + list(range(pad)),
+            doc_ids + [-1] * pad)
+
+
+def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, docs: list, texts: list,
+               counts: dict) -> None:
     try:
         f = path.open("rb")
     except OSError as e:
@@ -160,9 +186,7 @@ def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, rows_in
                     if bad:
                         raise DataError(f"{where}: label {bad[0]} is neither -100 nor a token id of the model "
                                         f"(0..{vocab_size - 1})")
-                a, b = _targets(ids, seq_len, labels)
-                rows_in.append(a)
-                rows_lab.append(b)
+                docs.append((ids, labels))
             elif "text" in row:
                 if not isinstance(row["text"], str):
                     raise DataError(f"{where}: text must be a string")

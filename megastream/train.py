@@ -184,7 +184,8 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
         log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
             f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
     make_tok, used_toks = _tokenizer_for(cfg)
-    data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow)
+    data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow,
+                               cfg.data.pack)
     if data.n_truncated or data.n_dropped:
         log(f"megastream: warning: {data.n_truncated} row(s) longer than data.seq_len={cfg.data.seq_len} truncated, "
             f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")

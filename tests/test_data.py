@@ -248,7 +248,10 @@ def test_invalid_utf8_is_a_data_error(tmp_path):
 # ---------------------------------------------------------------------------------------------- text rows
 
 
-def test_text_rows_are_tokenized_joined_and_windowed(tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_text_rows_become_documents(tmp_path, pack):
+    """Each text is tokenized and ends with the end-of-text id; texts longer than seq_len are split
+    into seq_len pieces. Unpacked, each piece is a padded row; packed, pieces share rows in order."""
     texts = ["Assert statements are a convenient way to insert debugging assertions into a program.",
              "x = [1, 2, 3]\nprint(x)",
              "The current code generator emits no code for an assert statement when optimization is requested."]
@@ -256,35 +259,47 @@ def test_text_rows_are_tokenized_joined_and_windowed(tmp_path):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tok = _demo_tok()
     assert tok.eos_id is not None
-    expected = [i for t in texts for i in tok.encode([t])[0] + [tok.eos_id]]
     S = 16
-    assert len(expected) % S >= 2  # the last window is a padded, kept one
+    pieces = []
+    for t in texts:
+        ids = tok.encode([t])[0] + [tok.eos_id]
+        pieces += [ids[i:i + S] for i in range(0, len(ids), S) if len(ids[i:i + S]) >= 2]
+    assert any(len(p) == S for p in pieces) and any(len(p) < S for p in pieces)
 
     calls = []
-    ds = load_jsonl(path, S, tok.vocab_size, lambda: calls.append(1) or _demo_tok())
-    assert calls == [1]
-    assert ds.n_text_docs == 3
-    assert len(ds) == -(-len(expected) // S)
-    stream = []
+    ds = load_jsonl(path, S, tok.vocab_size, lambda: calls.append(1) or _demo_tok(), pack=pack)
+    assert calls == [1] and ds.n_text_docs == 3
+    got = []  # documents recovered from the rows: real tokens, split where the document index changes
     for r in range(len(ds)):
         ids, labels = ds.input_ids[r].tolist(), ds.labels[r].tolist()
-        n = sum(lab != IGNORE for lab in labels) + 1  # real tokens in this window
-        assert ids[:n] == expected[r * S:r * S + n]
-        assert labels[:n - 1] == ids[1:n] and labels[n - 1:] == [IGNORE] * (S - n + 1)
-        if r < len(ds) - 1:
-            assert n == S  # every window but the last is full
-        stream += ids[:n]
-    assert stream == expected
-    # documents are separated by the end-of-text id, and decode back to the text
-    docs, cur = [], []
-    for i in stream:
-        if i == tok.eos_id:
-            docs.append(cur)
-            cur = []
-        else:
-            cur.append(i)
-    assert [tok.decode(d) for d in docs] == texts
+        docs = ds.doc_ids[r].tolist() if ds.doc_ids is not None else [0] * S
+        n_real = S if ds.doc_ids is not None else sum(lab != IGNORE for lab in labels) + 1
+        if ds.doc_ids is not None:
+            n_real = sum(d >= 0 for d in docs)
+        start = 0
+        for j in range(1, n_real + 1):
+            if j == n_real or docs[j] != docs[start]:
+                doc = ids[start:j]
+                assert labels[start:j - 1] == doc[1:] and labels[j - 1] == IGNORE  # never across a boundary
+                if ds.positions is not None:
+                    assert ds.positions[r, start:j].tolist() == list(range(j - start))
+                got.append(doc)
+                start = j
+        assert labels[n_real:] == [IGNORE] * (S - n_real)
+    assert got == pieces
+    text = tok.decode([i for p in pieces for i in p if i != tok.eos_id])
+    assert all(t.split()[0] in text for t in texts)
+    if not pack:
+        assert len(ds) == len(pieces) and ds.positions is None
 
+
+def test_packing_fills_rows_in_order(tmp_path):
+    path = write_ids(tmp_path / "train.jsonl", [[1, 2, 3], [4, 5], [6, 7, 8, 9], [1, 2, 3, 4, 5, 6]])
+    ds = load_jsonl(path, 8, 10, _no_tokenizer, pack=True)
+    assert ds.input_ids.tolist() == [[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 8, 9, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 0, 0]]
+    assert ds.labels[0].tolist() == [2, 3, -100, 5, -100, -100, -100, -100]  # no target across a boundary
+    assert ds.positions[0].tolist()[:5] == [0, 1, 2, 0, 1]
+    assert ds.doc_ids[0].tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
 
 def test_text_and_input_ids_rows_mix(tmp_path):
     path = tmp_path / "train.jsonl"

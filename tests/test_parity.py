@@ -78,7 +78,7 @@ def test_train_matches_transformers_adamw(tmp_path, kind, clip, sharded):
     data = write_ids(tmp_path / "train.jsonl", rows)
     cfg = write_config(tmp_path / "run.yaml", {
         "model": {"path": str(model_dir)},
-        "data": {"path": str(data), "seq_len": SEQ, "shuffle": False},
+        "data": {"path": str(data), "seq_len": SEQ, "shuffle": False, "pack": False},  # padded rows, as the reference
         "train": {"steps": STEPS, "micro_batch_size": MB, "grad_accum": ACCUM, "lr": LR, "warmup_steps": WARMUP,
                   "schedule": "cosine", "min_lr": MIN_LR, "weight_decay": WD, "grad_clip": clip, "seed": 0},
         "optim": {"betas": [0.9, 0.95], "eps": 1e-8},

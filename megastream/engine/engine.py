@@ -24,7 +24,7 @@ from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss_and_grad
 from megastream.engine.streams import DONE, Streams
 from megastream.engine.weights import WeightStreamer
 from megastream.model.layout import UnitLayout
-from megastream.model.llama import block, rope_tables
+from megastream.model.llama import block, document_mask, rope_tables
 from megastream.model.spec import ModelSpec
 from megastream.optim import AdamWHyper, OptimizerWorker, clip_coef, sr_key
 from megastream.store import HostStore
@@ -34,6 +34,8 @@ from megastream.store import HostStore
 class MicroBatch:
     input_ids: torch.Tensor  # (B, S) int64, host
     labels: torch.Tensor  # (B, S) int64, host: next-token targets, IGNORE where no loss
+    positions: torch.Tensor | None = None  # (B, S) int64: RoPE positions, restarting per packed document
+    doc_ids: torch.Tensor | None = None  # (B, S) int64: document of each token; attention stays within it
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class StepStats:
 
 
 def layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy: torch.Tensor,
-                   acc: torch.Tensor, rope, spec: ModelSpec) -> torch.Tensor:
+                   acc: torch.Tensor, rope, spec: ModelSpec, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Recompute one layer from its input checkpoint and backprop `dy` through it.
     Adds the weight gradients into `acc` (fp32, the layer's flat layout); returns d(input)."""
     leaves = {k: t.detach().requires_grad_() for k, t in layout.views(w_flat).items()}
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        y = block(x, leaves, rope, spec)
+        y = block(x, leaves, rope, spec, mask)
     keys = list(leaves)
     grads = torch.autograd.grad(y, [x] + [leaves[k] for k in keys], dy)
     acc_views = layout.views(acc)
@@ -93,7 +95,7 @@ class Engine:
     def step(self, mbs: list[MicroBatch], lr: float) -> StepStats:
         spec, L, head = self.spec, self.L, self.head_unit
         clip = self.cfg.train.grad_clip
-        rope = self.rope(mbs[0].input_ids.shape[1])
+        ropes, masks = self._attention_inputs(mbs)  # per micro-batch: (cos, sin), mask or None
         n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))  # host tensors: no sync
         inv_n = 1.0 / max(n_tok, 1)
         self.adam_steps += 1
@@ -114,7 +116,7 @@ class Engine:
                 u = i + 1
                 views = self.units[u].views(self.weights.acquire(u))
                 ckpts.append(xs)  # layer-boundary checkpoints stay on the device
-                xs = [block(x, views, rope, spec) for x in xs]  # queued on the compute stream
+                xs = [block(x, views, r, spec, m) for x, r, m in zip(xs, ropes, masks)]  # compute stream
                 self.weights.release(u)
                 # Next layer (or the head) on h2d under this layer's compute. Issued after the
                 # compute is queued: the host may block here until the optimizer has updated it.
@@ -144,7 +146,8 @@ class Engine:
             u = i + 1
             w = self.weights.acquire(u)
             acc = self.grads.begin(u)
-            dys = [layer_backward(x, w, self.units[u], dy, acc, rope, spec) for x, dy in zip(ckpts[i], dys)]
+            dys = [layer_backward(x, w, self.units[u], dy, acc, r, spec, m)
+                   for x, dy, r, m in zip(ckpts[i], dys, ropes, masks)]
             ckpts[i] = None  # free this layer's checkpoints
             self.weights.release(u)
             if i > 0:
@@ -168,6 +171,20 @@ class Engine:
             self._submit(0, DONE, lr, 1.0)
         loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
         return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
+
+    def _attention_inputs(self, mbs: list[MicroBatch]):
+        """RoPE tables and attention masks per micro-batch. Plain rows share one (S, hd) table and
+        the built-in causal mask; packed rows get per-token positions and a document mask."""
+        ropes, masks = [], []
+        for mb in mbs:
+            if mb.positions is None:
+                ropes.append(self.rope(mb.input_ids.shape[1]))
+                masks.append(None)
+            else:
+                cos, sin = rope_tables(self.spec, mb.positions.to(self.device), self.dtype)  # (B, S, hd)
+                ropes.append((cos[:, None], sin[:, None]))  # (B, 1, S, hd): broadcast over heads
+                masks.append(document_mask(mb.doc_ids.to(self.device)))  # (B, 1, S, S) bool
+        return ropes, masks
 
     # ---- optimizer -------------------------------------------------------------------------------
     def _submit(self, u: int, ready, lr: float, coef: float) -> None:

@@ -60,22 +60,34 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, S, hd); cos/sin: (S, hd) or (B, 1, S, hd)
+    # x: (B, nh, S, hd); cos/sin: (S, hd), or (B, 1, S, hd) for per-sequence positions (packing)
     return x * cos + _rotate_half(x) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal grouped-query attention. q: (B, nh, S, hd); k, v: (B, nkv, S, hd)."""
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) document index per token -> (B, 1, S, S) boolean mask: causal, and only within the
+    token's own document (packed sequences never attend across a boundary)."""
+    S = doc_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and_(causal)[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal grouped-query attention. q: (B, nh, S, hd); k, v: (B, nkv, S, hd); mask: optional
+    (B, 1, S, S) boolean (True = may attend), replacing the plain causal mask."""
     if q.shape[1] != k.shape[1] and not _SDPA_GQA:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     kw = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5, **kw)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5, **kw)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5, **kw)
 
 
 def block(x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
-          spec: ModelSpec) -> torch.Tensor:
-    """One transformer layer: x (B, S, H) -> (B, S, H). `w` holds views of the layer's buffer."""
+          spec: ModelSpec, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One transformer layer: x (B, S, H) -> (B, S, H). `w` holds views of the layer's buffer;
+    `mask` (packed documents) as in `attention`."""
     B, S, _ = x.shape
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     cos, sin = rope
@@ -88,7 +100,7 @@ def block(x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor,
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, S, hd), (B, nkv, S, hd)
     v = F.linear(h, w["v"], w.get("v_b")).view(B, S, nkv, hd).transpose(1, 2)  # (B, nkv, S, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = attention(q, k, v).transpose(1, 2).reshape(B, S, nh * hd)  # (B, S, nh*hd)
+    a = attention(q, k, v, mask).transpose(1, 2).reshape(B, S, nh * hd)  # (B, S, nh*hd)
     x = x + F.linear(a, w["o"], w.get("o_b"))
 
     h = rms_norm(x, w["ln2"], spec.rms_norm_eps)
