@@ -35,6 +35,7 @@ class DataConfig:
     path: Union[str, tuple[str, ...]] = ""  # .jsonl file, a list of them, or a directory of them
     overflow: Literal["truncate", "drop", "error"] = "truncate"  # pre-tokenized rows longer than seq_len
     pack: bool = True  # pack documents into seq_len rows (attention blocked across them); false: pad
+    val_path: Union[str, tuple[str, ...], None] = None  # validation data, same formats; see train.eval_every
     seq_len: int = 512
     shuffle: bool = True
     tokenizer: Optional[str] = None  # tokenizer.json for text rows; default: the model's, else the demo's
@@ -52,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decays 2-D weights (incl. embeddings), not norms or biases
     grad_clip: float = 1.0  # global L2 norm; 0 disables
     seed: int = 0
+    eval_every: int = 0  # eval loss on data.val_path every N steps (and after the last); 0 disables
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Config:
 
 
 # Input paths, resolved against the YAML file's directory.
-_PATH_KEYS = {"model.path", "data.path", "data.tokenizer"}
+_PATH_KEYS = {"model.path", "data.path", "data.val_path", "data.tokenizer"}
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -294,11 +296,15 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
                           "only (convert .bin weights with `transformers` save_pretrained)")
     need(bool(d.path), "data.path", "required: a .jsonl file of {\"input_ids\": [...]} or {\"text\": ...} rows, "
          "a list of such files, or a directory of them")
-    for p in ([d.path] if isinstance(d.path, str) else d.path) if d.path else []:
-        if Path(p).is_dir():
-            need(any(Path(p).glob("*.jsonl")), "data.path", f"directory {p} holds no *.jsonl files")
-        else:
-            need(Path(p).is_file(), "data.path", f"{p} does not exist")
+    for key, value in (("data.path", d.path), ("data.val_path", d.val_path)):
+        for p in ([value] if isinstance(value, str) else value) if value else []:
+            if Path(p).is_dir():
+                need(any(Path(p).glob("*.jsonl")), key, f"directory {p} holds no *.jsonl files")
+            else:
+                need(Path(p).is_file(), key, f"{p} does not exist")
+    need(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables), got {t.eval_every}")
+    need(not t.eval_every or d.val_path is not None, "train.eval_every",
+         "needs data.val_path (the validation data to evaluate)")
     if d.tokenizer:
         need(Path(d.tokenizer).is_file(), "data.tokenizer", f"{d.tokenizer} does not exist (a tokenizer.json)")
     need(d.seq_len >= 2, "data.seq_len", f"must be >= 2 (one input and one label), got {d.seq_len}")

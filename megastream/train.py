@@ -22,7 +22,7 @@ from megastream import ops
 from megastream.checkpoint import load_hf_weights, save_hf
 from megastream.config import Config
 from megastream.data import Dataset, load_jsonl
-from megastream.engine.engine import Engine
+from megastream.engine.engine import Engine, MicroBatch
 from megastream.errors import ConfigError, DataError
 from megastream.model.layout import count_params, model_layout
 from megastream.model.spec import ModelSpec
@@ -162,6 +162,19 @@ def _config_changes(old: dict, new: dict) -> list[str]:
     return changed
 
 
+def evaluate(engine: Engine, val: Dataset, micro_batch_size: int, group: int) -> tuple[float, int]:
+    """Token-mean loss over the whole validation set, `group` micro-batches per layer-major pass."""
+    mbs = [MicroBatch(val.input_ids[i:i + micro_batch_size], val.labels[i:i + micro_batch_size],
+                      None if val.positions is None else val.positions[i:i + micro_batch_size],
+                      None if val.doc_ids is None else val.doc_ids[i:i + micro_batch_size])
+           for i in range(0, len(val), micro_batch_size)]
+    total, n = 0.0, 0
+    for g in range(0, len(mbs), group):
+        loss, k = engine.eval_loss(mbs[g:g + group])
+        total, n = total + loss * k, n + k
+    return total / max(n, 1), n
+
+
 def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, log=print) -> list[dict]:
     """Run a whole training job (or continue one: resume = "latest" or a checkpoint path);
     returns the per-step metrics of this invocation."""
@@ -186,6 +199,10 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
     make_tok, used_toks = _tokenizer_for(cfg)
     data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow,
                                cfg.data.pack)
+    val: Dataset | None = None
+    if cfg.data.val_path is not None:
+        val = load_jsonl(cfg.data.val_path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow,
+                         cfg.data.pack)
     if data.n_truncated or data.n_dropped:
         log(f"megastream: warning: {data.n_truncated} row(s) longer than data.seq_len={cfg.data.seq_len} truncated, "
             f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")
@@ -236,6 +253,8 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
                 rec = {"step": step + 1, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                        "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens,
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+                if val is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                    rec["eval_loss"], rec["eval_tokens"] = evaluate(engine, val, t.micro_batch_size, t.grad_accum)
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 history.append(rec)

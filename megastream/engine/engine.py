@@ -20,7 +20,7 @@ import torch
 from megastream import ops
 from megastream.config import Config
 from megastream.engine.grads import GradStager
-from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss_and_grad
+from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss, head_loss_and_grad
 from megastream.engine.streams import DONE, Streams
 from megastream.engine.weights import WeightStreamer
 from megastream.model.layout import UnitLayout
@@ -185,6 +185,32 @@ class Engine:
                 ropes.append((cos[:, None], sin[:, None]))  # (B, 1, S, hd): broadcast over heads
                 masks.append(document_mask(mb.doc_ids.to(self.device)))  # (B, 1, S, S) bool
         return ropes, masks
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_loss(self, mbs: list[MicroBatch]) -> tuple[float, int]:
+        """(token-mean loss, loss tokens) of a forward-only, layer-major pass over `mbs`, streaming
+        the weights as a step does (and waiting, unit by unit, for pending updates)."""
+        spec, L, head = self.spec, self.L, self.head_unit
+        ropes, masks = self._attention_inputs(mbs)
+        n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))
+        self.weights.invalidate()
+        self.worker.wait(0)  # host wait: the embedding's pending update
+        table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
+        xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
+        for i in range(L):
+            u = i + 1
+            views = self.units[u].views(self.weights.acquire(u))
+            xs = [block(x, views, r, spec, m) for x, r, m in zip(xs, ropes, masks)]
+            self.weights.release(u)
+            self.weights.prefetch(u + 1, keep=u)
+        hw = self.weights.acquire(head)
+        nv = self.grads.n_vocab_w
+        total = sum(head_loss(x, mb.labels.to(self.device), hw[nv:], hw[:nv].view(spec.vocab_size, spec.hidden_size),
+                              spec.rms_norm_eps, self.chunk_tokens) for x, mb in zip(xs, mbs))
+        self.weights.release(head)
+        self.weights.invalidate()
+        return float(total) / max(n_tok, 1), n_tok  # sync point
 
     # ---- optimizer -------------------------------------------------------------------------------
     def _submit(self, u: int, ready, lr: float, coef: float) -> None:

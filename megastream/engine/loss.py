@@ -60,3 +60,17 @@ def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tens
         dh[s:s + chunk_tokens] = dhc
         acc_norm_w.add_(dnw)
     return loss, dh.view(h.shape)
+
+
+def head_loss(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float,
+              chunk_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy only (evaluation): the same chunked logits, no gradients."""
+    H = h.shape[-1]
+    hf, lf = h.reshape(-1, H), labels.reshape(-1)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, hf.shape[0], chunk_tokens):
+        z = F.linear(rms_norm(hf[s:s + chunk_tokens], norm_w, eps), head_w).float()  # (c, V)
+        lab = lf[s:s + chunk_tokens]
+        valid = lab != IGNORE
+        loss += ((torch.logsumexp(z, dim=-1) - z.gather(1, lab.clamp_min(0)[:, None])[:, 0]) * valid).sum()
+    return loss
