@@ -1,5 +1,7 @@
 """Training data: .jsonl rows (one file, a list, or a directory of them) of pre-tokenized
-`{"input_ids": [...]}` (optionally with aligned `"labels"`, -100 for no loss) or raw `{"text": "..."}`.
+`{"input_ids": [...]}` (optionally with aligned `"labels"`, -100 for no loss), raw `{"text": "..."}`,
+or chat rows `{"messages": [...]}` / `{"prompt", "completion"}` (megastream.chat: loss on the
+assistant / completion tokens only).
 
 - An input_ids row of exactly seq_len ids is one sequence; a shorter one is padded (padding is
   excluded from the loss); a longer one is truncated, dropped or an error (data.overflow), counted.
@@ -23,6 +25,7 @@ import torch
 
 from megastream.engine.engine import MicroBatch
 from megastream.engine.loss import IGNORE
+from megastream.chat import chat_document, completion_document, validate_messages
 from megastream.errors import DataError
 from megastream.tokenizer import TextTokenizer
 
@@ -83,20 +86,37 @@ def load_jsonl(path, seq_len: int, vocab_size: int, tokenizer=None, overflow: st
     `overflow`; texts longer than seq_len are split into seq_len pieces. With `pack`, documents
     are packed in order into seq_len rows, positions restarting and attention confined to each
     document; without it, every document is its own padded row."""
-    docs: list[tuple[list[int], list[int] | None]] = []  # (input ids, labels or None = every token)
-    texts: list[str] = []
+    items: list[tuple] = []  # in file order: ("doc", (ids, labels | None)) | ("text", str) | ("chat", where, row)
     counts = {"truncated": 0, "dropped": 0}
     files = data_files(path)
     for f in files:
-        _read_file(f, seq_len, vocab_size, overflow, docs, texts, counts)
-    if texts:
-        tok: TextTokenizer = tokenizer()
+        _read_file(f, seq_len, vocab_size, overflow, items, counts)
+    tok: TextTokenizer | None = None
+    if any(it[0] != "doc" for it in items):
+        tok = tokenizer()
         if tok.vocab_size > vocab_size:
             raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                             f"{vocab_size}; use the model's own tokenizer (data.tokenizer)")
-        for ids in tok.encode(texts):
-            ids = ids + ([tok.eos_id] if tok.eos_id is not None else [])
+    texts = [it[1] for it in items if it[0] == "text"]
+    encoded = iter(tok.encode(texts)) if texts else iter(())
+    docs: list[tuple[list[int], list[int] | None]] = []  # (input ids, labels or None = every token)
+    for it in items:
+        if it[0] == "doc":
+            docs.append(it[1])
+        elif it[0] == "text":  # split long texts into seq_len pieces
+            ids = next(encoded) + ([tok.eos_id] if tok.eos_id is not None else [])
             docs += [(ids[s:s + seq_len], None) for s in range(0, len(ids), seq_len) if len(ids[s:s + seq_len]) >= 2]
+        else:
+            doc = _chat(tok, it[1], it[2])
+            if len(doc[0]) > seq_len:
+                if overflow == "error":
+                    raise DataError(f"{it[1]}: the rendered conversation has {len(doc[0])} tokens, more than "
+                                    f"data.seq_len={seq_len}; raise data.seq_len or set data.overflow: truncate | drop")
+                counts["dropped" if overflow == "drop" else "truncated"] += 1
+                if overflow == "drop":
+                    continue
+                doc = (doc[0][:seq_len], doc[1][:seq_len])
+            docs.append(doc)
     source = ", ".join(map(str, files))
     if not docs:
         raise DataError(f"{source}: no training sequences (empty files, blank lines only, or every row dropped "
@@ -105,7 +125,8 @@ def load_jsonl(path, seq_len: int, vocab_size: int, tokenizer=None, overflow: st
     inputs, labels, positions, doc_ids = zip(*(_row(r, seq_len) for r in rows))
     multi = pack and any(len(r) > 1 for r in rows)  # single-document rows need no mask
     t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return Dataset(t(inputs), t(labels), source, n_text_docs=len(texts), n_truncated=counts["truncated"],
+    return Dataset(t(inputs), t(labels), source, n_text_docs=len(items) - sum(it[0] == "doc" for it in items),
+                   n_truncated=counts["truncated"],
                    n_dropped=counts["dropped"], positions=t(positions) if multi else None,
                    doc_ids=t(doc_ids) if multi else None)
 
@@ -137,8 +158,18 @@ def _row(docs: list, seq_len: int) -> tuple[list[int], list[int], list[int], lis
             doc_ids + [-1] * pad)
 
 
-def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, docs: list, texts: list,
-               counts: dict) -> None:
+def _chat(tok: TextTokenizer, where: str, row: dict) -> tuple[list[int], list[int]]:
+    if "messages" in row:
+        if not tok.chat_template:
+            raise DataError(f"{where}: a messages row needs a chat template, and {tok.path.parent} has none "
+                            "(tokenizer_config.json chat_template or chat_template.jinja)")
+        return chat_document(tok, validate_messages(row["messages"], where), where)
+    if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+        raise DataError(f"{where}: prompt and completion must both be strings")
+    return completion_document(tok, row["prompt"], row["completion"], where)
+
+
+def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, items: list, counts: dict) -> None:
     try:
         f = path.open("rb")
     except OSError as e:
@@ -186,14 +217,16 @@ def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, docs: l
                     if bad:
                         raise DataError(f"{where}: label {bad[0]} is neither -100 nor a token id of the model "
                                         f"(0..{vocab_size - 1})")
-                docs.append((ids, labels))
+                items.append(("doc", (ids, labels)))
             elif "text" in row:
                 if not isinstance(row["text"], str):
                     raise DataError(f"{where}: text must be a string")
-                texts.append(row["text"])
+                items.append(("text", row["text"]))
+            elif "messages" in row or "prompt" in row:
+                items.append(("chat", where, row))
             else:
-                raise DataError(f"{where}: row has neither \"input_ids\" nor \"text\" (keys: "
-                                f"{', '.join(map(str, row)) or 'none'})")
+                raise DataError(f"{where}: row has none of \"input_ids\", \"text\", \"messages\", "
+                                f"\"prompt\"/\"completion\" (keys: {', '.join(map(str, row)) or 'none'})")
 
 
 def _int_list(value, key: str, where: str) -> list[int]:

@@ -4,7 +4,7 @@ taken from tokenizer_config.json when present."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -21,6 +21,8 @@ class TextTokenizer:
     tok: Tokenizer
     path: Path
     eos_id: int | None
+    chat_template: str | None = None  # Jinja2 source, from tokenizer_config.json or chat_template.jinja
+    special: dict = field(default_factory=dict)  # bos_token / eos_token strings for the template
 
     @property
     def vocab_size(self) -> int:
@@ -39,15 +41,24 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exceptions for bad files
         raise DataError(f"{path}: cannot load tokenizer ({e}); it must be a Hugging Face tokenizer.json") from None
-    eos = None
+    cfg: dict = {}
     cfg_path = path.parent / "tokenizer_config.json"
     if cfg_path.is_file():
         try:
-            eos = json.loads(cfg_path.read_text()).get("eos_token")
+            cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{cfg_path}: not valid JSON ({e})") from None
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-    candidates = ([eos] if isinstance(eos, str) else []) + list(_EOS_CANDIDATES)
+    special = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    candidates = ([special["eos_token"]] if "eos_token" in special else []) + list(_EOS_CANDIDATES)
     eos_id = next((tok.token_to_id(t) for t in candidates if tok.token_to_id(t) is not None), None)
-    return TextTokenizer(tok, path, eos_id)
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: use "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (path.parent / "chat_template.jinja").is_file():
+        template = (path.parent / "chat_template.jinja").read_text()
+    return TextTokenizer(tok, path, eos_id, template, special)
