@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -316,11 +317,15 @@ void adamw_step(at::Tensor weights, const at::Tensor& grad, at::Tensor exp_avg, 
   }
 }
 
+// Per-block partial sums in parallel, then a serial sum in block order: the result does not depend
+// on the thread count or timing (an OpenMP reduction's combination order is unspecified), which
+// the exact-resume guarantee needs, since this norm feeds the clipping factor.
 template <typename S>
 double acc_sqnorm(float* dst, const S* src, float alpha, int64_t n) {
-  double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-  for (int64_t b = 0; b < (n + kBlock - 1) / kBlock; ++b) {
+  const int64_t nblk = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial(nblk);
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblk; ++b) {
     const int64_t b0 = b * kBlock, b1 = b0 + kBlock < n ? b0 + kBlock : n;
     float part = 0.f;
 #pragma omp simd reduction(+ : part)
@@ -335,8 +340,10 @@ double acc_sqnorm(float* dst, const S* src, float alpha, int64_t n) {
       }
       part += d * d;
     }
-    total += part;
+    partial[b] = part;
   }
+  double total = 0.0;
+  for (int64_t b = 0; b < nblk; ++b) total += partial[b];
   return total;
 }
 
