@@ -1,7 +1,7 @@
 """Hugging Face format in and out: config.json + (sharded) safetensors.
 
-Loading reads one tensor at a time from the safetensors files straight into the host store's
-fp32 master arena (converting dtype on the way), so peak memory is the store plus one tensor.
+Loading reads one tensor at a time from the safetensors files (pread, not mmap) straight into the
+host store's weight arena (converting dtype on the way), so peak memory is the store plus one tensor.
 Saving writes into a temporary directory beside the target and renames it into place, so a crash
 mid-save never leaves a half-written checkpoint where a good one was.
 """
@@ -9,13 +9,13 @@ mid-save never leaves a half-written checkpoint where a good one was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megastream.errors import CheckpointError
@@ -51,30 +51,62 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _read_safetensors(f: Path):
+    """Yield (name, tensor) from a safetensors file, one tensor at a time, read with pread into a
+    fresh buffer. Not mmap: every touched page of a mapped file counts in the process's RSS, so
+    loading through a mapping would add up to the whole checkpoint to the peak."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{f}: the file is corrupt or truncated (no safetensors header); re-download it")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{f}: the safetensors header is corrupt or truncated; re-download it")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{f}: the safetensors header is corrupt or truncated; re-download it") from None
+        header.pop("__metadata__", None)
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(meta.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{f}: tensor {name!r} has dtype {meta.get('dtype')}; megastream reads "
+                                      f"{', '.join(_ST_DTYPES)}")
+            begin, end = meta["data_offsets"]
+            if 8 + n + end > size or end - begin != math.prod(meta["shape"]) * dtype.itemsize:
+                raise CheckpointError(f"{f}: tensor {name!r} runs past the end of the file or has the wrong "
+                                      "size; the file is corrupt or truncated, re-download it")
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            got = os.preadv(fh.fileno(), [buf.numpy()], 8 + n + begin) if end > begin else 0
+            if got != end - begin:
+                raise CheckpointError(f"{f}: short read of tensor {name!r}; the file is corrupt or truncated")
+            yield name, buf.view(dtype).view(meta["shape"])
+
+
 def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) -> None:
-    """Fill the store's master (and working) arenas from a Hugging Face model directory."""
+    """Fill the store's weight (and working) arenas from a Hugging Face model directory, one
+    tensor at a time: peak memory is the store plus the largest tensor."""
     model_dir = Path(model_dir)
     names = hf_names(spec)
     seen: set[str] = set()
     for f in _weight_files(model_dir):
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    if name not in names:
-                        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and spec.tie_word_embeddings):
-                            continue
-                        raise CheckpointError(f"{f}: unexpected tensor {name!r} for {spec.architecture} "
-                                              f"with {spec.num_layers} layers; config.json and weights disagree")
-                    u, e = names[name]
-                    t = sf.get_tensor(name)
-                    if tuple(t.shape) != e.shape:
-                        raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
-                                              f"implies {e.shape}; config.json and weights disagree")
-                    store.weights_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))  # dtype cast here
-                    seen.add(name)
-        except SafetensorError as err:
-            raise CheckpointError(f"{f}: cannot read safetensors file ({err}); it is corrupt or truncated, "
-                                  "re-download it") from None
+        for name, t in _read_safetensors(f):
+            if name not in names:
+                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and spec.tie_word_embeddings):
+                    continue
+                raise CheckpointError(f"{f}: unexpected tensor {name!r} for {spec.architecture} "
+                                      f"with {spec.num_layers} layers; config.json and weights disagree")
+            u, e = names[name]
+            if tuple(t.shape) != e.shape:
+                raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
+                                      f"implies {e.shape}; config.json and weights disagree")
+            store.weights_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))  # dtype cast here
+            seen.add(name)
+            del t
     missing = sorted(set(names) - seen)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
