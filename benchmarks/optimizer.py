@@ -81,9 +81,7 @@ def bench_torch(n: int, repeats: int, g: torch.Generator) -> float:
         opt.step()  # fused AdamW on fp32 weights and moments
         working.copy_(param.detach())  # fp32 -> bf16 working copy
 
-    t = _timeit(step, repeats)
-    del opt, param, p, grad_bf16, grad32, working
-    return t
+    return _timeit(step, repeats)
 
 
 def bench_mode(n: int, master: bool, states: str, repeats: int, g: torch.Generator) -> float:

@@ -132,6 +132,18 @@ struct Hyper {
   uint32_t key;
 };
 
+// The updated weight: into the fp32 master (and its bf16 working copy, rounded to nearest), or,
+// without a master, into the bf16 weights with stochastic rounding.
+template <bool kMasterF32>
+MS_INLINE void store_weight(void* w, uint16_t* working, int64_t i, float p, uint32_t key, uint32_t idx) {
+  if constexpr (kMasterF32) {
+    static_cast<float*>(w)[i] = p;
+    if (working) working[i] = f32_to_bf16_rne(p);
+  } else {
+    static_cast<uint16_t*>(w)[i] = f32_to_bf16_sr(p, key, idx);
+  }
+}
+
 // One block [b0, b1) of one unit. Main memory is touched once: each input read once, each output
 // written once.
 template <typename G, bool kMasterF32, States S>
@@ -165,12 +177,7 @@ inline void adamw_block(int64_t b0, int64_t b1, const G* g, void* w, void* mp, v
       v = v * h.beta2 + (gi * h.one_m_beta2) * gi;
       const float denom = std::sqrt(v) * h.inv_bc2_sqrt + h.eps;
       p = p * decay + (m / denom) * h.neg_step_size;
-      if constexpr (kMasterF32) {
-        static_cast<float*>(w)[b0 + j] = p;
-        if (working) working[b0 + j] = f32_to_bf16_rne(p);
-      } else {
-        static_cast<uint16_t*>(w)[b0 + j] = f32_to_bf16_sr(p, h.key, i0 + j);
-      }
+      store_weight<kMasterF32>(w, working, b0 + j, p, h.key, i0 + j);
       if constexpr (S == States::F32) {
         static_cast<float*>(mp)[b0 + j] = m;
         static_cast<float*>(vp)[b0 + j] = v;
@@ -206,12 +213,7 @@ inline void adamw_block(int64_t b0, int64_t b1, const G* g, void* w, void* mp, v
     const float sv = std::sqrt((s0 * s0) * h.beta2 + (gi * h.one_m_beta2) * gi);  // sqrt of the new v
     const float denom = sv * h.inv_bc2_sqrt + h.eps;
     p = p * decay + (m / denom) * h.neg_step_size;
-    if constexpr (kMasterF32) {
-      static_cast<float*>(w)[b0 + j] = p;
-      if (working) working[b0 + j] = f32_to_bf16_rne(p);
-    } else {
-      static_cast<uint16_t*>(w)[b0 + j] = f32_to_bf16_sr(p, h.key, i0 + j);
-    }
+    store_weight<kMasterF32>(w, working, b0 + j, p, h.key, i0 + j);
     mb[j] = m;
     sb[j] = sv;
     const float am = std::fabs(m);

@@ -67,7 +67,7 @@ def test_prompt_completion_rows(tmp_path, chat_tok_dir):
 
     plain = load_tokenizer(DEMO_TOKENIZER)  # no chat template: prompt + completion + end-of-text
     ds = load_jsonl(path, 64, plain.vocab_size, lambda: plain, pack=False)
-    ids, labels = ds.input_ids[0].tolist(), ds.labels[0].tolist()
+    labels = ds.labels[0].tolist()
     n_prompt = len(plain.encode(["2+2?"])[0])
     assert all(lab == -100 for lab in labels[:n_prompt - 1])
     assert [t for t in labels if t != -100] == plain.encode(["4"])[0] + [plain.eos_id]

@@ -319,7 +319,7 @@ def test_relative_data_path_resolves_against_the_yaml_dir(tmp_path, monkeypatch)
     write_ids(cfg_dir / "train.jsonl", [[1, 2, 3]])
     (cfg_dir / "tok").mkdir()
     (cfg_dir / "tok" / "tokenizer.json").write_text("{}")
-    path = write_config(cfg_dir / "run.yaml", {
+    write_config(cfg_dir / "run.yaml", {
         "model": {"preset": "tiny"},
         "data": {"path": "train.jsonl", "tokenizer": "tok/tokenizer.json"},
         "output": {"dir": "runs/rel"},

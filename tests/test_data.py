@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import write_ids
-from megastream.data import Dataset, load_jsonl
+from megastream.data import load_jsonl
 from megastream.errors import DataError, MegastreamError
 from megastream.tokenizer import DEMO_TOKENIZER, load_tokenizer
 
