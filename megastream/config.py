@@ -299,7 +299,8 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     for key, value in (("data.path", d.path), ("data.val_path", d.val_path)):
         for p in ([value] if isinstance(value, str) else value) if value else []:
             if Path(p).is_dir():
-                need(any(Path(p).glob("*.jsonl")), key, f"directory {p} holds no *.jsonl files")
+                need(any(f.suffix in (".jsonl", ".parquet") for f in Path(p).iterdir()), key,
+                     f"directory {p} holds no .jsonl or .parquet files")
             else:
                 need(Path(p).is_file(), key, f"{p} does not exist")
     need(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables), got {t.eval_every}")

@@ -69,13 +69,53 @@ class Dataset:
         return int(self._perm[r])
 
 
+DATA_SUFFIXES = (".jsonl", ".parquet")
+
+
 def data_files(path) -> list[Path]:
-    """data.path as files: one file, a list of files, or every *.jsonl in a directory (sorted)."""
+    """data.path as files: one file, a list of files, or every .jsonl/.parquet in a directory (sorted)."""
     out = []
     for p in [path] if isinstance(path, (str, Path)) else path:
         p = Path(p)
-        out += sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+        out += sorted(f for f in p.iterdir() if f.suffix in DATA_SUFFIXES) if p.is_dir() else [p]
     return out
+
+
+def _jsonl_rows(path: Path):
+    """(where, row) for each non-blank line; malformed lines are errors naming file:line."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DataError(f"data.path: cannot open {path}: {e.strerror}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                                'JSON object such as {"input_ids": [1, 2, 3]} or {"text": "..."}') from None
+
+
+def _parquet_rows(path: Path):
+    """(where, row) for each row of a parquet file: columns as in the jsonl formats."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for bad files
+        raise DataError(f"{path}: cannot read as parquet ({e}); the file is corrupt or not parquet") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            i += 1
+            yield f"{path}:row {i}", {k: v for k, v in row.items() if v is not None}
 
 
 def load_jsonl(path, seq_len: int, vocab_size: int, tokenizer=None, overflow: str = "error",
@@ -170,63 +210,47 @@ def _chat(tok: TextTokenizer, where: str, row: dict) -> tuple[list[int], list[in
 
 
 def _read_file(path: Path, seq_len: int, vocab_size: int, overflow: str, items: list, counts: dict) -> None:
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise DataError(f"data.path: cannot open {path}: {e.strerror}") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
-                                'JSON object such as {"input_ids": [1, 2, 3]} or {"text": "..."}') from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "input_ids" in row:
-                ids = _int_list(row["input_ids"], "input_ids", where)
-                labels = _int_list(row["labels"], "labels", where) if "labels" in row else None
-                if labels is not None and len(labels) != len(ids):
-                    raise DataError(f"{where}: labels has {len(labels)} entries and input_ids {len(ids)}; they must "
-                                    "align one to one (use -100 where a token gets no loss)")
-                if len(ids) < 2:
-                    raise DataError(f"{where}: input_ids has {len(ids)} id(s); a sequence needs at least 2")
-                if len(ids) > seq_len:
-                    if overflow == "error":
-                        raise DataError(f"{where}: input_ids has {len(ids)} ids, more than data.seq_len={seq_len}; "
-                                        "raise data.seq_len, split the row, or set data.overflow: truncate | drop")
-                    if overflow == "drop":
-                        counts["dropped"] += 1
-                        continue
-                    counts["truncated"] += 1
-                    ids = ids[:seq_len]
-                    labels = labels[:seq_len] if labels is not None else None
-                bad = [i for i in ids if not 0 <= i < vocab_size]
+    rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if "input_ids" in row:
+            ids = _int_list(row["input_ids"], "input_ids", where)
+            labels = _int_list(row["labels"], "labels", where) if "labels" in row else None
+            if labels is not None and len(labels) != len(ids):
+                raise DataError(f"{where}: labels has {len(labels)} entries and input_ids {len(ids)}; they must "
+                                "align one to one (use -100 where a token gets no loss)")
+            if len(ids) < 2:
+                raise DataError(f"{where}: input_ids has {len(ids)} id(s); a sequence needs at least 2")
+            if len(ids) > seq_len:
+                if overflow == "error":
+                    raise DataError(f"{where}: input_ids has {len(ids)} ids, more than data.seq_len={seq_len}; "
+                                    "raise data.seq_len, split the row, or set data.overflow: truncate | drop")
+                if overflow == "drop":
+                    counts["dropped"] += 1
+                    continue
+                counts["truncated"] += 1
+                ids = ids[:seq_len]
+                labels = labels[:seq_len] if labels is not None else None
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary "
+                                f"(0..{vocab_size - 1}); the data was tokenized for another model")
+            if labels is not None:
+                bad = [i for i in labels if i != IGNORE and not 0 <= i < vocab_size]
                 if bad:
-                    raise DataError(f"{where}: token id {bad[0]} is outside the model's vocabulary "
-                                    f"(0..{vocab_size - 1}); the data was tokenized for another model")
-                if labels is not None:
-                    bad = [i for i in labels if i != IGNORE and not 0 <= i < vocab_size]
-                    if bad:
-                        raise DataError(f"{where}: label {bad[0]} is neither -100 nor a token id of the model "
-                                        f"(0..{vocab_size - 1})")
-                items.append(("doc", (ids, labels)))
-            elif "text" in row:
-                if not isinstance(row["text"], str):
-                    raise DataError(f"{where}: text must be a string")
-                items.append(("text", row["text"]))
-            elif "messages" in row or "prompt" in row:
-                items.append(("chat", where, row))
-            else:
-                raise DataError(f"{where}: row has none of \"input_ids\", \"text\", \"messages\", "
-                                f"\"prompt\"/\"completion\" (keys: {', '.join(map(str, row)) or 'none'})")
+                    raise DataError(f"{where}: label {bad[0]} is neither -100 nor a token id of the model "
+                                    f"(0..{vocab_size - 1})")
+            items.append(("doc", (ids, labels)))
+        elif "text" in row:
+            if not isinstance(row["text"], str):
+                raise DataError(f"{where}: text must be a string")
+            items.append(("text", row["text"]))
+        elif "messages" in row or "prompt" in row:
+            items.append(("chat", where, row))
+        else:
+            raise DataError(f"{where}: row has none of \"input_ids\", \"text\", \"messages\", "
+                            f"\"prompt\"/\"completion\" (keys: {', '.join(map(str, row)) or 'none'})")
 
 
 def _int_list(value, key: str, where: str) -> list[int]:

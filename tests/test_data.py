@@ -379,3 +379,21 @@ def test_list_of_files_and_directory(tmp_path):
     (d / "b.jsonl").write_text('{"input_ids": [1, 2]}\n{oops\n')
     with pytest.raises(DataError, match=r"b.jsonl:2"):
         load_jsonl(d, 2, 10, _no_tokenizer)
+
+
+def test_parquet_rows_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"input_ids": [[1, 2, 3], [4, 5, 6, 7]], "labels": [[-100, 2, 3], None]}),
+                   tmp_path / "a.parquet")
+    write_ids(tmp_path / "b.jsonl", [[8, 9]])
+    ds = load_jsonl(tmp_path, 4, 10, _no_tokenizer)  # a directory mixing both formats
+    assert ds.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert ds.labels.tolist()[0] == [2, 3, -100, -100]
+    pq.write_table(pa.table({"input_ids": [[1, 2], [3]]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet:row 2: input_ids has 1 id"):
+        load_jsonl(tmp_path / "bad.parquet", 4, 10, _no_tokenizer)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="junk.parquet: cannot read as parquet"):
+        load_jsonl(tmp_path / "junk.parquet", 4, 10, _no_tokenizer)
