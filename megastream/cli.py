@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from megastream import __version__
-from megastream.errors import MegastreamError
+from megastream.errors import Interrupted, MegastreamError
 from megastream.tokenizer import DEMO_DIR
 
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         path = DEMO_CONFIG if args.command == "demo" else args.config
         cfg = load_config(path, args.set)
         train(cfg, overwrite=args.overwrite, resume=args.resume)
+    except Interrupted as e:
+        print(f"megastream: interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except MegastreamError as e:
         print(f"megastream: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -17,3 +17,11 @@ class DataError(MegastreamError):
 
 class CheckpointError(MegastreamError):
     """A model directory or checkpoint is missing, corrupt or incompatible."""
+
+
+class Interrupted(MegastreamError):
+    """SIGINT/SIGTERM: the run stopped after a step and saved a resumable checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from megastream.checkpoint import load_hf_weights, save_hf
 from megastream.config import Config
 from megastream.data import Dataset, load_jsonl
 from megastream.engine.engine import Engine, MicroBatch
-from megastream.errors import ConfigError, DataError
+from megastream.errors import ConfigError, DataError, Interrupted
 from megastream.model.layout import count_params, model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
@@ -175,6 +177,32 @@ def evaluate(engine: Engine, val: Dataset, micro_batch_size: int, group: int) ->
     return total / max(n, 1), n
 
 
+class _StopRequest:
+    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, exit. Second SIGINT: abort."""
+
+    def __init__(self, log):
+        self.signum: int | None = None
+        self.log = log
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals can only be set up there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort at once, no checkpoint
+        self.signum = signum
+        self.log(f"\nmegastream: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                 "(Ctrl-C again to abort without one)")
+
+
 def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, log=print) -> list[dict]:
     """Run a whole training job (or continue one: resume = "latest" or a checkpoint path);
     returns the per-step metrics of this invocation."""
@@ -241,7 +269,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
                 if line.strip() and json.loads(line)["step"] <= start_step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     try:
-        with open(metrics_path, "a" if resume_from is not None else "w") as metrics, \
+        with _StopRequest(log) as stop, open(metrics_path, "a" if resume_from is not None else "w") as metrics, \
                 tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=not cfg.output.progress,
                      file=sys.stderr, dynamic_ncols=True) as bar:
             for step in range(start_step, t.steps):
@@ -260,9 +288,15 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
                 history.append(rec)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 bar.update()
-                if cfg.output.save_every and (step + 1) % cfg.output.save_every == 0:
+                saving = cfg.output.save_every and (step + 1) % cfg.output.save_every == 0
+                if saving or (stop.signum is not None and step + 1 < t.steps):
                     engine.worker.wait_all()  # the step's updates must have landed
                     _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks)
+                if stop.signum is not None and step + 1 < t.steps:
+                    bar.close()
+                    saved = out / f"checkpoint-{step + 1}"
+                    raise Interrupted(f"stopped after step {step + 1} of {t.steps}; saved {saved}. Continue with the "
+                                      "same command and --resume", stop.signum)
         engine.worker.wait_all()
         _save(out / "final", cfg, model, used_toks)
     finally:

@@ -79,3 +79,31 @@ def test_resume_errors(tmp_path):
     layer.write_bytes(layer.read_bytes()[:100])
     proc = run_cli("demo", *BASE, "--set", f"output.dir={out}", "--resume", str(out / "checkpoint-4"), check=False)
     assert proc.returncode == 2 and "layer.0.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_finishes_the_step_saves_and_resumes(tmp_path, sig, code):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["demo", "--set", "train.steps=30", "--set", "train.warmup_steps=2", "--set", "train.micro_batch_size=2",
+            "--set", "train.grad_accum=1", "--set", "output.progress=false", "--set", f"output.dir={out}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "-m", "megastream", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "megastream: interrupted: stopped after step" in err and "--resume" in err and "Traceback" not in err
+    done = len(read_metrics(out))
+    assert 3 <= done < 30
+    assert json.loads((out / f"checkpoint-{done}" / "trainer_state.json").read_text())["step"] == done
+
+    run_cli(*args, "--resume")
+    steps = [m["step"] for m in read_metrics(out)]
+    assert steps == list(range(1, 31)) and (out / "final" / "model.safetensors").exists()
