@@ -101,38 +101,21 @@ class Engine:
         self.adam_steps += 1
         self.weights.invalidate()
 
-        # 1. Embedding: gather the batch's rows from the host working copy.
-        self.worker.wait(0)  # host wait: the embedding's previous update
-        self.grads.begin_embed()
-        table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
-        # H2D: tokens * H * itemsize bytes per micro-batch (small, pageable)
-        xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
+        # 1-2. Embedding rows, then forward layer-major, keeping each layer's inputs.
+        ckpts: list[list[torch.Tensor] | None] = []
+        xs = self._forward(mbs, ropes, masks, ckpts)
+        self.grads.begin_embed()  # after _forward waited for the embedding's previous update
         labels = [mb.labels.to(self.device, non_blocking=True) for mb in mbs]
 
-        # 2. Forward, layer-major: every micro-batch passes layer i before layer i+1.
-        ckpts: list[list[torch.Tensor] | None] = []
-        with torch.no_grad():
-            for i in range(L):
-                u = i + 1
-                views = self.units[u].views(self.weights.acquire(u))
-                ckpts.append(xs)  # layer-boundary checkpoints stay on the device
-                xs = [block(x, views, r, spec, m) for x, r, m in zip(xs, ropes, masks)]  # compute stream
-                self.weights.release(u)
-                # Next layer (or the head) on h2d under this layer's compute. Issued after the
-                # compute is queued: the host may block here until the optimizer has updated it.
-                self.weights.prefetch(u + 1, keep=u)
-
         # 3. Head: chunked loss with d(hidden) and head gradients in one pass.
-        hw = self.weights.acquire(head)
+        norm_w, head_w = self._head_views(self.weights.acquire(head))
         self.weights.prefetch(L, keep=head)  # the last layer is normally still resident
-        nv = self.grads.n_vocab_w
-        acc = self.grads.begin_head()
+        acc_norm, acc_head = self._head_views(self.grads.begin_head())
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         dys = []
         for x, lab in zip(xs, labels):
-            loss, dy = head_loss_and_grad(
-                x, lab, hw[nv:], hw[:nv].view(spec.vocab_size, spec.hidden_size), spec.rms_norm_eps, inv_n,
-                acc[:nv].view(spec.vocab_size, spec.hidden_size), acc[nv:], self.chunk_tokens)
+            loss, dy = head_loss_and_grad(x, lab, norm_w, head_w, spec.rms_norm_eps, inv_n, acc_head, acc_norm,
+                                          self.chunk_tokens)
             loss_sum += loss
             dys.append(dy)
         del xs
@@ -172,6 +155,32 @@ class Engine:
         loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
         return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
 
+    @torch.no_grad()
+    def _forward(self, mbs: list[MicroBatch], ropes, masks, ckpts: list | None = None) -> list[torch.Tensor]:
+        """Embedding rows, then layers 0..L-1 layer-major (every micro-batch passes layer i before
+        layer i+1); appends each layer's inputs to `ckpts` when given. Returns the last hidden states."""
+        spec = self.spec
+        self.worker.wait(0)  # host wait: the embedding's pending update
+        table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
+        # H2D: tokens * H * itemsize bytes per micro-batch (small, pageable)
+        xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
+        for i in range(self.L):
+            u = i + 1
+            views = self.units[u].views(self.weights.acquire(u))
+            if ckpts is not None:
+                ckpts.append(xs)  # layer-boundary checkpoints stay on the device
+            xs = [block(x, views, r, spec, m) for x, r, m in zip(xs, ropes, masks)]  # compute stream
+            self.weights.release(u)
+            # Next layer (or the head) on h2d under this layer's compute. Issued after the compute
+            # is queued: the host may block here until the optimizer has updated it.
+            self.weights.prefetch(u + 1, keep=u)
+        return xs
+
+    def _head_views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final norm, lm_head (V, H)) views of a device head buffer laid out [lm_head | norm]."""
+        nv = self.grads.n_vocab_w
+        return flat[nv:], flat[:nv].view(self.spec.vocab_size, self.spec.hidden_size)
+
     def _attention_inputs(self, mbs: list[MicroBatch]):
         """RoPE tables and attention masks per micro-batch. Plain rows share one (S, hd) table and
         the built-in causal mask; packed rows get per-token positions and a document mask."""
@@ -191,24 +200,14 @@ class Engine:
     def eval_loss(self, mbs: list[MicroBatch]) -> tuple[float, int]:
         """(token-mean loss, loss tokens) of a forward-only, layer-major pass over `mbs`, streaming
         the weights as a step does (and waiting, unit by unit, for pending updates)."""
-        spec, L, head = self.spec, self.L, self.head_unit
         ropes, masks = self._attention_inputs(mbs)
         n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))
         self.weights.invalidate()
-        self.worker.wait(0)  # host wait: the embedding's pending update
-        table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
-        xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
-        for i in range(L):
-            u = i + 1
-            views = self.units[u].views(self.weights.acquire(u))
-            xs = [block(x, views, r, spec, m) for x, r, m in zip(xs, ropes, masks)]
-            self.weights.release(u)
-            self.weights.prefetch(u + 1, keep=u)
-        hw = self.weights.acquire(head)
-        nv = self.grads.n_vocab_w
-        total = sum(head_loss(x, mb.labels.to(self.device), hw[nv:], hw[:nv].view(spec.vocab_size, spec.hidden_size),
-                              spec.rms_norm_eps, self.chunk_tokens) for x, mb in zip(xs, mbs))
-        self.weights.release(head)
+        xs = self._forward(mbs, ropes, masks)
+        norm_w, head_w = self._head_views(self.weights.acquire(self.head_unit))
+        total = sum(head_loss(x, mb.labels.to(self.device), norm_w, head_w, self.spec.rms_norm_eps, self.chunk_tokens)
+                    for x, mb in zip(xs, mbs))
+        self.weights.release(self.head_unit)
         self.weights.invalidate()
         return float(total) / max(n_tok, 1), n_tok  # sync point
 
