@@ -114,6 +114,22 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
     store.sync_working()
 
 
+def shard_groups(units: list, itemsize: int, shard_bytes: int) -> list[list[tuple[str, int, object]]]:
+    """Tensors as (hf name, unit, entry), grouped in layout order into shards of at most
+    shard_bytes (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[tuple[str, int, object]]] = [[]]
+    size = 0
+    for u, unit in enumerate(units):
+        for e in unit.entries:
+            nbytes = e.numel * itemsize
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((e.hf_name, u, e))
+            size += nbytes
+    return shards
+
+
 def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, source_config: dict | None = None,
             copy_from: list[Path] = (), shard_bytes: int = 5 * 2**30,
             extra: Callable[[Path], None] | None = None) -> Path:
@@ -128,20 +144,8 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
     tmp.mkdir()
     torch_dtype = _DTYPES[dtype]
 
-    # Group tensors into shards of at most shard_bytes, in layout order.
-    shards: list[list[tuple[str, int, object]]] = [[]]
-    size = 0
-    total = 0
-    for u, unit in enumerate(store.units):
-        for e in unit.entries:
-            nbytes = e.numel * torch_dtype.itemsize
-            if shards[-1] and size + nbytes > shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((e.hf_name, u, e))
-            size += nbytes
-            total += nbytes
-
+    shards = shard_groups(store.units, torch_dtype.itemsize, shard_bytes)
+    total = sum(e.numel for shard in shards for _, _, e in shard) * torch_dtype.itemsize
     n = len(shards)
     weight_map = {}
     for i, shard in enumerate(shards):

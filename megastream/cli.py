@@ -1,4 +1,12 @@
-"""Command line: `megastream train CONFIG [--set key=value ...]`, `megastream demo`."""
+"""Command line.
+
+    megastream train CONFIG [--set key=value ...] [--resume [PATH]] [--force]
+    megastream demo                  train the bundled demo (CPU, about a minute)
+    megastream plan CONFIG [--json]  memory budget, verdict for this machine, predicted speed
+    megastream probe                 measure this machine's bandwidths and FLOP rate (cached for plan)
+    megastream plot RUN_DIR          metrics.jsonl -> RUN_DIR/metrics.png
+    megastream env                   versions, C++ ops, GPUs, RAM, locked-memory limit
+"""
 
 from __future__ import annotations
 
@@ -24,24 +32,62 @@ def _parser() -> argparse.ArgumentParser:
                         help="replace the run already in output.dir")
         sp.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue from the newest checkpoint in output.dir, or from PATH")
+        sp.add_argument("--force", action="store_true",
+                        help="start even when the memory plan says the run will not fit")
 
     t = sub.add_parser("train", help="train a model as a YAML config describes")
     t.add_argument("config", help="path to a YAML config (see configs/)")
     common(t)
     d = sub.add_parser("demo", help="train the built-in demo model on the bundled corpus (CPU, 1-2 min)")
     common(d)
+    pl = sub.add_parser("plan", help="print the memory budget, whether it fits this machine, and the predicted speed")
+    pl.add_argument("config", help="path to a YAML config")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pr = sub.add_parser("probe", help="measure bandwidths, matmul and optimizer rates here; cache them for `plan`")
+    pr.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    pt = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl into a PNG")
+    pt.add_argument("run_dir", help="a run's output.dir (holding metrics.jsonl)")
+    pt.add_argument("-o", "--output", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    sub.add_parser("env", help="versions, C++ ops, GPUs, RAM and the locked-memory limit")
     return p
+
+
+def _probe(device: str) -> int:
+    import torch
+
+    from megastream.probe import run_probe, save_probe
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"megastream probe: measuring {device} (about a minute)")
+    path = save_probe(run_probe(torch.device(device)))
+    print(f"cached in {path}; `megastream plan` uses these numbers now")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "env":
+            from megastream.env import print_env
+            return print_env()
+        if args.command == "probe":
+            return _probe(args.device)
+        if args.command == "plot":
+            from megastream.plot import plot_run
+            print(f"wrote {plot_run(args.run_dir, args.output)}")
+            return 0
         from megastream.config import load_config
-        from megastream.train import train
 
         path = DEMO_CONFIG if args.command == "demo" else args.config
         cfg = load_config(path, args.set)
-        train(cfg, overwrite=args.overwrite, resume=args.resume)
+        if args.command == "plan":
+            from megastream.plan import plan_main
+            return plan_main(cfg, args.json)
+        from megastream.train import train
+
+        train(cfg, overwrite=args.overwrite, resume=args.resume, force=args.force)
     except Interrupted as e:
         print(f"megastream: interrupted: {e}", file=sys.stderr)
         return e.exit_code

@@ -54,6 +54,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global L2 norm; 0 disables
     seed: int = 0
     eval_every: int = 0  # eval loss on data.val_path every N steps (and after the last); 0 disables
+    max_nonfinite_steps: int = 5  # a non-finite loss/grad norm skips the update; this many in a row stop the run
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class EngineConfig:
     grad_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # host gradient staging; auto: compute dtype
     loss_chunk_tokens: int = 0  # tokens per LM-head chunk; 0: sized so a chunk's fp32 logits stay near 256 MiB
     threads: int = 0  # CPU threads for torch; 0: torch's default
+    gpu_memory_gb: float = 0.0  # cap this process's GPU memory (e.g. 24 to act like a 24 GB card); 0: the whole GPU
+    activations: Literal["device", "host"] = "device"  # layer-boundary checkpoints: on the device, or offloaded
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class OutputConfig:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # saved weights; auto: the source's
     shard_size_gb: float = 5.0
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard scalars to output.dir/tensorboard (needs `tensorboard`)
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,8 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each beta must be in [0, 1), got {list(o.betas)}")
     need(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
     need(e.loss_chunk_tokens >= 0, "engine.loss_chunk_tokens", f"must be >= 0 (0 = automatic), got {e.loss_chunk_tokens}")
+    need(e.gpu_memory_gb >= 0, "engine.gpu_memory_gb", f"must be >= 0 (0 = the whole GPU), got {e.gpu_memory_gb}")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     need(e.threads >= 0, "engine.threads", f"must be >= 0 (0 = torch's default), got {e.threads}")
     need(bool(out.dir), "output.dir", "required: the directory for metrics and checkpoints")
     need(out.save_every >= 0, "output.save_every", f"must be >= 0 (0 = only at the end), got {out.save_every}")

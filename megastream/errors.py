@@ -25,3 +25,11 @@ class Interrupted(MegastreamError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+class ResourceError(MegastreamError):
+    """The run does not fit this machine's RAM or GPU memory (found by the plan, or by the GPU)."""
+
+
+class TrainingError(MegastreamError):
+    """Training itself went wrong in a way the user must look at (e.g. losses that stay non-finite)."""

@@ -20,7 +20,9 @@ allocation up to a power of two (a 28 GB arena would take 32 GB) and pinning per
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -48,6 +50,7 @@ def _unpin(t: torch.Tensor) -> None:
 STATE_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
                 "int8": (torch.int8, torch.uint8)}
 BLOCK = 256  # elements per int8 quantisation block (csrc/adamw.cpp kBlock)
+_INIT_PIECE = 1 << 22  # elements per independently seeded piece of a random init
 
 
 class HostStore:
@@ -135,15 +138,15 @@ class HostStore:
             self.working.copy_(self.master)
 
     def breakdown(self) -> dict[str, int]:
-        """Host bytes held, by component."""
+        """Host bytes held, by component (the names megastream.memory.store_bytes uses)."""
         def nbytes(*ts):
             return sum(t.numel() * t.element_size() for t in ts)
 
         out = {"working": nbytes(self.working)}
         if self.master is not None and self.master is not self.working:
             out["master"] = nbytes(self.master)
-        out["states"] = nbytes(self.m, self.v, self.m_scale, self.v_scale)
-        out["grad_staging"] = nbytes(self.grad, self.embed_grad)
+        out["optimizer states"] = nbytes(self.m, self.v, self.m_scale, self.v_scale)
+        out["gradient staging"] = nbytes(self.grad, self.embed_grad)
         return out
 
     def host_bytes(self) -> int:
@@ -152,21 +155,47 @@ class HostStore:
     def state_bytes_per_param(self) -> float:
         """Persistent model state per parameter: weights, master and moments (no staging)."""
         b = self.breakdown()
-        return (b["working"] + b.get("master", 0) + b["states"]) / self.numel
+        return (b["working"] + b.get("master", 0) + b["optimizer states"]) / self.numel
+
+    def all_finite(self) -> bool:
+        """No NaN or infinity in the weights or the working copy (checked in 16M-element pieces,
+        so the check itself needs no arena-sized temporary)."""
+        step = 1 << 24
+        for arena in {id(a): a for a in (self.weights, self.working)}.values():
+            for lo in range(0, arena.numel(), step):
+                if not bool(torch.isfinite(arena[lo:lo + step]).all()):
+                    return False
+        return True
 
     # ---- initialisation ----------------------------------------------------------------------
-    def init_random(self, std: float, seed: int) -> None:
+    def init_random(self, std: float, seed: int, threads: int | None = None) -> None:
         """Random init as transformers does: N(0, std) matrices, unit norms, zero biases.
-        Drawn in fp32 whatever the storage dtype, so every optimizer mode starts from the same model."""
-        g = torch.Generator().manual_seed(seed)
+        Drawn in fp32 whatever the storage dtype, so every optimizer mode starts from the same model.
+        Matrices are drawn in 4M-element pieces, each from its own generator seeded by (seed, unit,
+        tensor, piece), on a thread pool: the values do not depend on the thread count, and a 14B
+        model initialises in seconds on 16 cores instead of minutes on one."""
+        jobs = []
         for u, unit in enumerate(self.units):
             views = unit.views(self.weights_of(u))
-            for e in unit.entries:
-                t = views[e.key]
+            for k, e in enumerate(unit.entries):
+                t = views[e.key].view(-1)
                 if e.decay:
-                    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
+                    jobs += [(t[lo:lo + _INIT_PIECE], (seed, u, k, lo // _INIT_PIECE))
+                             for lo in range(0, t.numel(), _INIT_PIECE)]
                 elif e.key.endswith("_b"):
                     t.zero_()
                 else:
                     t.fill_(1.0)
+
+        def draw(job):
+            dst, key = job
+            h = 0
+            for part in key:  # a fixed mix (Python's hash() is not promised to stay the same)
+                h = (h * 0x9E3779B97F4A7C15 + part + 1) % (1 << 63)
+            g = torch.Generator().manual_seed(h)
+            dst.copy_(torch.empty(dst.numel(), dtype=torch.float32).normal_(0.0, std, generator=g))
+
+        n = threads or min(32, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=n) as pool:  # normal_ and copy_ release the GIL
+            list(pool.map(draw, jobs))
         self.sync_working()

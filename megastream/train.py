@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,13 +26,15 @@ from megastream.checkpoint import load_hf_weights, save_hf
 from megastream.config import Config
 from megastream.data import Dataset, load_jsonl
 from megastream.engine.engine import Engine, MicroBatch
-from megastream.errors import ConfigError, DataError, Interrupted
-from megastream.model.layout import count_params, model_layout
+from megastream.errors import CheckpointError, ConfigError, DataError, Interrupted, ResourceError, TrainingError
+from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
+from megastream.plan import Plan, make_plan, mode_name
 from megastream.presets import PRESETS
 from megastream.resume import latest_checkpoint, prune, read_training_state, write_training_state
 from megastream.store import HostStore
+from megastream.telemetry import Monitor, Scalars
 from megastream.tokenizer import DEMO_TOKENIZER, TextTokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -123,6 +126,10 @@ def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
 
 
 def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer], extra=None) -> None:
+    if not model.store.all_finite():
+        raise CheckpointError(f"refusing to write {path}: the weights hold NaN or infinite values; earlier "
+                              f"checkpoints in {path.parent} are untouched. Resume from the last one with a lower "
+                              "train.lr (or train.grad_clip), and check the data around this step")
     copy_from = ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]
     save_hf(path, model.spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
             copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30), extra=extra)
@@ -203,9 +210,68 @@ class _StopRequest:
                  "(Ctrl-C again to abort without one)")
 
 
-def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, log=print) -> list[dict]:
+def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
+    """Settings the model's shape rules out (cheap: before any data or weights are read)."""
+    if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
+                          "megastream computes full causal attention, which equals sliding-window attention only "
+                          f"up to the window: set data.seq_len <= {spec.sliding_window}")
+    if cfg.data.seq_len > spec.max_position_embeddings:
+        log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
+            f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
+
+
+def refuse_if_too_big(plan: Plan) -> None:
+    """Raise ResourceError, naming what does not fit and what would, when the plan says no."""
+    if plan.fits_host and plan.fits_gpu:
+        return
+    b = plan.budget
+    why = []
+    if not plan.fits_host:
+        why.append(f"{b.host_total / 1e9:.1f} GB of host RAM, and {plan.ram_usable / 1e9:.1f} GB is usable here "
+                   f"({plan.machine.ram_total / 1e9:.1f} GB total)")
+    if not plan.fits_gpu:
+        have = f"{plan.gpu_budget / 1e9:.1f} GB ({plan.gpu_budget_source})" if plan.gpu_budget else plan.gpu_budget_source
+        why.append(f"{b.gpu_total / 1e9:.1f} GB of GPU memory, and the budget is {have}")
+    fixes = "; ".join(plan.suggestions) or "use a smaller model or a larger machine"
+    raise ResourceError(f"this run would need {' and '.join(why)}, so it would swap or be killed rather than train. "
+                        f"To fit: {fixes}. `megastream plan CONFIG` prints the whole budget; pass --force to start "
+                        "anyway")
+
+
+def cap_gpu_memory(cfg: Config, device: torch.device) -> None:
+    """engine.gpu_memory_gb: make the caching allocator refuse beyond the cap, so a large card
+    behaves like a smaller one (the CUDA context itself is outside the cap)."""
+    if device.type != "cuda" or not cfg.engine.gpu_memory_gb:
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.engine.gpu_memory_gb * 1e9 / total), device)
+
+
+def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device: torch.device, data: Dataset) -> str:
+    b, t = plan.budget, cfg.train
+    mode = mode_name(cfg) or "custom"
+    parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in b.host.items())
+    gpu = (f"GPU {b.gpu_total / 1e9:.2f} GB planned"
+           + (f" of {plan.gpu_budget / 1e9:.1f} GB ({plan.gpu_budget_source})" if plan.gpu_budget else "")
+           if device.type == "cuda" else "no GPU")
+    return (f"megastream: {cfg.model.preset or cfg.model.path} ({spec.architecture}), {b.params / 1e6:.1f}M params, "
+            f"{spec.num_layers} layers | device {device}, compute {str(store.compute_dtype)[6:]}, "
+            f"master {cfg.optim.master}, states {cfg.optim.states} ({mode} mode), activations "
+            f"{cfg.engine.activations}, C++ ops {'on' if ops.have_ext() else 'off'}\n"
+            f"megastream: host {b.host_total / 1e9:.2f} GB planned ({parts} GB): "
+            f"{store.state_bytes_per_param():.2f} B/param of model state, {b.host_total / b.params:.2f} B/param in all "
+            f"| {gpu}\n"
+            f"megastream: {len(data)} sequences of {cfg.data.seq_len}, "
+            f"{t.micro_batch_size * t.grad_accum * cfg.data.seq_len} tokens/step, {t.steps} steps; roofline "
+            f"{plan.roofline.step_s:.3g} s/step ({plan.roofline.bound}-bound, {plan.rates.source.split(' (')[0]})")
+
+
+def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, force: bool = False,
+          log=print) -> list[dict]:
     """Run a whole training job (or continue one: resume = "latest" or a checkpoint path);
-    returns the per-step metrics of this invocation."""
+    returns the per-step metrics of this invocation. Refuses (ResourceError) a run the memory
+    plan says cannot fit, unless `force`."""
     device = resolve_device(cfg)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
@@ -215,15 +281,13 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
     # Refuse early, create only once inputs are valid; a resumed run continues its own directory.
     _prepare_output(out, overwrite or resume_from is not None, create=False)
 
-    # Inputs first (cheap), so bad data fails before gigabytes are allocated or anything is written.
+    # Shape checks and the memory plan first (cheap), so nothing big is allocated for a run that cannot fit.
     spec = model_spec(cfg)
-    if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
-                          "megastream computes full causal attention, which equals sliding-window attention only "
-                          f"up to the window: set data.seq_len <= {spec.sliding_window}")
-    if cfg.data.seq_len > spec.max_position_embeddings:
-        log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
-            f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
+    check_model_inputs(cfg, spec, log)
+    plan = make_plan(cfg, spec)
+    if not force:
+        refuse_if_too_big(plan)
+    cap_gpu_memory(cfg, device)
     make_tok, used_toks = _tokenizer_for(cfg)
     data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow,
                                cfg.data.pack)
@@ -250,17 +314,11 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
 
     t = cfg.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len
-    n_params = count_params(spec)
-    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in store.breakdown().items())
-    log(f"megastream: {cfg.model.preset or cfg.model.path} ({spec.architecture}), {n_params / 1e6:.1f}M params, "
-        f"{spec.num_layers} layers | device {device}, compute {str(store.compute_dtype)[6:]}, "
-        f"master {cfg.optim.master}, states {cfg.optim.states}, C++ ops {'on' if ops.have_ext() else 'off'}\n"
-        f"megastream: host memory {store.host_bytes() / 2**30:.2f} GiB ({parts} GiB): "
-        f"{store.state_bytes_per_param():.2f} B/param of model state, {store.host_bytes() / n_params:.2f} B/param "
-        f"in all | {len(data)} sequences of {cfg.data.seq_len}, {tokens_per_step} tokens/step, {t.steps} steps")
+    log(_summary(cfg, spec, plan, store, device, data))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    engine = Engine(spec, store, cfg, device)
+    with _gpu_oom(plan, "while allocating the device buffers"):
+        engine = Engine(spec, store, cfg, device)
     engine.adam_steps = adam_steps
     history = []
     metrics_path = out / "metrics.jsonl"
@@ -268,6 +326,9 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
         kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
                 if line.strip() and json.loads(line)["step"] <= start_step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
+    monitor = Monitor(device)
+    scalars = Scalars(out, cfg.output.tensorboard, log)
+    bad_run, skipped = 0, 0  # consecutive / total steps skipped for a non-finite loss or gradient norm
     try:
         with _StopRequest(log) as stop, open(metrics_path, "a" if resume_from is not None else "w") as metrics, \
                 tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=not cfg.output.progress,
@@ -276,18 +337,35 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
                 lr = lr_at(step, t)
                 mbs = data.micro_batches(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
                 t0 = time.perf_counter()
-                stats = engine.step(mbs, lr)  # returns after a device sync (loss, grad norm)
+                stats = _run_step(engine, mbs, lr, step, plan)  # returns after a device sync (loss, grad norm)
                 dt = time.perf_counter() - t0
                 rec = {"step": step + 1, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                        "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens,
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+                if stats.skipped:
+                    bad_run, skipped = bad_run + 1, skipped + 1
+                    rec["skipped"] = True
+                    log(f"\nmegastream: warning: step {step + 1}: non-finite loss ({stats.loss}) or gradient norm "
+                        f"({stats.grad_norm}); update skipped ({bad_run} in a row, {skipped} in all)")
+                else:
+                    bad_run = 0
+                rec["skipped_steps"] = skipped
                 if val is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
                     rec["eval_loss"], rec["eval_tokens"] = evaluate(engine, val, t.micro_batch_size, t.grad_accum)
+                rec.update(monitor.sample())
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+                scalars.write(rec)
                 history.append(rec)
-                bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix_str(_postfix(rec), refresh=False)
                 bar.update()
+                if bad_run >= t.max_nonfinite_steps:
+                    bar.close()
+                    raise TrainingError(
+                        f"stopped at step {step + 1}: {bad_run} steps in a row had a non-finite loss or gradient norm "
+                        f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); their updates were skipped, so the "
+                        "weights are those of the last good step, and nothing was written. Lower train.lr, keep "
+                        f"train.grad_clip on, check the data near step {step + 1 - bad_run + 1}, then --resume")
                 saving = cfg.output.save_every and (step + 1) % cfg.output.save_every == 0
                 if saving or (stop.signum is not None and step + 1 < t.steps):
                     engine.worker.wait_all()  # the step's updates must have landed
@@ -302,7 +380,41 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, lo
     finally:
         engine.close()
         store.close()
+        monitor.close()
+        scalars.close()
     if history:
-        log(f"megastream: done, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; "
-            f"model saved to {out / 'final'}")
+        msg = f"megastream: done, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; "
+        if skipped:
+            msg += f"{skipped} step(s) skipped for non-finite values; "
+        log(msg + f"model saved to {out / 'final'}")
     return history
+
+
+@contextlib.contextmanager
+def _gpu_oom(plan: Plan, where: str):
+    """Turn a GPU out-of-memory error into a message about the budget (no CUDA trace)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        cap = plan.cfg.engine.gpu_memory_gb
+        raise ResourceError(
+            f"the GPU ran out of memory {where} (the plan predicted {plan.budget.gpu_total / 1e9:.1f} GB"
+            + (f"; engine.gpu_memory_gb caps it at {cap:g} GB" if cap else "") + "). Lower train.micro_batch_size "
+            "(raising train.grad_accum keeps the tokens per step), set engine.activations: host, or lower "
+            f"data.seq_len; `megastream plan CONFIG` shows the budget. CUDA said: {str(e).splitlines()[0]}") from None
+
+
+def _run_step(engine: Engine, mbs, lr: float, step: int, plan: Plan):
+    with _gpu_oom(plan, f"in step {step + 1}"):
+        return engine.step(mbs, lr)
+
+
+def _postfix(rec: dict) -> str:
+    parts = [f"loss {rec['loss']:.4f}", f"{rec['tokens_per_s']:,.0f} tok/s", f"host {rec['host_rss_gb']:.1f} GB"]
+    if "gpu_peak_gb" in rec:
+        parts.append(f"GPU {rec['gpu_peak_gb']:.1f} GB")
+    if "gpu_util" in rec:
+        parts.append(f"util {rec['gpu_util']:.0f}%")
+    if rec.get("skipped_steps"):
+        parts.append(f"skipped {rec['skipped_steps']}")
+    return ", ".join(parts)

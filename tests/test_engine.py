@@ -67,7 +67,7 @@ def test_layer_major_step_matches_plain_backward(tied):
     assert stats.loss == pytest.approx(ref_loss, rel=1e-6)
     assert stats.loss_tokens == sum(int((mb.labels != IGNORE).sum()) for mb in mbs)
     for u, ref in enumerate(ref_grads):
-        torch.testing.assert_close(store.grad_of(u), ref, rtol=1e-5, atol=1e-7, msg=f"unit {store.units[u].name}")
+        torch.testing.assert_close(store.grad_of(u), ref, rtol=1e-5, atol=1e-6, msg=f"unit {store.units[u].name}")
     assert stats.grad_norm == pytest.approx(float(torch.linalg.vector_norm(torch.cat(ref_grads))), rel=1e-5)
 
 

@@ -87,3 +87,71 @@ def test_1b_preset_peak_gpu_memory():
     assert stats.loss == pytest.approx(11.76, abs=0.5)  # ~ln(vocab) at init
     assert peak < predicted + 1.5 * 2**30
     store.close()
+
+
+# ---- memory plan, GPU cap, activation offload (issues 5 and 6) ---------------------------------
+def _preset_cfg(tmp_path, *sets):
+    from helpers import REPO
+    from megastream.config import load_config
+
+    return load_config(REPO / "configs" / "demo.yaml",
+                       ["model.preset=qwen2.5-0.5b", "engine.device=cuda", "data.seq_len=512",
+                        "train.micro_batch_size=4", "train.grad_accum=2", "train.steps=3", "train.warmup_steps=0",
+                        "train.lr=1e-5", "train.min_lr=0", "output.progress=false", f"output.dir={tmp_path / 'run'}",
+                        *sets])
+
+
+@pytest.mark.parametrize("activations", ["device", "host"])
+def test_plan_predicts_gpu_peak_within_15_percent(tmp_path, activations):
+    from megastream.memory import CUDA_CONTEXT_DEVICE
+    from megastream.plan import make_plan
+    from megastream.train import model_spec, train
+
+    cfg = _preset_cfg(tmp_path, f"engine.activations={activations}")
+    planned = make_plan(cfg, model_spec(cfg)).budget.gpu_total - CUDA_CONTEXT_DEVICE  # allocator bytes only
+    recs = train(cfg, log=lambda *a: None)
+    peak = max(r["gpu_peak_gb"] for r in recs) * 1e9
+    print(f"{activations}: planned {planned / 1e9:.2f} GB, measured peak {peak / 1e9:.2f} GB")
+    assert abs(planned - peak) <= 0.15 * peak
+
+
+def test_activation_offload_on_gpu_is_exact_and_smaller(tmp_path):
+    from megastream.train import train
+
+    dev = train(_preset_cfg(tmp_path / "d", "engine.activations=device"), log=lambda *a: None)
+    host = train(_preset_cfg(tmp_path / "h", "engine.activations=host"), log=lambda *a: None)
+    assert [r["loss"] for r in dev] == [r["loss"] for r in host]
+    assert max(r["gpu_peak_gb"] for r in host) < max(r["gpu_peak_gb"] for r in dev)
+
+
+def test_activation_offload_overlaps_compute():
+    """The offload (D2H) and bring-back (H2D) copies run mostly under compute kernels."""
+    from megastream.engine.engine import MicroBatch
+    from megastream.profiling import profile_steps
+
+    spec = PRESETS["qwen2.5-0.5b"]
+    store = HostStore(model_layout(spec), torch.bfloat16, torch.bfloat16, pin=True, master=False, states="bf16")
+    store.init_random(0.02, seed=0)
+    engine = Engine(spec, store, Config(engine=EngineConfig(activations="host")), torch.device("cuda"))
+    g = torch.Generator().manual_seed(0)
+    mbs = []
+    for _ in range(4):
+        ids = torch.randint(0, spec.vocab_size, (4, 1024), generator=g)
+        mbs.append(MicroBatch(ids, torch.cat([ids[:, 1:], torch.full((4, 1), -100)], 1)))
+    s = profile_steps(engine, mbs, 1e-5, steps=2)
+    engine.close()
+    store.close()
+    print(s)
+    assert s["d2h_hidden_fraction"] > 0.5 and s["h2d_hidden_fraction"] > 0.5
+
+
+def test_gpu_memory_cap_gives_a_clear_error(tmp_path):
+    from helpers import REPO, run_cli
+
+    proc = run_cli("train", str(REPO / "configs" / "demo.yaml"), "--set", "model.preset=qwen2.5-0.5b",
+                   "--set", "engine.device=cuda", "--set", "engine.gpu_memory_gb=1.5", "--set", "data.seq_len=512",
+                   "--set", "train.warmup_steps=0", "--set", "train.min_lr=0", "--set", "train.lr=1e-5",
+                   "--set", f"output.dir={tmp_path / 'run'}", "--force", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ran out of memory" in proc.stderr and "engine.gpu_memory_gb" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -43,7 +43,7 @@ def test_lean_modes_reach_full_precision_loss(runs, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_startup_prints_host_bytes_per_param(runs, mode):
     stdout = runs[mode][1]
-    m = re.search(r"host memory ([\d.]+) GiB .*?: ([\d.]+) B/param of model state", stdout)
+    m = re.search(r"host ([\d.]+) GB planned .*?: ([\d.]+) B/param of model state", stdout)
     assert m, stdout
     assert float(m.group(2)) == pytest.approx(MODES[mode][3], abs=0.01)
     assert "C++ ops on" in stdout

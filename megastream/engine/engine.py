@@ -6,19 +6,21 @@
     -> global norm -> per-unit AdamW on a host thread, overlapping what the device does next.
 
 Each layer's weights cross to the device once in forward and once in backward, however many
-micro-batches the step has. Without clipping, a unit's update starts as soon as its gradient
-lands on the host, overlapping the rest of backward; with clipping, updates start once the global
-norm is known, in order 0..L+1, overlapping the next step's forward (which waits per unit).
+micro-batches the step has. Updates start once the global norm is known (clipping needs it, and a
+non-finite loss or norm must skip the whole update, never half of it), in order 0..L+1,
+overlapping the next step's forward, which waits only for the unit it needs next.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from megastream import ops
 from megastream.config import Config
+from megastream.engine.activations import Checkpoints
 from megastream.engine.grads import GradStager
 from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss, head_loss_and_grad
 from megastream.engine.streams import DONE, Streams
@@ -44,6 +46,7 @@ class StepStats:
     loss_tokens: int
     grad_norm: float  # before clipping
     lr: float
+    skipped: bool = False  # non-finite loss or gradient norm: no update was applied
 
 
 def layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy: torch.Tensor,
@@ -79,11 +82,13 @@ class Engine:
         tied = spec.tie_word_embeddings
         self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait)
         self.grads = GradStager(store, device, self.streams, tied=tied)
+        self.ckpts = Checkpoints(device, self.streams, cfg.engine.activations)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def close(self) -> None:
         self.worker.wait_all()
         self.worker.close()
+        self.ckpts.close()
 
     def rope(self, seq_len: int):
         if seq_len not in self._rope:
@@ -102,8 +107,7 @@ class Engine:
         self.weights.invalidate()
 
         # 1-2. Embedding rows, then forward layer-major, keeping each layer's inputs.
-        ckpts: list[list[torch.Tensor] | None] = []
-        xs = self._forward(mbs, ropes, masks, ckpts)
+        xs = self._forward(mbs, ropes, masks, keep=True)
         self.grads.begin_embed()  # after _forward waited for the embedding's previous update
         labels = [mb.labels.to(self.device, non_blocking=True) for mb in mbs]
 
@@ -121,23 +125,21 @@ class Engine:
         del xs
         self.weights.release(head)
         ready = {head: self.grads.finish_head()}  # unit -> event: its gradient is on the host
-        if clip <= 0:
-            self._submit(head, ready[head], lr, 1.0)
 
         # 4. Backward, layer-major in reverse, recomputing each layer from its checkpoint.
         for i in reversed(range(L)):
             u = i + 1
             w = self.weights.acquire(u)
             acc = self.grads.begin(u)
+            xs = self.ckpts.take(i)
+            self.ckpts.prefetch(i - 1)  # offloaded: the previous layer's inputs come back under this backward
             dys = [layer_backward(x, w, self.units[u], dy, acc, r, spec, m)
-                   for x, dy, r, m in zip(ckpts[i], dys, ropes, masks)]
-            ckpts[i] = None  # free this layer's checkpoints
+                   for x, dy, r, m in zip(xs, dys, ropes, masks)]
+            del xs  # this layer's checkpoints are freed
             self.weights.release(u)
             if i > 0:
                 self.weights.prefetch(u - 1, keep=u)  # previous layer on h2d under this backward
             ready[u] = self.grads.finish(u, acc)
-            if clip <= 0:
-                self._submit(u, ready[u], lr, 1.0)
 
         # 5. Embedding gradient: scatter-add on the host.
         embed_norm = self.grads.embed_backward([mb.input_ids for mb in mbs], dys)
@@ -146,29 +148,31 @@ class Engine:
         norms = self.grads.norms.cpu()
         norms[0] = embed_norm
         total = float(torch.linalg.vector_norm(norms))
-        if clip > 0:
-            coef = clip_coef(total, clip)
-            for u in range(len(self.units)):
-                self._submit(u, ready.get(u, DONE), lr, coef)
-        else:
-            self._submit(0, DONE, lr, 1.0)
         loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
+        if not (math.isfinite(loss) and math.isfinite(total)):
+            self.adam_steps -= 1  # as if the step never happened: bias correction does not advance
+            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True)
+        coef = clip_coef(total, clip) if clip > 0 else 1.0
+        for u in range(len(self.units)):
+            self._submit(u, ready.get(u, DONE), lr, coef)
         return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
 
     @torch.no_grad()
-    def _forward(self, mbs: list[MicroBatch], ropes, masks, ckpts: list | None = None) -> list[torch.Tensor]:
+    def _forward(self, mbs: list[MicroBatch], ropes, masks, keep: bool = False) -> list[torch.Tensor]:
         """Embedding rows, then layers 0..L-1 layer-major (every micro-batch passes layer i before
-        layer i+1); appends each layer's inputs to `ckpts` when given. Returns the last hidden states."""
+        layer i+1); with `keep`, each layer's inputs go to self.ckpts. Returns the last hidden states."""
         spec = self.spec
         self.worker.wait(0)  # host wait: the embedding's pending update
         table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
         # H2D: tokens * H * itemsize bytes per micro-batch (small, pageable)
         xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
+        if keep:
+            self.ckpts.begin(self.L, xs)
         for i in range(self.L):
             u = i + 1
             views = self.units[u].views(self.weights.acquire(u))
-            if ckpts is not None:
-                ckpts.append(xs)  # layer-boundary checkpoints stay on the device
+            if keep:
+                self.ckpts.save(i, xs)  # layer-boundary checkpoint: kept on the device, or offloaded
             xs = [block(x, views, r, spec, m) for x, r, m in zip(xs, ropes, masks)]  # compute stream
             self.weights.release(u)
             # Next layer (or the head) on h2d under this layer's compute. Issued after the compute

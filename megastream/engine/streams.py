@@ -4,6 +4,7 @@ Three streams take part in a step:
   compute  the default stream: layer math, gradient accumulation, casts
   h2d      weight copies host -> device (prefetch of the next unit)
   d2h      gradient copies device -> host (one per unit per step)
+  offload  layer-boundary checkpoints device -> host in forward (engine.activations: host)
 On the CPU every copy is synchronous, so events are always complete and waits do nothing; the
 engine's code path is otherwise identical.
 """
@@ -36,8 +37,9 @@ class Streams:
             self.compute = torch.cuda.current_stream(device)
             self.h2d = torch.cuda.Stream(device)
             self.d2h = torch.cuda.Stream(device)
+            self.offload = torch.cuda.Stream(device)
         else:
-            self.compute = self.h2d = self.d2h = None
+            self.compute = self.h2d = self.d2h = self.offload = None
 
     def record(self, stream) -> "torch.cuda.Event | _DoneEvent":
         """An event marking all work queued so far on `stream`."""

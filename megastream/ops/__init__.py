@@ -23,12 +23,19 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-e
 _state: dict = {}
 
 
+_ISA_PREFIXES = ("avx", "sse", "ssse", "fma", "f16c", "amx", "bmi", "popcnt", "lzcnt", "movbe", "vnni", "asimd",
+                 "sve", "neon")
+
+
 def _cpu_signature() -> str:
+    """The instruction-set flags -march=native compiles for. Only those: a VM's full flag list can
+    change between runs (migration, mitigations) and would force needless rebuilds."""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = os.uname().machine
-    return flags
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith(("flags", "Features"))).split(":", 1)[1].split()
+    except (OSError, StopIteration, IndexError):
+        return os.uname().machine
+    return os.uname().machine + " " + " ".join(sorted(f for f in flags if f.startswith(_ISA_PREFIXES)))
 
 
 def _build() -> bool:

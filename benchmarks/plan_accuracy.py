@@ -1,0 +1,83 @@
+"""How close is `megastream plan` to what a run really takes? For each case: the plan's host total
+(`megastream plan --json`, its own process) next to the peak RSS of `megastream train` on the same
+config (another process, measured by the kernel: getrusage of the child).
+
+    python benchmarks/plan_accuracy.py                    # demo + a 1B-class preset (about 5 min on 2 cores)
+    python benchmarks/plan_accuracy.py --cases demo --json out.json
+
+Cases train a few steps on the bundled demo corpus; the preset cases run on the CPU in bf16 with
+the lean mode so that a 1B model fits a 24 GB machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megastream.machine import cpu_name
+
+DEMO = Path(__file__).resolve().parent.parent / "megastream" / "demo" / "demo.yaml"
+CASES = {
+    "demo": ["train.steps=20", "train.warmup_steps=0"],
+    "demo-compact-save": ["train.steps=6", "train.warmup_steps=0", "optim.master=none", "optim.states=int8",
+                          "output.save_every=3"],
+    "qwen2.5-0.5b-full": ["model.preset=qwen2.5-0.5b", "data.seq_len=256", "train.micro_batch_size=2",
+                          "train.grad_accum=2", "train.steps=3", "train.warmup_steps=0", "train.lr=1e-5", "train.min_lr=0"],
+    "llama-3.2-1b-lean-bf16": ["model.preset=llama-3.2-1b", "data.seq_len=256", "train.micro_batch_size=2",
+                               "train.grad_accum=2", "train.steps=3", "train.warmup_steps=0", "train.lr=1e-5", "train.min_lr=0",
+                               "engine.dtype=bfloat16", "optim.master=none", "optim.states=bf16"],
+}
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for kv in items for a in ("--set", kv)]
+
+
+def run_case(name: str, sets: list[str], workdir: Path) -> dict:
+    sets = [*sets, f"output.dir={workdir / name}", "output.progress=false"]
+    plan = subprocess.run([sys.executable, "-m", "megastream", "plan", str(DEMO), "--json", *_sets(sets)],
+                          capture_output=True, text=True, check=False)
+    if plan.returncode not in (0, 1):
+        raise SystemExit(f"plan failed for {name}:\n{plan.stderr}")
+    p = json.loads(plan.stdout)
+    proc = subprocess.Popen([sys.executable, "-m", "megastream", "train", str(DEMO), "--overwrite", *_sets(sets)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: peak RSS in KiB
+    peak = usage.ru_maxrss * 1024
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"train failed for {name}:\n{err[-3000:]}")
+    return {"case": name, "params": p["params"], "planned_host_bytes": p["host_bytes_total"],
+            "measured_peak_rss_bytes": peak, "ratio": p["host_bytes_total"] / peak,
+            "planned_components": p["host_bytes"], "sets": sets[:-2]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.cases:
+            r = run_case(name, CASES[name], Path(tmp))
+            rows.append(r)
+            print(f"{name:<26} {r['params'] / 1e6:9.1f}M params  planned {r['planned_host_bytes'] / 1e9:7.2f} GB  "
+                  f"measured peak RSS {r['measured_peak_rss_bytes'] / 1e9:7.2f} GB  "
+                  f"plan/measured {r['ratio']:.3f}", flush=True)
+    meta = {"device": f"CPU: {cpu_name()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
+            "torch_version": torch.__version__}
+    if a.json:
+        Path(a.json).write_text(json.dumps({**meta, "cases": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

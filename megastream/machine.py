@@ -1,0 +1,98 @@
+"""Facts about this machine that decide whether a run fits: RAM, GPUs, the locked-memory limit.
+Cheap to call (no CUDA context is created: GPU facts come from NVML)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import psutil
+
+
+def cache_dir() -> Path:
+    """Where megastream keeps built ops and probe results ($MEGASTREAM_CACHE, else ~/.cache/megastream)."""
+    return Path(os.environ.get("MEGASTREAM_CACHE", Path.home() / ".cache" / "megastream"))
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    total_bytes: int
+    driver: str
+
+
+@dataclass(frozen=True)
+class Machine:
+    hostname: str
+    cpu: str
+    cores: int
+    ram_total: int
+    ram_available: int
+    memlock_limit: int | None  # bytes, None = unlimited
+    gpus: list[Gpu] = field(default_factory=list)
+    nvml_error: str | None = None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _nvml() -> tuple[list[Gpu], str | None]:
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:  # no driver: a CPU-only machine
+        return [], f"NVML unavailable ({e})"
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            gpus.append(Gpu(i, name.decode() if isinstance(name, bytes) else name,
+                            int(pynvml.nvmlDeviceGetMemoryInfo(h).total), driver))
+        return gpus, None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@lru_cache(maxsize=1)
+def _gpus() -> tuple[tuple[Gpu, ...], str | None]:
+    gpus, err = _nvml()
+    return tuple(gpus), err
+
+
+def machine() -> Machine:
+    vm = psutil.virtual_memory()
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    gpus, err = _gpus()
+    return Machine(hostname=platform.node(), cpu=cpu_name(), cores=os.cpu_count() or 1, ram_total=vm.total,
+                   ram_available=vm.available, memlock_limit=None if soft == resource.RLIM_INFINITY else soft,
+                   gpus=list(gpus), nvml_error=err)
+
+
+def rss() -> int:
+    """This process's resident set size, bytes."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fmt_gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"

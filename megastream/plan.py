@@ -1,0 +1,332 @@
+"""`megastream plan CONFIG`: will this run fit, and how fast can it go — before anything is allocated.
+
+    budget (megastream.memory)  ->  verdict against this machine (RAM, GPU, locked memory)
+    roofline (DESIGN.md)        ->  predicted step time from measured (`megastream probe`) or default rates
+    suggestions                 ->  settings that make a run fit when the configured one does not
+
+`train` calls `make_plan` too and refuses a run the verdict says cannot fit (unless --force).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from megastream.config import Config
+from megastream.machine import Machine, machine, rss
+from megastream.memory import Budget, budget
+from megastream.model.layout import model_layout
+from megastream.model.spec import ModelSpec
+
+# Stated defaults when `megastream probe` has not been run on this machine. GPU: a PCIe Gen4 x16
+# host (pinned ~25 GB/s per direction), a Hopper-class bf16 matmul rate, a server's DRAM. CPU: a
+# small cloud VM (2 cores; fp32 matmul ~0.1 TFLOP/s, ~20 GB/s).
+DEFAULT_RATES = {
+    "cuda": {"h2d_gbps": 25.0, "d2h_gbps": 25.0, "matmul_tflops": 600.0, "host_gbps": 50.0},
+    "cpu": {"h2d_gbps": 0.0, "d2h_gbps": 0.0, "matmul_tflops": 0.1, "host_gbps": 20.0},
+}
+# The memory modes (README): name -> (optim.master, optim.states).
+MODES = {"full": ("fp32", "fp32"), "lean": ("none", "bf16"), "compact": ("none", "int8")}
+
+
+@dataclass
+class Rates:
+    h2d_gbps: float
+    d2h_gbps: float
+    matmul_tflops: float
+    host_gbps: float
+    optimizer_ns_per_param: dict[str, float] = field(default_factory=dict)
+    source: str = "defaults"
+
+
+def rates_for(device_type: str) -> Rates:
+    from megastream.probe import cached_probe
+
+    rec = cached_probe(device_type)
+    if rec is None:
+        return Rates(**DEFAULT_RATES[device_type], source="stated defaults (run `megastream probe` to measure)")
+    d = DEFAULT_RATES[device_type]
+    return Rates(h2d_gbps=rec.get("h2d_gbps", d["h2d_gbps"]), d2h_gbps=rec.get("d2h_gbps", d["d2h_gbps"]),
+                 matmul_tflops=rec["matmul_tflops"], host_gbps=rec["host_gbps"],
+                 optimizer_ns_per_param=dict(rec.get("optimizer_ns_per_param", {})),
+                 source=f"`megastream probe` of {rec['date']} ({rec['device']})")
+
+
+def mode_name(cfg: Config) -> str | None:
+    return next((k for k, v in MODES.items() if v == (cfg.optim.master, cfg.optim.states)), None)
+
+
+def optimizer_bytes_per_param(cfg: Config, compute: torch.dtype, grad: torch.dtype) -> float:
+    """DRAM bytes one fused AdamW pass moves per parameter: read+write weights and moments, read the
+    gradient, write the working copy (when separate from the weights)."""
+    master = cfg.optim.master == "fp32" and compute != torch.float32
+    w = 4 if master or compute == torch.float32 else compute.itemsize
+    states = {"fp32": 8, "bf16": 4, "int8": 2 + 8 / 256}[cfg.optim.states]
+    return 2 * w + 2 * states + grad.itemsize + (compute.itemsize if master else 0)
+
+
+@dataclass
+class Roofline:
+    flops: float  # executed per step: forward, recompute, backward (and the head once)
+    model_flops: float  # 6 * N * tokens: the work credited in TFLOP/s and MFU
+    compute_s: float
+    h2d_s: float
+    d2h_s: float
+    optimizer_s: float
+    step_s: float
+    bound: str  # which term sets step_s
+
+
+def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
+    """Step time >= max(GPU compute, H2D bytes / H2D bw, D2H bytes / D2H bw, optimizer) on a GPU;
+    on the CPU the same cores do compute and optimizer, so the terms add up."""
+    units = model_layout(spec)
+    n_layers = sum(u.numel for u in units[1:-1])
+    T, S = b.tokens_per_step, cfg.data.seq_len
+    head = spec.vocab_size * spec.hidden_size
+    qd = spec.num_heads * spec.head_dim
+    # layers: forward + recompute + backward (2x) = 4 x 2 FLOPs per weight per token; causal attention
+    # (QK^T and PV, half the square) 2*S*qd per token per layer, same 4 passes; the head: 6 per weight.
+    flops = 8 * n_layers * T + 8 * spec.num_layers * T * S * qd + 6 * head * T
+    ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
+    h2d = 2 * n_layers * ec + head * ec  # each layer in forward and backward, the head once
+    d2h = n_layers * eg + head * (4 if spec.tie_word_embeddings else eg)
+    mode = mode_name(cfg)
+    if mode in rates.optimizer_ns_per_param and b.compute_dtype == torch.bfloat16:
+        opt = b.params * rates.optimizer_ns_per_param[mode] * 1e-9
+    else:
+        opt = b.params * optimizer_bytes_per_param(cfg, b.compute_dtype, b.grad_dtype) / (rates.host_gbps * 1e9)
+    compute = flops / (rates.matmul_tflops * 1e12)
+    if b.device_type == "cuda":
+        terms = {"compute": compute, "H2D": h2d / (rates.h2d_gbps * 1e9), "D2H": d2h / (rates.d2h_gbps * 1e9),
+                 "optimizer": opt}
+        bound = max(terms, key=terms.get)
+        step = terms[bound]
+    else:
+        copies = (h2d + d2h) * 2 / (rates.host_gbps * 1e9)  # the "transfers" are memcpys (read + write)
+        terms = {"compute": compute, "H2D": 0.0, "D2H": 0.0, "optimizer": opt}
+        step = compute + opt + copies
+        bound = "compute" if compute >= opt else "optimizer"
+    return Roofline(flops=flops, model_flops=6 * b.params * T, compute_s=compute, h2d_s=terms["H2D"],
+                    d2h_s=terms["D2H"], optimizer_s=opt, step_s=step, bound=bound)
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    spec: ModelSpec
+    device_type: str
+    budget: Budget
+    machine: Machine
+    rates: Rates
+    roofline: Roofline
+    ram_usable: int  # bytes this run may take: what is available now plus what this process holds
+    gpu_budget: int | None  # bytes; None when no GPU is visible and engine.gpu_memory_gb is unset
+    gpu_budget_source: str
+    fits_host: bool
+    fits_gpu: bool
+    warnings: list[str]
+    suggestions: list[str]
+    modes: dict[str, Budget]
+
+    def to_json(self) -> dict:
+        b, r = self.budget, self.roofline
+        return {
+            "model": self.cfg.model.preset or self.cfg.model.path, "architecture": self.spec.architecture,
+            "params": b.params, "device": self.device_type, "compute_dtype": str(b.compute_dtype)[6:],
+            "optimizer_mode": {"master": self.cfg.optim.master, "states": self.cfg.optim.states},
+            "tokens_per_step": b.tokens_per_step,
+            "host_bytes": b.host, "gpu_bytes": b.gpu,
+            "host_bytes_total": b.host_total, "gpu_bytes_total": b.gpu_total,
+            "host_bytes_per_param": b.host_total / b.params, "state_bytes_per_param": b.state_bytes_per_param,
+            "pinned_bytes": b.pinned,
+            "ram_total": self.machine.ram_total, "ram_available": self.machine.ram_available,
+            "ram_usable": self.ram_usable, "gpu_budget_bytes": self.gpu_budget,
+            "memlock_limit": self.machine.memlock_limit,
+            "fits_host": self.fits_host, "fits_gpu": self.fits_gpu, "fits": self.fits_host and self.fits_gpu,
+            "predicted_step_s": r.step_s, "predicted_tokens_per_s": b.tokens_per_step / r.step_s,
+            "roofline": {"flops_per_step": r.flops, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
+                         "optimizer_s": r.optimizer_s, "bound": r.bound, "rates": vars(self.rates)},
+            "modes": {k: {"host_bytes_total": m.host_total, "state_bytes_per_param": m.state_bytes_per_param,
+                          "fits_host": m.host_total <= self.ram_usable} for k, m in self.modes.items()},
+            "warnings": self.warnings, "suggestions": self.suggestions,
+        }
+
+
+def plan_device(cfg: Config) -> str:
+    """The device a run of `cfg` will use here ("cuda" / "cpu"), without creating a CUDA context."""
+    if cfg.engine.device != "auto":
+        return cfg.engine.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _with(cfg: Config, **sections) -> Config:
+    return replace(cfg, **{k: replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, host: Machine | None = None) -> Plan:
+    """The budget and verdict of `cfg` on this machine (or on `host`, a Machine to plan for)."""
+    from megastream.train import resolve_dtypes
+
+    device_type = plan_device(cfg)
+    compute, grad = resolve_dtypes(cfg, torch.device(device_type))
+    runtime = rss() if runtime_bytes is None else runtime_bytes
+    m = host or machine()
+
+    def budget_of(c: Config) -> Budget:
+        return budget(c, spec, device_type, compute, grad, runtime)
+
+    b = budget_of(cfg)
+    rates = rates_for(device_type)
+    roof = roofline(cfg, spec, b, rates)
+    ram_usable = m.ram_available + (rss() if host is None else runtime)
+    fits_host = b.host_total <= ram_usable
+
+    gpu_budget, source = None, "no GPU here"
+    if device_type == "cuda":
+        physical = m.gpus[0].total_bytes if m.gpus else None
+        cap = int(cfg.engine.gpu_memory_gb * 1e9) if cfg.engine.gpu_memory_gb else None
+        if cap and physical:
+            gpu_budget, source = min(cap, physical), f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} on a {physical / 1e9:.0f} GB {m.gpus[0].name}"
+        elif cap:
+            gpu_budget, source = cap, f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} (no GPU visible here)"
+        elif physical:
+            gpu_budget, source = physical, f"{m.gpus[0].name}, {physical / 1e9:.0f} GB"
+    fits_gpu = device_type == "cpu" or (gpu_budget is not None and b.gpu_total <= gpu_budget)
+
+    warnings = []
+    if device_type == "cuda" and gpu_budget is None:
+        warnings.append("no GPU is visible here and engine.gpu_memory_gb is unset, so the GPU verdict is 'no'; "
+                        "set engine.gpu_memory_gb to the card you will run on")
+    if m.memlock_limit is not None and b.pinned > m.memlock_limit:
+        warnings.append(f"{b.pinned / 1e9:.1f} GB would be page-locked but the locked-memory limit (ulimit -l) "
+                        f"is {m.memlock_limit / 1e9:.2f} GB; if pinning fails, raise it (ulimit -l unlimited, or "
+                        "memlock in /etc/security/limits.conf / docker --ulimit memlock=-1)")
+    if fits_host and b.host_total > 0.9 * m.ram_total:
+        warnings.append(f"the run takes {b.host_total / m.ram_total:.0%} of this machine's RAM; other programs "
+                        "may push it into swap")
+
+    modes = {k: budget_of(_with(cfg, optim={"master": ms, "states": st})) for k, (ms, st) in MODES.items()}
+    suggestions = _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type)
+    return Plan(cfg, spec, device_type, b, m, rates, roof, ram_usable, gpu_budget, source, fits_host, fits_gpu,
+                warnings, suggestions, modes)
+
+
+def _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type) -> list[str]:
+    out = []
+    gb = lambda n: f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"  # noqa: E731
+    if not fits_host:
+        fitting = [(k, m) for k, m in modes.items() if m.host_total <= ram_usable]
+        for k, m in fitting:
+            ms, st = MODES[k]
+            out.append(f"optim.master: {ms}, optim.states: {st} ({k} mode) brings host RAM to "
+                       f"{gb(m.host_total)} (of {gb(ram_usable)} usable)")
+        if not fitting:
+            smallest = min(modes.values(), key=lambda m: m.host_total)
+            out.append(f"even the compact mode needs {gb(smallest.host_total)} of host RAM and {gb(ram_usable)} "
+                       "is usable here: use a machine with more RAM or a smaller model")
+    if not fits_gpu and gpu_budget is not None:
+        t, e = cfg.train, cfg.engine
+        tries = []
+        if e.activations == "device":
+            tries.append(("engine.activations: host", {"engine": {"activations": "host"}}))
+        if t.micro_batch_size > 1:
+            mbs = max(1, t.micro_batch_size // 2)
+            tries.append((f"train.micro_batch_size: {mbs}, train.grad_accum: {t.grad_accum * t.micro_batch_size // mbs}"
+                          " (same tokens per step)", {"train": {"micro_batch_size": mbs,
+                                                                 "grad_accum": t.grad_accum * t.micro_batch_size // mbs}}))
+        both = {"engine": {"activations": "host"}, "train": {"micro_batch_size": 1,
+                                                             "grad_accum": t.grad_accum * t.micro_batch_size}}
+        tries.append(("engine.activations: host with train.micro_batch_size: 1", both))
+        for text, change in tries:
+            g = budget_of(_with(cfg, **change)).gpu_total
+            if g <= gpu_budget:
+                out.append(f"{text} brings GPU memory to {gb(g)} (of {gb(gpu_budget)})")
+                break
+        else:
+            out.append(f"even with activations on the host and one sequence per micro-batch the GPU needs more than "
+                       f"{gb(gpu_budget)}: lower data.seq_len or use a larger GPU")
+    if device_type == "cpu" and torch.cuda.is_available():
+        out.append("a GPU is visible: engine.device: cuda")
+    return out
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+def render(p: Plan) -> str:
+    b, r, m = p.budget, p.roofline, p.machine
+    gb = lambda n: f"{n / 1e9:10.2f} GB"  # noqa: E731
+    name = p.cfg.model.preset or p.cfg.model.path
+    mode = mode_name(p.cfg) or "custom"
+    size = f"{b.params / 1e9:.2f}B" if b.params >= 1e9 else f"{b.params / 1e6:.1f}M"
+    lines = [f"{name} ({p.spec.architecture}): {size} parameters, {p.spec.num_layers} layers",
+             f"device {p.device_type}, compute {str(b.compute_dtype)[6:]}, gradients {str(b.grad_dtype)[6:]}, "
+             f"optim.master {p.cfg.optim.master}, optim.states {p.cfg.optim.states} ({mode} mode), "
+             f"activations {p.cfg.engine.activations}",
+             f"{b.tokens_per_step} tokens/step = {p.cfg.train.micro_batch_size} x {p.cfg.train.grad_accum} x "
+             f"{p.cfg.data.seq_len}", "",
+             "host RAM" + " " * 40 + "bytes   per param"]
+    for k, v in b.host.items():
+        lines.append(f"  {k:<44}{gb(v)}  {v / b.params:8.2f}")
+    lines.append(f"  {'total':<44}{gb(b.host_total)}  {b.host_total / b.params:8.2f}")
+    if b.gpu:
+        lines += ["", "GPU memory"]
+        for k, v in b.gpu.items():
+            lines.append(f"  {k:<44}{gb(v)}")
+        lines.append(f"  {'total':<44}{gb(b.gpu_total)}")
+    if b.pinned:
+        lines.append(f"  (page-locked host memory: {b.pinned / 1e9:.2f} GB)")
+    lines += ["", "optimizer modes (host RAM total)"]
+    for k, mb in p.modes.items():
+        ms, st = MODES[k]
+        fit = "fits" if mb.host_total <= p.ram_usable else "does not fit"
+        mark = "  <- configured" if k == mode else ""
+        lines.append(f"  {k:<8} master {ms:<5} states {st:<5} {mb.state_bytes_per_param:5.2f} B/param of state "
+                     f"{gb(mb.host_total)}  {fit}{mark}")
+
+    memlock = "unlimited" if m.memlock_limit is None else f"{m.memlock_limit / 1e9:.2f} GB"
+    lines += ["", f"this machine: {m.cpu}, {m.cores} cores; RAM {m.ram_total / 1e9:.1f} GB total, "
+              f"{m.ram_available / 1e9:.1f} GB available; locked-memory limit {memlock}"]
+    if m.gpus:
+        lines.append("  GPU " + "; ".join(f"{g.index}: {g.name}, {g.total_bytes / 1e9:.0f} GB" for g in m.gpus))
+    host_v = "yes" if p.fits_host else "NO"
+    lines.append(f"  host RAM: {b.host_total / 1e9:.2f} GB of {p.ram_usable / 1e9:.2f} GB usable -> fits: {host_v}")
+    if p.device_type == "cuda":
+        budget_txt = f"{p.gpu_budget / 1e9:.2f} GB ({p.gpu_budget_source})" if p.gpu_budget else p.gpu_budget_source
+        lines.append(f"  GPU: {b.gpu_total / 1e9:.2f} GB of {budget_txt} -> fits: {'yes' if p.fits_gpu else 'NO'}")
+
+    lines += ["", f"roofline ({p.rates.source}):",
+              f"  compute    {r.flops / 1e12:10.1f} TFLOP at {p.rates.matmul_tflops:g} TFLOP/s  {r.compute_s:9.3f} s"]
+    if p.device_type == "cuda":
+        lines.append(f"  H2D        at {p.rates.h2d_gbps:g} GB/s{'':22}{r.h2d_s:9.3f} s")
+        lines.append(f"  D2H        at {p.rates.d2h_gbps:g} GB/s{'':22}{r.d2h_s:9.3f} s")
+    lines.append(f"  optimizer  ({mode} mode){'':24}{r.optimizer_s:9.3f} s")
+    tps = b.tokens_per_step / r.step_s
+    lines.append(f"  predicted step {r.step_s:.3f} s ({r.bound}-bound), {tps:,.0f} tokens/s; "
+                 f"{p.cfg.train.steps} steps in {_duration(r.step_s * p.cfg.train.steps)}")
+    for w in p.warnings:
+        lines.append(f"warning: {w}")
+    verdict = "fits" if p.fits_host and p.fits_gpu else "does NOT fit"
+    lines += ["", f"verdict: {verdict}"]
+    for s in p.suggestions:
+        lines.append(f"  suggestion: {s}")
+    return "\n".join(lines)
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def plan_main(cfg: Config, as_json: bool) -> int:
+    from megastream.train import check_model_inputs, model_spec
+
+    spec = model_spec(cfg)
+    check_model_inputs(cfg, spec)
+    p = make_plan(cfg, spec)
+    print(json.dumps(p.to_json(), indent=2) if as_json else render(p))
+    return 0 if p.fits_host and p.fits_gpu else 1

@@ -1,0 +1,156 @@
+"""`megastream probe`: measure the rates the roofline needs on this machine, print and cache them.
+
+    host_gbps      in-place triad a += 0.5*b over two 1 GiB fp32 arrays (12 bytes moved per element):
+                   the optimizer's own read-modify-write pattern
+    matmul_tflops  dense matmul in the compute dtype (bf16 on a GPU; fp32 on the CPU)
+    h2d_gbps       pinned host -> GPU copy of 1 GiB (GPU only)
+    d2h_gbps       GPU -> pinned host copy of 1 GiB (GPU only)
+    optimizer_ns_per_param   the fused AdamW op per mode (full / lean / compact), 16M parameters
+
+Results are cached in <cache_dir>/probe.json, keyed by host name and device, and `megastream plan`
+uses them in place of its stated defaults.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from megastream.machine import cache_dir, cpu_name, machine
+
+# (name, master fp32, states) of the three memory modes (README "Memory modes").
+MODES = {"full": (True, "fp32"), "lean": (False, "bf16"), "compact": (False, "int8")}
+
+
+def timeit(fn, repeats: int, sync=lambda: None) -> float:
+    """Median seconds of `fn` after one warm-up call (page faults, thread pools, autotuning)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> float:
+    """GB/s of an in-place triad over two fp32 arrays (8 bytes read and 4 written per element).
+    An out-of-place copy would read 50% more than it counts (write-allocate)."""
+    a = torch.rand(nbytes // 4)
+    b = torch.rand(nbytes // 4)
+    return 3 * nbytes / timeit(lambda: a.add_(b, alpha=0.5), repeats) / 1e9
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+    """TFLOP/s of an n x n x n matmul (2 n^3 FLOPs)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reps = 4 if device.type == "cuda" else 1
+    t = timeit(lambda: [a @ b for _ in range(reps)], repeats, sync)
+    return 2 * n**3 * reps / t / 1e12
+
+
+def measure_pcie(nbytes: int = 2**30, repeats: int = 5) -> tuple[float, float]:
+    """(H2D, D2H) GB/s of pinned <-> device copies."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    h2d = timeit(lambda: dev.copy_(host, non_blocking=True), repeats, torch.cuda.synchronize)
+    d2h = timeit(lambda: host.copy_(dev, non_blocking=True), repeats, torch.cuda.synchronize)
+    return nbytes / h2d / 1e9, nbytes / d2h / 1e9
+
+
+def _rand(n: int, dtype: torch.dtype, scale: float, g: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, generator=g) * 2 - 1).mul_(scale).to(dtype)
+
+
+def time_optimizer(n: int, master: bool, states: str, repeats: int, g: torch.Generator,
+                   use_ext: bool | None = None, **hyper) -> float:
+    """Median seconds of one fused AdamW pass over n parameters in the given mode (bf16 gradients)."""
+    from megastream import ops
+    from megastream.ops import reference as R
+
+    hp = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_scale=1.0) | hyper
+    w = _rand(n, torch.float32 if master else torch.bfloat16, 0.05, g)
+    grad = _rand(n, torch.bfloat16, 1e-3, g)
+    working = torch.empty(n, dtype=torch.bfloat16) if master else None
+    if states == "int8":
+        m, ms = R.quantize_m(_rand(n, torch.float32, 1e-4, g))
+        v, vs = R.quantize_sqrt_v(_rand(n, torch.float32, 1e-4, g).abs_())
+    else:
+        dt = torch.float32 if states == "fp32" else torch.bfloat16
+        m, v, ms, vs = _rand(n, dt, 1e-4, g), _rand(n, dt, 1e-8, g).abs_(), None, None
+    counter = iter(range(1, 10**9))
+
+    def step():
+        ops.adamw_step(w, grad, m, v, ms, vs, working, n_decay=n, step=next(counter), key=7, use_ext=use_ext, **hp)
+
+    return timeit(step, repeats)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_name()}"
+
+
+def run_probe(device: torch.device, log=print) -> dict:
+    """Measure everything for `device` (cuda or cpu) and return the record that gets cached."""
+    g = torch.Generator().manual_seed(0)
+    rec = {"host": machine().hostname, "device": device_name(device), "device_type": device.type,
+           "date": datetime.date.today().isoformat(), "torch_version": torch.__version__,
+           "threads": torch.get_num_threads()}
+    rec["host_gbps"] = measure_host_bandwidth()
+    log(f"  host memory bandwidth (in-place triad)  {rec['host_gbps']:8.1f} GB/s")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rec["matmul_dtype"] = str(dtype)[6:]
+    rec["matmul_tflops"] = measure_matmul(device, dtype)
+    log(f"  {rec['matmul_dtype']} matmul                          {rec['matmul_tflops']:8.2f} TFLOP/s")
+    if device.type == "cuda":
+        rec["h2d_gbps"], rec["d2h_gbps"] = measure_pcie()
+        log(f"  pinned H2D / D2H                        {rec['h2d_gbps']:8.1f} / {rec['d2h_gbps']:.1f} GB/s")
+    rec["optimizer_ns_per_param"] = {}
+    n = 16 * 2**20
+    for mode, (master, states) in MODES.items():
+        ns = time_optimizer(n, master, states, 5, g) / n * 1e9
+        rec["optimizer_ns_per_param"][mode] = ns
+        log(f"  fused AdamW, {mode:<8} mode               {ns:8.3f} ns/param")
+    return rec
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "probe.json"
+
+
+def save_probe(rec: dict) -> Path:
+    path = _cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    cached[f"{rec['host']}|{rec['device']}"] = rec
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cached, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def cached_probe(device_type: str) -> dict | None:
+    """The newest cached probe of this host for a device of `device_type`, or None."""
+    try:
+        cached = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return None
+    host = machine().hostname
+    recs = [r for r in cached.values() if isinstance(r, dict) and r.get("host") == host
+            and r.get("device_type") == device_type]
+    return max(recs, key=lambda r: r.get("date", "")) if recs else None

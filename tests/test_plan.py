@@ -1,0 +1,112 @@
+"""The memory plan: exact host-store terms, the verdict and suggestions, `train` refusing what
+cannot fit, and the prediction against a real run's peak RSS."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import REPO, run_cli
+from megastream.config import load_config
+from megastream.machine import Machine
+from megastream.memory import store_bytes
+from megastream.model.layout import model_layout
+from megastream.plan import make_plan
+from megastream.presets import PRESETS
+from megastream.store import HostStore
+
+DEMO = REPO / "configs" / "demo.yaml"
+BIG = REPO / "configs" / "qwen2.5-14b-24gb.yaml"
+
+
+@pytest.mark.parametrize("compute,grad", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("master,states", [(True, "fp32"), (False, "bf16"), (False, "int8"), (True, "int8")])
+@pytest.mark.parametrize("preset", ["tiny"])
+def test_store_terms_are_what_the_store_allocates(preset, compute, grad, master, states):
+    spec = PRESETS[preset]
+    store = HostStore(model_layout(spec), compute, grad, pin=False, master=master, states=states)
+    assert store_bytes(spec, compute, grad, master, states) == store.breakdown()
+
+
+def test_tied_and_biased_shapes_too():
+    spec = replace(PRESETS["qwen2.5-0.5b"], vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16)
+    store = HostStore(model_layout(spec), torch.bfloat16, torch.bfloat16, pin=False, master=False, states="int8")
+    assert store_bytes(spec, torch.bfloat16, torch.bfloat16, False, "int8") == store.breakdown()
+
+
+def _machine(ram_gb: float, gpus=()) -> Machine:
+    return Machine(hostname="test", cpu="test cpu", cores=16, ram_total=int(ram_gb * 1e9),
+                   ram_available=int(ram_gb * 1e9 * 0.95), memlock_limit=None, gpus=list(gpus))
+
+
+def test_14b_plan_per_mode_verdict_and_a_suggested_mode():
+    cfg = load_config(BIG, ["optim.master=fp32", "optim.states=fp32"])  # full precision: ~245 GB
+    p = make_plan(cfg, PRESETS["qwen2.5-14b"], runtime_bytes=int(0.3e9), host=_machine(128))
+    assert p.budget.params == 14_770_033_664
+    assert not p.fits_host and p.fits_gpu  # 24 GB cap, no GPU visible here: the cap is the budget
+    assert p.budget.host["working"] == 2 * p.budget.params
+    assert p.budget.host["master"] == 4 * p.budget.params
+    assert p.modes["full"].host_total > 200e9 and p.modes["compact"].host_total < 100e9
+    fits = [k for k, m in p.modes.items() if m.host_total <= p.ram_usable]
+    assert fits == ["compact"] or fits == ["lean", "compact"]
+    assert any("optim.states: int8" in s and "brings host RAM to" in s for s in p.suggestions), p.suggestions
+    js = p.to_json()
+    for key in ("params", "host_bytes_total", "gpu_bytes_total", "host_bytes_per_param", "fits_host", "fits_gpu",
+                "predicted_step_s"):
+        assert key in js
+    assert js["host_bytes_total"] == sum(js["host_bytes"].values())
+    assert js["predicted_step_s"] > 0
+
+
+def test_gpu_budget_suggestions():
+    cfg = load_config(BIG, ["engine.gpu_memory_gb=12", "train.micro_batch_size=8", "train.grad_accum=2"])
+    p = make_plan(cfg, PRESETS["qwen2.5-14b"], runtime_bytes=int(0.3e9), host=_machine(256))
+    assert not p.fits_gpu
+    assert any("engine.activations: host" in s or "micro_batch_size" in s for s in p.suggestions), p.suggestions
+    host = make_plan(load_config(BIG, ["engine.activations=host"]), PRESETS["qwen2.5-14b"], int(0.3e9), _machine(256))
+    dev = make_plan(load_config(BIG), PRESETS["qwen2.5-14b"], int(0.3e9), _machine(256))
+    moved = dev.budget.gpu["boundary checkpoints"] - host.budget.gpu["boundary checkpoints"]
+    assert moved > 0 and host.budget.host["offloaded checkpoints"] == dev.budget.gpu["boundary checkpoints"]
+
+
+def test_plan_cli_table_and_json():
+    proc = run_cli("plan", str(BIG), check=False)
+    assert proc.returncode in (0, 1), proc.stderr  # 1: does not fit this machine
+    out = proc.stdout
+    for text in ("host RAM", "optimizer states", "gradient staging", "GPU memory", "boundary checkpoints",
+                 "optimizer modes", "full", "lean", "compact", "verdict:", "predicted step"):
+        assert text in out, text
+    js = json.loads(run_cli("plan", str(BIG), "--json", check=False).stdout)
+    assert js["params"] == 14_770_033_664 and js["device"] == "cuda"
+    assert js["fits"] == (proc.returncode == 0)
+
+
+def test_train_refuses_a_run_that_cannot_fit(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", str(DEMO), "--set", "model.preset=qwen2.5-32b", "--set", "engine.device=cpu",
+                   "--set", f"output.dir={out}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "host RAM" in proc.stderr and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # refused before anything was allocated or written
+
+
+def test_plan_predicts_demo_peak_rss_within_10_percent(tmp_path):
+    from megastream import ops
+
+    ops.have_ext()  # build the C++ ops here if needed: a child's peak RSS would count the compiler's
+    sets = ["--set", "train.steps=15", "--set", "train.warmup_steps=0", "--set", "output.progress=false",
+            "--set", f"output.dir={tmp_path / 'run'}"]
+    planned = json.loads(run_cli("plan", str(DEMO), "--json", *sets).stdout)["host_bytes_total"]
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "megastream", "train", str(DEMO), *sets], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    peak = usage.ru_maxrss * 1024
+    assert abs(planned - peak) <= 0.10 * peak, (planned / 1e9, peak / 1e9)

@@ -1,0 +1,30 @@
+"""The overlap summary's interval arithmetic, on a hand-made trace."""
+
+import pytest
+
+from megastream.profiling import summarize_trace
+
+
+def _ev(cat, name, ts, dur):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_busy_and_hidden_fractions():
+    events = [
+        _ev("kernel", "gemm", 0, 40), _ev("kernel", "gemm", 30, 30),  # busy [0, 60)
+        _ev("kernel", "gemm", 80, 20),  # busy [80, 100)
+        _ev("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 10, 20),  # fully under compute
+        _ev("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 55, 10),  # half hidden
+        _ev("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 60, 20),  # in the gap: not hidden
+        _ev("cpu_op", "aten::mm", 0, 500),  # host events are ignored
+    ]
+    s = summarize_trace(events)
+    assert s["gpu_span_s"] == pytest.approx(100e-6)
+    assert s["compute_busy_fraction"] == pytest.approx(0.8)
+    assert s["h2d_s"] == pytest.approx(30e-6) and s["h2d_hidden_fraction"] == pytest.approx(25 / 30)
+    assert s["d2h_hidden_fraction"] == 0.0
+
+
+def test_no_kernels_is_an_error():
+    with pytest.raises(ValueError, match="no CUDA kernels"):
+        summarize_trace([_ev("gpu_memcpy", "Memcpy HtoD", 0, 1)])

@@ -1,0 +1,96 @@
+"""The tools around training: `plot`, TensorBoard scalars, per-step telemetry, `env`, `probe`."""
+
+import json
+
+import pytest
+
+from helpers import REPO, read_metrics, run_cli
+
+DEMO_ARGS = ["--set", "train.steps=8", "--set", "train.warmup_steps=2", "--set", "output.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tools") / "run"
+    val = REPO / "megastream" / "demo" / "corpus.jsonl"
+    run_cli("demo", *DEMO_ARGS, "--set", f"output.dir={out}", "--set", "output.tensorboard=true",
+            "--set", f"data.val_path={val}", "--set", "train.eval_every=4")
+    return out
+
+
+def test_metrics_carry_host_memory(run):
+    recs = read_metrics(run)
+    assert len(recs) == 8
+    for r in recs:
+        assert 0.1 < r["host_rss_gb"] <= r["host_peak_rss_gb"] < 8
+        assert r["skipped_steps"] == 0
+    assert [r["step"] for r in recs if "eval_loss" in r] == [4, 8]
+
+
+def test_plot_writes_a_png(run, tmp_path):
+    proc = run_cli("plot", str(run))
+    png = run / "metrics.png"
+    assert str(png) in proc.stdout
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # four panels of lines, not an empty canvas
+    from PIL import Image  # matplotlib depends on pillow
+
+    img = Image.open(png)
+    assert img.size == (1200, 800)
+    colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50  # curves, text and anti-aliasing, not a blank figure
+
+
+def test_plot_errors(tmp_path):
+    proc = run_cli("plot", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "metrics.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tensorboard_scalars(run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "host_rss_gb", "eval_loss"):
+        assert tag in tags
+    loss = [e.value for e in acc.Scalars("loss")]
+    assert loss == pytest.approx([r["loss"] for r in read_metrics(run)], rel=1e-6)
+
+
+def test_env_and_version():
+    out = run_cli("env").stdout
+    assert "torch " in out and "C++ ops" in out and "RAM:" in out and "locked-memory limit" in out
+    assert run_cli("--version").stdout.startswith("megastream ")
+
+
+def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
+    import megastream.probe as probe
+    from megastream.config import load_config
+    from megastream.plan import make_plan
+    from megastream.presets import PRESETS
+
+    monkeypatch.setattr(probe, "_cache_file", lambda: tmp_path / "probe.json")
+    monkeypatch.setattr(probe, "measure_host_bandwidth", lambda: 12.5)
+    monkeypatch.setattr(probe, "measure_matmul", lambda device, dtype: 0.25)
+    monkeypatch.setattr(probe, "time_optimizer", lambda n, master, states, repeats, g: n * 1e-9)  # 1 ns/param
+    import torch
+
+    rec = probe.run_probe(torch.device("cpu"), log=lambda *a: None)
+    probe.save_probe(rec)
+    cached = json.loads((tmp_path / "probe.json").read_text())
+    assert list(cached.values())[0]["host_gbps"] == 12.5
+    p = make_plan(load_config(REPO / "configs" / "demo.yaml"), PRESETS["tiny"])
+    assert p.rates.matmul_tflops == 0.25 and "megastream probe" in p.rates.source
+
+
+def test_probe_measures_real_numbers():
+    """The measuring functions themselves, at small sizes."""
+    import torch
+
+    from megastream.probe import measure_host_bandwidth, measure_matmul, time_optimizer
+
+    assert measure_host_bandwidth(nbytes=2**24, repeats=2) > 0.1
+    assert measure_matmul(torch.device("cpu"), torch.float32, n=256, repeats=2) > 1e-4
+    assert time_optimizer(1 << 16, False, "int8", 2, torch.Generator().manual_seed(0)) > 0
