@@ -25,13 +25,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 
 from megastream import ops
-from megastream.ops import reference as R
+from megastream.probe import measure_host_bandwidth as measure_bandwidth
+from megastream.probe import time_optimizer
+from megastream.probe import timeit as _timeit
 
 HP = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 MODES = [  # name, master fp32?, states, logical bytes per parameter, host bytes per parameter (model state)
@@ -42,28 +43,8 @@ MODES = [  # name, master fp32?, states, logical bytes per parameter, host bytes
 ]
 
 
-def _timeit(fn, repeats: int) -> float:
-    fn()  # warm-up: page faults, thread pools
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _rand(n: int, dtype: torch.dtype, scale: float, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=g) * 2 - 1).mul_(scale).to(dtype)
-
-
-def measure_bandwidth(nbytes: int = 2**30, repeats: int = 7) -> float:
-    """GB/s of an in-place triad a += 0.5 * b over two large fp32 arrays (8 bytes read and 4 written
-    per element): the optimizer's own access pattern, read-modify-write in place. An out-of-place
-    copy would read 50% more than it counts (write-allocate) and understate what DRAM delivers."""
-    a = torch.rand(nbytes // 4)
-    b = torch.rand(nbytes // 4)
-    t = _timeit(lambda: a.add_(b, alpha=0.5), repeats)
-    return 3 * nbytes / t / 1e9
 
 
 def bench_torch(n: int, repeats: int, g: torch.Generator) -> float:
@@ -85,21 +66,7 @@ def bench_torch(n: int, repeats: int, g: torch.Generator) -> float:
 
 
 def bench_mode(n: int, master: bool, states: str, repeats: int, g: torch.Generator) -> float:
-    w = _rand(n, torch.float32 if master else torch.bfloat16, 0.05, g)
-    grad = _rand(n, torch.bfloat16, 1e-3, g)
-    working = torch.empty(n, dtype=torch.bfloat16) if master else None
-    if states == "int8":
-        m, ms = R.quantize_m(_rand(n, torch.float32, 1e-4, g))
-        v, vs = R.quantize_sqrt_v(_rand(n, torch.float32, 1e-4, g).abs_())
-    else:
-        dt = torch.float32 if states == "fp32" else torch.bfloat16
-        m, v, ms, vs = _rand(n, dt, 1e-4, g), _rand(n, dt, 1e-8, g).abs_(), None, None
-    counter = iter(range(1, 10**9))
-
-    def step():
-        ops.adamw_step(w, grad, m, v, ms, vs, working, n_decay=n, step=next(counter), key=7, use_ext=True, **HP)
-
-    return _timeit(step, repeats)
+    return time_optimizer(n, master, states, repeats, g, use_ext=True, **HP)
 
 
 def main() -> None:

@@ -25,15 +25,15 @@ import torch
 from megastream.machine import cpu_name
 
 DEMO = Path(__file__).resolve().parent.parent / "megastream" / "demo" / "demo.yaml"
+_PRESET = ["data.seq_len=256", "train.micro_batch_size=2", "train.grad_accum=2", "train.steps=3",
+           "train.warmup_steps=0", "train.lr=1e-5", "train.min_lr=0"]
 CASES = {
     "demo": ["train.steps=20", "train.warmup_steps=0"],
     "demo-compact-save": ["train.steps=6", "train.warmup_steps=0", "optim.master=none", "optim.states=int8",
                           "output.save_every=3"],
-    "qwen2.5-0.5b-full": ["model.preset=qwen2.5-0.5b", "data.seq_len=256", "train.micro_batch_size=2",
-                          "train.grad_accum=2", "train.steps=3", "train.warmup_steps=0", "train.lr=1e-5", "train.min_lr=0"],
-    "llama-3.2-1b-lean-bf16": ["model.preset=llama-3.2-1b", "data.seq_len=256", "train.micro_batch_size=2",
-                               "train.grad_accum=2", "train.steps=3", "train.warmup_steps=0", "train.lr=1e-5", "train.min_lr=0",
-                               "engine.dtype=bfloat16", "optim.master=none", "optim.states=bf16"],
+    "qwen2.5-0.5b-full": ["model.preset=qwen2.5-0.5b", *_PRESET],
+    "llama-3.2-1b-lean-bf16": ["model.preset=llama-3.2-1b", *_PRESET, "engine.dtype=bfloat16", "optim.master=none",
+                               "optim.states=bf16"],
 }
 
 

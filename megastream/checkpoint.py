@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import struct
+
 import torch
-from safetensors.torch import save_file
 
 from megastream.errors import CheckpointError
 from megastream.model.layout import hf_names
@@ -114,6 +115,42 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
     store.sync_working()
 
 
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
+             torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
+WRITE_CHUNK = 1 << 24  # elements cast and written at a time: the only temporary a save needs
+
+
+def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor, tuple[int, ...]]],
+                      dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Write (name, contiguous host tensor, shape) entries as one .safetensors file, streaming:
+    each tensor is cast to `dtype` (None: kept) 16M elements at a time and written, so a save needs
+    no copy of the model, only one chunk. The file is the safetensors format (8-byte little-endian
+    header length, JSON header of dtype/shape/data_offsets, then the raw bytes), which
+    safetensors.safe_open and transformers read. safetensors' own save_file needs every tensor
+    materialised at once (and refuses views that share one arena)."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, t, shape in tensors:
+        d = dtype or t.dtype
+        n = t.numel() * d.itemsize
+        header[name] = {"dtype": _ST_NAMES[d], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, t, _ in tensors:
+            flat = t.reshape(-1)
+            for lo in range(0, flat.numel(), WRITE_CHUNK):
+                piece = flat[lo:lo + WRITE_CHUNK]
+                if dtype is not None and piece.dtype != dtype:
+                    piece = piece.to(dtype)  # the cast temporary: one chunk
+                f.write(memoryview(piece.contiguous().view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def shard_groups(units: list, itemsize: int, shard_bytes: int) -> list[list[tuple[str, int, object]]]:
     """Tensors as (hf name, unit, entry), grouped in layout order into shards of at most
     shard_bytes (a tensor larger than that gets a shard of its own)."""
@@ -150,12 +187,9 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        # One shard's tensors are materialised at a time (a cast copy of the master slice).
-        tensors = {name: store.weights_of(u)[e.offset:e.offset + e.numel].view(e.shape).to(torch_dtype, copy=True)
-                   for name, u, e in shard}
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in tensors})
-        del tensors
+        entries = [(name, store.weights_of(u)[e.offset:e.offset + e.numel], e.shape) for name, u, e in shard]
+        write_safetensors(tmp / fname, entries, torch_dtype)
+        weight_map.update({name: fname for name, _, _ in entries})
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

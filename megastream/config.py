@@ -324,7 +324,8 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
     need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each beta must be in [0, 1), got {list(o.betas)}")
     need(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
-    need(e.loss_chunk_tokens >= 0, "engine.loss_chunk_tokens", f"must be >= 0 (0 = automatic), got {e.loss_chunk_tokens}")
+    need(e.loss_chunk_tokens >= 0, "engine.loss_chunk_tokens",
+         f"must be >= 0 (0 = automatic), got {e.loss_chunk_tokens}")
     need(e.gpu_memory_gb >= 0, "engine.gpu_memory_gb", f"must be >= 0 (0 = the whole GPU), got {e.gpu_memory_gb}")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     need(e.threads >= 0, "engine.threads", f"must be >= 0 (0 = torch's default), got {e.threads}")

@@ -28,7 +28,8 @@ CUDA_CONTEXT_HOST = int(1.0e9)  # host RSS of the CUDA runtime and its libraries
 # the CPU (2-core Xeon, torch 2.13, 2026-11-22: demo config, peak RSS minus every planned term).
 ENGINE_RUNTIME = int(0.09e9)
 CUDA_CONTEXT_DEVICE = int(0.6e9)  # device memory outside the caching allocator: context, cuBLAS workspace
-DATA_BYTES_PER_FILE_BYTE = {".jsonl": 8.0, ".parquet": 24.0}  # 32 B/token held, ~4 (json) or ~1.3 (parquet) B/token on disk
+# Data held: 32 B/token (int64 ids, labels, positions, documents); ~4 (json) or ~1.3 (parquet) B/token on disk.
+DATA_BYTES_PER_FILE_BYTE = {".jsonl": 8.0, ".parquet": 24.0}
 LOGITS_TEMPS = 3  # fp32 (chunk, V) tensors alive at once in the chunked loss: logits, softmax/grad, temp
 
 
@@ -81,7 +82,8 @@ def layer_activation_bytes(spec: ModelSpec, tokens: int, itemsize: int) -> int:
     H, I = spec.hidden_size, spec.intermediate_size
     qd, kd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     e = itemsize
-    saved = H * (8 + 6 * e) + qd * 3 * e + kd * 2 * e + I * 4 * e  # two RMSNorms (fp32 stats), rope'd q/k, v, SDPA out, MLP
+    # two RMSNorms (fp32 statistics), rope'd q and k, v, the SDPA output, the MLP's four I-wide tensors
+    saved = H * (8 + 6 * e) + qd * 3 * e + kd * 2 * e + I * 4 * e
     flowing = 2 * e * (H + I) + 4 * spec.num_heads  # d(activation) temporaries, logsumexp
     return tokens * (saved + flowing)
 
@@ -108,7 +110,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
            runtime_bytes: int) -> Budget:
     """The memory a run of `cfg` will take. `runtime_bytes`: the host RSS of Python, torch and
     megastream before any model memory exists (the caller measures its own)."""
-    from megastream.checkpoint import shard_groups
+    from megastream.checkpoint import WRITE_CHUNK
     from megastream.engine.loss import _DW_BLOCK_BUDGET, auto_chunk_tokens
 
     t, e = cfg.train, cfg.engine
@@ -150,19 +152,16 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     if device_type == "cpu":
         host["compute buffers (the device is the CPU)"] = sum(dev.values())
     host["data"], b.notes["data"] = _data_bytes(cfg)
-    out_dtype = {"bfloat16": 2, "float16": 2, "float32": 4}.get(
-        cfg.output.dtype if cfg.output.dtype != "auto" else spec.torch_dtype, 4)
-    shard = max(sum(en.numel for _, _, en in s) for s in shard_groups(units, out_dtype, int(cfg.output.shard_size_gb * 2**30)))
-    write = shard * out_dtype
-    if cfg.output.save_every:  # optimizer/<unit>.safetensors: one unit's weights and moments at a time
-        per = (4 if cfg.optim.master == "fp32" else ec) + sum(d.itemsize for d in STATE_DTYPES[cfg.optim.states])
-        write = max(write, max(u.numel for u in units) * per)
-    if device_type == "cpu":  # saving happens between steps, when the step's temporaries are gone
+    # Saving streams from the arenas, one cast chunk at a time; resuming reads one tensor at a time
+    # (the largest: the embedding's weights or a moment).
+    io = WRITE_CHUNK * 4
+    if cfg.output.save_every:
+        io = max(io, units[0].numel * (4 if cfg.optim.master == "fp32" else ec))
+    if device_type == "cpu":  # between steps, when the step's temporaries are gone
         persistent = dev["layer weight buffers"] + dev["head weight buffer"] + dev["gradient accumulators"]
-        write = max(0, write - (sum(dev.values()) - persistent))
-    host["checkpoint write buffer"] = write
-    b.notes["checkpoint write buffer"] = ("while a checkpoint is written: one shard's tensors (output.shard_size_gb)"
-                                          + (", beyond the step's temporaries it replaces" if device_type == "cpu" else ""))
+        io = max(0, io - (sum(dev.values()) - persistent))
+    host["checkpoint I/O buffer"] = io
+    b.notes["checkpoint I/O buffer"] = "one cast chunk while saving; the largest tensor while resuming"
     host["runtime (Python, torch, megastream)"] = runtime_bytes
     b.notes["runtime (Python, torch, megastream)"] = "measured: this process's RSS before any model memory"
     host["kernels and thread pools"] = ENGINE_RUNTIME

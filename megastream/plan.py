@@ -189,7 +189,8 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         physical = m.gpus[0].total_bytes if m.gpus else None
         cap = int(cfg.engine.gpu_memory_gb * 1e9) if cfg.engine.gpu_memory_gb else None
         if cap and physical:
-            gpu_budget, source = min(cap, physical), f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} on a {physical / 1e9:.0f} GB {m.gpus[0].name}"
+            gpu_budget = min(cap, physical)
+            source = f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} on a {physical / 1e9:.0f} GB {m.gpus[0].name}"
         elif cap:
             gpu_budget, source = cap, f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} (no GPU visible here)"
         elif physical:
@@ -234,9 +235,9 @@ def _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_g
             tries.append(("engine.activations: host", {"engine": {"activations": "host"}}))
         if t.micro_batch_size > 1:
             mbs = max(1, t.micro_batch_size // 2)
-            tries.append((f"train.micro_batch_size: {mbs}, train.grad_accum: {t.grad_accum * t.micro_batch_size // mbs}"
-                          " (same tokens per step)", {"train": {"micro_batch_size": mbs,
-                                                                 "grad_accum": t.grad_accum * t.micro_batch_size // mbs}}))
+            ga = t.grad_accum * t.micro_batch_size // mbs
+            tries.append((f"train.micro_batch_size: {mbs}, train.grad_accum: {ga} (same tokens per step)",
+                          {"train": {"micro_batch_size": mbs, "grad_accum": ga}}))
         both = {"engine": {"activations": "host"}, "train": {"micro_batch_size": 1,
                                                              "grad_accum": t.grad_accum * t.micro_batch_size}}
         tries.append(("engine.activations: host with train.micro_batch_size: 1", both))

@@ -3,8 +3,7 @@
 A checkpoint is a Hugging Face model directory (loadable as is) plus
   optimizer/<unit>.safetensors  per unit (embed, layer.i, head): the exact weights (fp32 master,
                          or the bf16 weights without one) and the AdamW moments in their configured
-                         precision (and int8 block scales). One file per unit, so saving copies
-                         at most one layer at a time.
+                         precision (and int8 block scales), streamed from the arenas (no copies).
   rng_state.safetensors  the torch RNG state
   trainer_state.json     completed steps, AdamW step count, the config it was written with
 Everything else a step depends on derives from the step number: the learning rate, the data
@@ -24,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megastream.checkpoint import write_safetensors
 from megastream.errors import CheckpointError
 from megastream.store import HostStore
 
@@ -46,9 +46,9 @@ def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: 
     """Add the optimizer state and trainer state to a checkpoint directory being written."""
     (tmp / OPTIM_DIR).mkdir()
     for u, unit in enumerate(store.units):
-        # Clones: the views share the arenas' storage, which safetensors refuses; one unit at a time.
-        save_file({k: t.clone() for k, t in unit_tensors(store, u).items()},
-                  str(tmp / OPTIM_DIR / f"{unit.name}.safetensors"))
+        # Streamed from the arenas' views: no copy of the unit.
+        write_safetensors(tmp / OPTIM_DIR / f"{unit.name}.safetensors",
+                          [(k, t, tuple(t.shape)) for k, t in unit_tensors(store, u).items()])
     save_file({"rng_state": torch.get_rng_state()}, str(tmp / RNG_FILE))
     state = {"step": step, "adam_steps": adam_steps, "master": "fp32" if store.master is not None else "none",
              "states": store.states, "config": config}

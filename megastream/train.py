@@ -231,7 +231,8 @@ def refuse_if_too_big(plan: Plan) -> None:
         why.append(f"{b.host_total / 1e9:.1f} GB of host RAM, and {plan.ram_usable / 1e9:.1f} GB is usable here "
                    f"({plan.machine.ram_total / 1e9:.1f} GB total)")
     if not plan.fits_gpu:
-        have = f"{plan.gpu_budget / 1e9:.1f} GB ({plan.gpu_budget_source})" if plan.gpu_budget else plan.gpu_budget_source
+        have = (f"{plan.gpu_budget / 1e9:.1f} GB ({plan.gpu_budget_source})" if plan.gpu_budget
+                else plan.gpu_budget_source)
         why.append(f"{b.gpu_total / 1e9:.1f} GB of GPU memory, and the budget is {have}")
     fixes = "; ".join(plan.suggestions) or "use a smaller model or a larger machine"
     raise ResourceError(f"this run would need {' and '.join(why)}, so it would swap or be killed rather than train. "

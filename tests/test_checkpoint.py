@@ -64,19 +64,19 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     calls = []
 
-    def failing_save(tensors, path, metadata=None):
+    def failing_save(path, tensors, dtype=None, metadata=None):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_save(tensors, path, metadata=metadata)
+        return real_save(path, tensors, dtype, metadata=metadata)
 
-    real_save = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    real_save = checkpoint.write_safetensors
+    monkeypatch.setattr(checkpoint, "write_safetensors", failing_save)
     store.master.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
         save_hf(tmp_path / "final", spec, store, "float32", shard_bytes=2**20)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    monkeypatch.setattr(checkpoint, "write_safetensors", real_save)
     save_hf(tmp_path / "final", spec, store, "float32", shard_bytes=2**20)  # a later save replaces it
     assert {p.name: p.read_bytes() for p in target.iterdir()} != before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [p.name for p in tmp_path.iterdir()
