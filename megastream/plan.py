@@ -278,13 +278,16 @@ def render(p: Plan) -> str:
         lines.append(f"  {'total':<44}{gb(b.gpu_total)}")
     if b.pinned:
         lines.append(f"  (page-locked host memory: {b.pinned / 1e9:.2f} GB)")
-    lines += ["", "optimizer modes (host RAM total)"]
+    lines += ["", "optimizer modes, host RAM (GB)     working   master   states  staging    other    total  verdict"]
     for k, mb in p.modes.items():
         ms, st = MODES[k]
+        h = mb.host
+        core = h["working"] + h.get("master", 0) + h["optimizer states"] + h["gradient staging"]
         fit = "fits" if mb.host_total <= p.ram_usable else "does not fit"
         mark = "  <- configured" if k == mode else ""
-        lines.append(f"  {k:<8} master {ms:<5} states {st:<5} {mb.state_bytes_per_param:5.2f} B/param of state "
-                     f"{gb(mb.host_total)}  {fit}{mark}")
+        lines.append(f"  {k:<8} master {ms:<4} states {st:<4} {h['working'] / 1e9:9.2f} {h.get('master', 0) / 1e9:8.2f} "
+                     f"{h['optimizer states'] / 1e9:8.2f} {h['gradient staging'] / 1e9:8.2f} "
+                     f"{(mb.host_total - core) / 1e9:8.2f} {mb.host_total / 1e9:8.2f}  {fit}{mark}")
 
     memlock = "unlimited" if m.memlock_limit is None else f"{m.memlock_limit / 1e9:.2f} GB"
     lines += ["", f"this machine: {m.cpu}, {m.cores} cores; RAM {m.ram_total / 1e9:.1f} GB total, "

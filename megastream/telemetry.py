@@ -34,6 +34,7 @@ class Monitor:
 
                 try:
                     out["gpu_util"] = float(pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu)
+                    out["gpu_used_gb"] = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used / 1e9  # all processes
                 except pynvml.NVMLError:
                     pass
         return out
