@@ -1,6 +1,6 @@
 """How close is `megastream plan` to what a run really takes? For each case: the plan's host total
 (`megastream plan --json`, its own process) next to the peak RSS of `megastream train` on the same
-config (another process, measured by the kernel: getrusage of the child).
+config (another process, which reports its own peak, VmHWM, when it ends).
 
     python benchmarks/plan_accuracy.py                    # demo + a 1B-class preset (about 5 min on 2 cores)
     python benchmarks/plan_accuracy.py --cases demo --json out.json
@@ -48,13 +48,15 @@ def run_case(name: str, sets: list[str], workdir: Path) -> dict:
     if plan.returncode not in (0, 1):
         raise SystemExit(f"plan failed for {name}:\n{plan.stderr}")
     p = json.loads(plan.stdout)
-    proc = subprocess.Popen([sys.executable, "-m", "megastream", "train", str(DEMO), "--overwrite", *_sets(sets)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: peak RSS in KiB
-    peak = usage.ru_maxrss * 1024
-    err = proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"train failed for {name}:\n{err[-3000:]}")
+    # The training process reports its own high-water mark (VmHWM) as the CLI returns. getrusage of
+    # a child would also count the parent it was forked from, which Linux carries across exec.
+    code = ("import sys; from megastream.cli import main; from megastream.machine import peak_rss; "
+            "rc = main(sys.argv[1:]); print('PEAK', peak_rss()); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "train", str(DEMO), "--overwrite", *_sets(sets)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"train failed for {name}:\n{proc.stderr[-3000:]}")
+    peak = int(proc.stdout.split("PEAK")[-1])
     return {"case": name, "params": p["params"], "planned_host_bytes": p["host_bytes_total"],
             "measured_peak_rss_bytes": peak, "ratio": p["host_bytes_total"] / peak,
             "planned_components": p["host_bytes"], "sets": sets[:-2]}

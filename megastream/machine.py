@@ -90,7 +90,16 @@ def rss() -> int:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size so far, bytes (Linux reports KiB)."""
+    """This process's peak resident set size so far, bytes: VmHWM, the high-water mark of this
+    address space. Not getrusage's ru_maxrss, which Linux carries across exec: a child forked from
+    a large parent reports at least the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -20,7 +20,8 @@ spec = ModelSpec.from_dir(sys.argv[1])
 before = psutil.Process().memory_info().rss
 store = HostStore(model_layout(spec), torch.bfloat16, torch.bfloat16, pin=False, master=False, states="bf16")
 load_hf_weights(store, spec, sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from megastream.machine import peak_rss
+peak = peak_rss()  # VmHWM: ru_maxrss would include the (large) pytest process this child was forked from
 print(json.dumps({"before": before, "peak": peak, "store": store.host_bytes(),
                   "file": sum(f.stat().st_size for f in __import__("pathlib").Path(sys.argv[1]).glob("*.safetensors"))}))
 """
