@@ -36,6 +36,8 @@ PRESETS: dict[str, ModelSpec] = {
                            num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
     "qwen2.5-1.5b": _qwen2(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
                            num_heads=12, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "qwen2.5-3b": _qwen2(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
+                         num_heads=16, num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
     "qwen2.5-7b": _qwen2(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                          num_heads=28, num_kv_heads=4, head_dim=128),
     "qwen2.5-14b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_layers=48,
