@@ -115,19 +115,25 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
     store.sync_working()
 
 
+class NonFiniteWeights(CheckpointError):
+    """The weights about to be saved hold NaN or infinity: nothing is written."""
+
+
 _ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
              torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
 WRITE_CHUNK = 1 << 24  # elements cast and written at a time: the only temporary a save needs
 
 
 def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor, tuple[int, ...]]],
-                      dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+                      dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+                      finite: bool = False) -> None:
     """Write (name, contiguous host tensor, shape) entries as one .safetensors file, streaming:
     each tensor is cast to `dtype` (None: kept) 16M elements at a time and written, so a save needs
     no copy of the model, only one chunk. The file is the safetensors format (8-byte little-endian
     header length, JSON header of dtype/shape/data_offsets, then the raw bytes), which
     safetensors.safe_open and transformers read. safetensors' own save_file needs every tensor
-    materialised at once (and refuses views that share one arena)."""
+    materialised at once (and refuses views that share one arena). With `finite`, each chunk is
+    checked in the same pass and a NaN or infinity raises NonFiniteWeights before it is written."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t, shape in tensors:
@@ -140,12 +146,14 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor, t
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, t, _ in tensors:
+        for name, t, _ in tensors:
             flat = t.reshape(-1)
             for lo in range(0, flat.numel(), WRITE_CHUNK):
                 piece = flat[lo:lo + WRITE_CHUNK]
                 if dtype is not None and piece.dtype != dtype:
                     piece = piece.to(dtype)  # the cast temporary: one chunk
+                if finite and not bool(torch.isfinite(piece).all()):
+                    raise NonFiniteWeights(f"tensor {name!r} holds NaN or infinite values")
                 f.write(memoryview(piece.contiguous().view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
@@ -179,36 +187,45 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    torch_dtype = _DTYPES[dtype]
+    try:
+        torch_dtype = _DTYPES[dtype]
 
-    shards = shard_groups(store.units, torch_dtype.itemsize, shard_bytes)
-    total = sum(e.numel for shard in shards for _, _, e in shard) * torch_dtype.itemsize
-    n = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        entries = [(name, store.weights_of(u)[e.offset:e.offset + e.numel], e.shape) for name, u, e in shard]
-        write_safetensors(tmp / fname, entries, torch_dtype)
-        weight_map.update({name: fname for name, _, _ in entries})
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        shards = shard_groups(store.units, torch_dtype.itemsize, shard_bytes)
+        total = sum(e.numel for shard in shards for _, _, e in shard) * torch_dtype.itemsize
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            entries = [(name, store.weights_of(u)[e.offset:e.offset + e.numel], e.shape) for name, u, e in shard]
+            write_safetensors(tmp / fname, entries, torch_dtype, finite=True)
+            weight_map.update({name: fname for name, _, _ in entries})
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    if source_config is not None:
-        config = dict(source_config)
-        config.pop("dtype", None)
-        config["torch_dtype"] = dtype
-    else:
-        config = spec.to_hf_config(dtype)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    copied = set()
-    for src_dir in copy_from:
-        for name in COPIED_FILES:
-            if name not in copied and (Path(src_dir) / name).is_file():
-                shutil.copy2(Path(src_dir) / name, tmp / name)
-                copied.add(name)
-    if extra is not None:
-        extra(tmp)
+        if source_config is not None:
+            config = dict(source_config)
+            config.pop("dtype", None)
+            config["torch_dtype"] = dtype
+        else:
+            config = spec.to_hf_config(dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copied = set()
+        for src_dir in copy_from:
+            for name in COPIED_FILES:
+                if name not in copied and (Path(src_dir) / name).is_file():
+                    shutil.copy2(Path(src_dir) / name, tmp / name)
+                    copied.add(name)
+        if extra is not None:
+            extra(tmp)
+    except NonFiniteWeights as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise NonFiniteWeights(f"refusing to write {path}: {e}; earlier checkpoints in {path.parent} are untouched. "
+                               "Resume from the last one with a lower train.lr (or train.grad_clip), and check the "
+                               "data around this step") from None
+    except BaseException:  # a failed save leaves nothing behind; the previous one is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     _replace_dir(tmp, path)
     return path

@@ -157,16 +157,6 @@ class HostStore:
         b = self.breakdown()
         return (b["working"] + b.get("master", 0) + b["optimizer states"]) / self.numel
 
-    def all_finite(self) -> bool:
-        """No NaN or infinity in the weights or the working copy (checked in 16M-element pieces,
-        so the check itself needs no arena-sized temporary)."""
-        step = 1 << 24
-        for arena in {id(a): a for a in (self.weights, self.working)}.values():
-            for lo in range(0, arena.numel(), step):
-                if not bool(torch.isfinite(arena[lo:lo + step]).all()):
-                    return False
-        return True
-
     # ---- initialisation ----------------------------------------------------------------------
     def init_random(self, std: float, seed: int, threads: int | None = None) -> None:
         """Random init as transformers does: N(0, std) matrices, unit norms, zero biases.

@@ -26,7 +26,7 @@ from megastream.checkpoint import load_hf_weights, save_hf
 from megastream.config import Config
 from megastream.data import Dataset, load_jsonl
 from megastream.engine.engine import Engine, MicroBatch
-from megastream.errors import CheckpointError, ConfigError, DataError, Interrupted, ResourceError, TrainingError
+from megastream.errors import ConfigError, DataError, Interrupted, ResourceError, TrainingError
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
@@ -126,10 +126,6 @@ def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
 
 
 def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer], extra=None) -> None:
-    if not model.store.all_finite():
-        raise CheckpointError(f"refusing to write {path}: the weights hold NaN or infinite values; earlier "
-                              f"checkpoints in {path.parent} are untouched. Resume from the last one with a lower "
-                              "train.lr (or train.grad_clip), and check the data around this step")
     copy_from = ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]
     save_hf(path, model.spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
             copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30), extra=extra)

@@ -64,11 +64,11 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     calls = []
 
-    def failing_save(path, tensors, dtype=None, metadata=None):
+    def failing_save(path, tensors, dtype=None, **kw):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_save(path, tensors, dtype, metadata=metadata)
+        return real_save(path, tensors, dtype, **kw)
 
     real_save = checkpoint.write_safetensors
     monkeypatch.setattr(checkpoint, "write_safetensors", failing_save)
