@@ -74,16 +74,13 @@ def _timed(a, step) -> dict:
     return {"step_times_s": times}
 
 
-def worker_megastream(a, mode: str) -> dict:
-    import torch
-
+def megastream_config(a, mode: str):
+    """The megastream Config a run of this harness uses for `mode` (full | lean | compact)."""
     from megastream.config import build_config
-    from megastream.engine.engine import Engine, MicroBatch
     from megastream.plan import MODES
-    from megastream.train import build_model, cap_gpu_memory, model_spec
 
     master, states = MODES[mode]
-    cfg = build_config({
+    return build_config({
         "model": {"preset": a.model}, "data": {"path": str(REPO / "megastream" / "demo" / "corpus.jsonl"),
                                                "seq_len": a.seq_len, "pack": False},
         "train": {"micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum, "lr": 1e-5, "grad_clip": 1.0},
@@ -91,6 +88,15 @@ def worker_megastream(a, mode: str) -> dict:
         "engine": {"device": a.device, "gpu_memory_gb": a.gpu_memory_gb, "activations": a.activations,
                    "dtype": "bfloat16"},
     })
+
+
+def worker_megastream(a, mode: str) -> dict:
+    import torch
+
+    from megastream.engine.engine import Engine, MicroBatch
+    from megastream.train import build_model, cap_gpu_memory, model_spec
+
+    cfg = megastream_config(a, mode)
     device = torch.device(a.device)
     cap_gpu_memory(cfg, device)
     spec = model_spec(cfg)
@@ -240,18 +246,12 @@ def worker_fsdp2(a) -> dict:
 def worker_roofline(a) -> dict:
     import torch
 
-    from megastream.probe import (MODES, measure_host_bandwidth, measure_matmul, measure_pcie, time_optimizer)
+    from megastream.probe import run_probe
 
-    dev = torch.device(a.device)
-    out = {"host_gbps": measure_host_bandwidth(), "matmul_tflops": measure_matmul(dev, torch.bfloat16)}
-    if a.device == "cuda":
-        out["h2d_gbps"], out["d2h_gbps"] = measure_pcie()
-    else:
-        out["h2d_gbps"] = out["d2h_gbps"] = 0.0
-    g = torch.Generator().manual_seed(0)
-    n = 64 * 2**20 if a.device == "cuda" else 4 * 2**20
-    out["optimizer_ns_per_param"] = {m: time_optimizer(n, ms, st, 3, g) / n * 1e9 for m, (ms, st) in MODES.items()}
-    return out
+    cuda = a.device == "cuda"
+    rec = run_probe(torch.device(a.device), log=lambda *_: None, optimizer_params=(64 if cuda else 4) * 2**20,
+                    host_bytes=2**30 if cuda else 2**28)
+    return {"h2d_gbps": 0.0, "d2h_gbps": 0.0} | rec
 
 
 def run_worker(a) -> None:
@@ -338,10 +338,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megastream.config import build_config
     from megastream.memory import budget
     from megastream.model.layout import count_params
-    from megastream.plan import MODES, Rates, roofline
+    from megastream.plan import Rates, roofline
     from megastream.presets import PRESETS
 
     spec = PRESETS[a.model]
@@ -374,14 +373,7 @@ def main(argv=None) -> int:
                            tflops=6 * n * tokens / med / 1e12, init_s=r.get("init_s"))
                 row["mfu"] = row["tflops"] / roof["matmul_tflops"]
                 if system.startswith("megastream:"):
-                    mode = system.split(":", 1)[1]
-                    ms, st = MODES[mode]
-                    cfg = build_config({"model": {"preset": a.model},
-                                        "data": {"path": str(REPO / "megastream" / "demo" / "corpus.jsonl"),
-                                                 "seq_len": a.seq_len, "pack": False},
-                                        "train": {"micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum},
-                                        "optim": {"master": ms, "states": st},
-                                        "engine": {"device": a.device, "activations": a.activations}})
+                    cfg = megastream_config(a, system.split(":", 1)[1])
                     b = budget(cfg, spec, a.device, torch.bfloat16, torch.bfloat16, 0)
                     bound = roofline(cfg, spec, b, rates)
                     row.update(bound_s=bound.step_s, bound=bound.bound, achieved_fraction=bound.step_s / med)

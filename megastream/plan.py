@@ -285,8 +285,8 @@ def render(p: Plan) -> str:
         core = h["working"] + h.get("master", 0) + h["optimizer states"] + h["gradient staging"]
         fit = "fits" if mb.host_total <= p.ram_usable else "does not fit"
         mark = "  <- configured" if k == mode else ""
-        lines.append(f"  {k:<8} master {ms:<4} states {st:<4} {h['working'] / 1e9:9.2f} {h.get('master', 0) / 1e9:8.2f} "
-                     f"{h['optimizer states'] / 1e9:8.2f} {h['gradient staging'] / 1e9:8.2f} "
+        lines.append(f"  {k:<8} master {ms:<4} states {st:<4} {h['working'] / 1e9:9.2f} "
+                     f"{h.get('master', 0) / 1e9:8.2f} {h['optimizer states'] / 1e9:8.2f} {h['gradient staging'] / 1e9:8.2f} "
                      f"{(mb.host_total - core) / 1e9:8.2f} {mb.host_total / 1e9:8.2f}  {fit}{mark}")
 
     memlock = "unlimited" if m.memlock_limit is None else f"{m.memlock_limit / 1e9:.2f} GB"

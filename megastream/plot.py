@@ -14,13 +14,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass a run's output.dir (the directory holding metrics.jsonl)")
     recs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             recs.append(json.loads(line))
         except ValueError:
-            if i == len(path.read_text().splitlines()):  # a run killed mid-write: skip its torn last line
+            if i == len(lines):  # a run killed mid-write: skip its torn last line
                 continue
             raise DataError(f"{path}:{i}: not valid JSON; the file is corrupt") from None
     if not recs:

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from megastream.machine import cache_dir, cpu_name, machine
+from megastream.plan import MODES
 
-# (name, master fp32, states) of the three memory modes (README "Memory modes").
-MODES = {"full": (True, "fp32"), "lean": (False, "bf16"), "compact": (False, "int8")}
 
 
 def timeit(fn, repeats: int, sync=lambda: None) -> float:
@@ -102,13 +101,14 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {cpu_name()}"
 
 
-def run_probe(device: torch.device, log=print) -> dict:
-    """Measure everything for `device` (cuda or cpu) and return the record that gets cached."""
+def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**20, host_bytes: int = 2**30) -> dict:
+    """Measure everything for `device` (cuda or cpu) and return the record that gets cached.
+    The sizes are parameters so that a smoke test can run it small."""
     g = torch.Generator().manual_seed(0)
     rec = {"host": machine().hostname, "device": device_name(device), "device_type": device.type,
            "date": datetime.date.today().isoformat(), "torch_version": torch.__version__,
            "threads": torch.get_num_threads()}
-    rec["host_gbps"] = measure_host_bandwidth()
+    rec["host_gbps"] = measure_host_bandwidth(host_bytes)
     log(f"  host memory bandwidth (in-place triad)  {rec['host_gbps']:8.1f} GB/s")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rec["matmul_dtype"] = str(dtype)[6:]
@@ -118,9 +118,9 @@ def run_probe(device: torch.device, log=print) -> dict:
         rec["h2d_gbps"], rec["d2h_gbps"] = measure_pcie()
         log(f"  pinned H2D / D2H                        {rec['h2d_gbps']:8.1f} / {rec['d2h_gbps']:.1f} GB/s")
     rec["optimizer_ns_per_param"] = {}
-    n = 16 * 2**20
+    n = optimizer_params
     for mode, (master, states) in MODES.items():
-        ns = time_optimizer(n, master, states, 5, g) / n * 1e9
+        ns = time_optimizer(n, master == "fp32", states, 5, g) / n * 1e9
         rec["optimizer_ns_per_param"][mode] = ns
         log(f"  fused AdamW, {mode:<8} mode               {ns:8.3f} ns/param")
     return rec

@@ -260,7 +260,7 @@ def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device:
             f"{store.state_bytes_per_param():.2f} B/param of model state, {b.host_total / b.params:.2f} B/param in all "
             f"| {gpu}\n"
             f"megastream: {len(data)} sequences of {cfg.data.seq_len}, "
-            f"{t.micro_batch_size * t.grad_accum * cfg.data.seq_len} tokens/step, {t.steps} steps; roofline "
+            f"{b.tokens_per_step} tokens/step, {t.steps} steps; roofline "
             f"{plan.roofline.step_s:.3g} s/step ({plan.roofline.bound}-bound, {plan.rates.source.split(' (')[0]})")
 
 
@@ -310,7 +310,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
     _prepare_output(out, overwrite or resume_from is not None, create=True)
 
     t = cfg.train
-    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.data.seq_len
+    tokens_per_step = plan.budget.tokens_per_step
     log(_summary(cfg, spec, plan, store, device, data))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -334,7 +334,8 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                 lr = lr_at(step, t)
                 mbs = data.micro_batches(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
                 t0 = time.perf_counter()
-                stats = _run_step(engine, mbs, lr, step, plan)  # returns after a device sync (loss, grad norm)
+                with _gpu_oom(plan, f"in step {step + 1}"):
+                    stats = engine.step(mbs, lr)  # returns after a device sync (loss, grad norm)
                 dt = time.perf_counter() - t0
                 rec = {"step": step + 1, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                        "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens,
@@ -399,11 +400,6 @@ def _gpu_oom(plan: Plan, where: str):
             + (f"; engine.gpu_memory_gb caps it at {cap:g} GB" if cap else "") + "). Lower train.micro_batch_size "
             "(raising train.grad_accum keeps the tokens per step), set engine.activations: host, or lower "
             f"data.seq_len; `megastream plan CONFIG` shows the budget. CUDA said: {str(e).splitlines()[0]}") from None
-
-
-def _run_step(engine: Engine, mbs, lr: float, step: int, plan: Plan):
-    with _gpu_oom(plan, f"in step {step + 1}"):
-        return engine.step(mbs, lr)
 
 
 def _postfix(rec: dict) -> str:

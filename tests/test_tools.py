@@ -72,7 +72,7 @@ def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
     from megastream.presets import PRESETS
 
     monkeypatch.setattr(probe, "_cache_file", lambda: tmp_path / "probe.json")
-    monkeypatch.setattr(probe, "measure_host_bandwidth", lambda: 12.5)
+    monkeypatch.setattr(probe, "measure_host_bandwidth", lambda *a: 12.5)
     monkeypatch.setattr(probe, "measure_matmul", lambda device, dtype: 0.25)
     monkeypatch.setattr(probe, "time_optimizer", lambda n, master, states, repeats, g: n * 1e-9)  # 1 ns/param
     import torch

@@ -41,10 +41,12 @@ class Checkpoints:
         need = n_layers * sum(x.numel() for x in xs)
         if self._arena is None or self._arena.numel() < need or self._arena.dtype != xs[0].dtype:
             self.close()
-            self._arena = torch.empty(need, dtype=xs[0].dtype)
+            arena = torch.empty(need, dtype=xs[0].dtype)
             if self.streams.cuda:
-                self._arena = _pin(self._arena)  # page-locked, so the copies run at PCIe speed, async
-                self._pinned = True
+                self._arena = _pin(arena)  # page-locked, so the copies run at PCIe speed, async
+                self._pinned = self._arena is arena  # registered in place (else a pinned copy: nothing to undo)
+            else:
+                self._arena = arena
 
     def save(self, i: int, xs: list[torch.Tensor]) -> None:
         """Keep layer i's inputs. Offloading: queue their D2H copies behind the compute that made them."""
