@@ -77,7 +77,7 @@ def _timed(a, step) -> dict:
 def megastream_config(a, mode: str):
     """The megastream Config a run of this harness uses for `mode` (full | lean | compact)."""
     from megastream.config import build_config
-    from megastream.plan import MODES
+    from megastream.resolve import MODES
 
     master, states = MODES[mode]
     return build_config({
@@ -94,7 +94,8 @@ def worker_megastream(a, mode: str) -> dict:
     import torch
 
     from megastream.engine.engine import Engine, MicroBatch
-    from megastream.train import build_model, cap_gpu_memory, model_spec
+    from megastream.resolve import model_spec
+    from megastream.train import build_model, cap_gpu_memory
 
     cfg = megastream_config(a, mode)
     device = torch.device(a.device)

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from megastream.errors import ConfigError
+from megastream.presets import PRESETS
 
 
 @dataclass(frozen=True)
@@ -276,8 +277,6 @@ def _describe(tp) -> str:
 
 
 def _check_values(cfg: Config, errors: list[str]) -> None:
-    from megastream.presets import PRESETS
-
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
             errors.append(f"{key}: {msg}")

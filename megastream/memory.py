@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from megastream.checkpoint import WRITE_CHUNK
 from megastream.config import Config
+from megastream.data import data_files
+from megastream.engine.loss import _DW_BLOCK_BUDGET, auto_chunk_tokens
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
 from megastream.store import BLOCK, STATE_DTYPES
@@ -89,8 +92,6 @@ def layer_activation_bytes(spec: ModelSpec, tokens: int, itemsize: int) -> int:
 
 
 def _data_bytes(cfg: Config) -> tuple[int, str]:
-    from megastream.data import data_files
-
     total, on_disk = 0, 0
     for path in (cfg.data.path, cfg.data.val_path):
         if not path:
@@ -110,9 +111,6 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
            runtime_bytes: int) -> Budget:
     """The memory a run of `cfg` will take. `runtime_bytes`: the host RSS of Python, torch and
     megastream before any model memory exists (the caller measures its own)."""
-    from megastream.checkpoint import WRITE_CHUNK
-    from megastream.engine.loss import _DW_BLOCK_BUDGET, auto_chunk_tokens
-
     t, e = cfg.train, cfg.engine
     units = model_layout(spec)
     n = sum(u.numel for u in units)

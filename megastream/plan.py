@@ -19,6 +19,8 @@ from megastream.machine import Machine, machine, rss
 from megastream.memory import Budget, budget
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
+from megastream.probe import cached_probe
+from megastream.resolve import MODES, check_model_inputs, mode_name, model_spec, plan_device, resolve_dtypes
 
 # Stated defaults when `megastream probe` has not been run on this machine. GPU: a PCIe Gen4 x16
 # host (pinned ~25 GB/s per direction), a Hopper-class bf16 matmul rate, a server's DRAM. CPU: a
@@ -27,8 +29,6 @@ DEFAULT_RATES = {
     "cuda": {"h2d_gbps": 25.0, "d2h_gbps": 25.0, "matmul_tflops": 600.0, "host_gbps": 50.0},
     "cpu": {"h2d_gbps": 0.0, "d2h_gbps": 0.0, "matmul_tflops": 0.1, "host_gbps": 20.0},
 }
-# The memory modes (README): name -> (optim.master, optim.states).
-MODES = {"full": ("fp32", "fp32"), "lean": ("none", "bf16"), "compact": ("none", "int8")}
 
 
 @dataclass
@@ -42,8 +42,6 @@ class Rates:
 
 
 def rates_for(device_type: str) -> Rates:
-    from megastream.probe import cached_probe
-
     rec = cached_probe(device_type)
     if rec is None:
         return Rates(**DEFAULT_RATES[device_type], source="stated defaults (run `megastream probe` to measure)")
@@ -54,8 +52,6 @@ def rates_for(device_type: str) -> Rates:
                  source=f"`megastream probe` of {rec['date']} ({rec['device']})")
 
 
-def mode_name(cfg: Config) -> str | None:
-    return next((k for k, v in MODES.items() if v == (cfg.optim.master, cfg.optim.states)), None)
 
 
 def optimizer_bytes_per_param(cfg: Config, compute: torch.dtype, grad: torch.dtype) -> float:
@@ -155,11 +151,6 @@ class Plan:
         }
 
 
-def plan_device(cfg: Config) -> str:
-    """The device a run of `cfg` will use here ("cuda" / "cpu"), without creating a CUDA context."""
-    if cfg.engine.device != "auto":
-        return cfg.engine.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _with(cfg: Config, **sections) -> Config:
@@ -168,8 +159,6 @@ def _with(cfg: Config, **sections) -> Config:
 
 def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, host: Machine | None = None) -> Plan:
     """The budget and verdict of `cfg` on this machine (or on `host`, a Machine to plan for)."""
-    from megastream.train import resolve_dtypes
-
     device_type = plan_device(cfg)
     compute, grad = resolve_dtypes(cfg, torch.device(device_type))
     runtime = rss() if runtime_bytes is None else runtime_bytes
@@ -327,8 +316,6 @@ def _duration(s: float) -> str:
 
 
 def plan_main(cfg: Config, as_json: bool) -> int:
-    from megastream.train import check_model_inputs, model_spec
-
     spec = model_spec(cfg)
     check_model_inputs(cfg, spec)
     p = make_plan(cfg, spec)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from megastream import ops
+from megastream.ops import reference as R
 from megastream.machine import cache_dir, cpu_name, machine
-from megastream.plan import MODES
-
+from megastream.resolve import MODES
 
 
 def timeit(fn, repeats: int, sync=lambda: None) -> float:
@@ -74,9 +75,6 @@ def _rand(n: int, dtype: torch.dtype, scale: float, g: torch.Generator) -> torch
 def time_optimizer(n: int, master: bool, states: str, repeats: int, g: torch.Generator,
                    use_ext: bool | None = None, **hyper) -> float:
     """Median seconds of one fused AdamW pass over n parameters in the given mode (bf16 gradients)."""
-    from megastream import ops
-    from megastream.ops import reference as R
-
     hp = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_scale=1.0) | hyper
     w = _rand(n, torch.float32 if master else torch.bfloat16, 0.05, g)
     grad = _rand(n, torch.bfloat16, 1e-3, g)

@@ -30,32 +30,15 @@ from megastream.errors import ConfigError, DataError, Interrupted, ResourceError
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
-from megastream.plan import Plan, make_plan, mode_name
-from megastream.presets import PRESETS
+from megastream.plan import Plan, make_plan
+from megastream.resolve import check_model_inputs, mode_name, model_spec, resolve_device, resolve_dtypes
 from megastream.resume import latest_checkpoint, prune, read_training_state, write_training_state
 from megastream.store import HostStore
 from megastream.telemetry import Monitor, Scalars
 from megastream.tokenizer import DEMO_TOKENIZER, TextTokenizer, load_tokenizer
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.engine.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device: 'cuda' was asked for but torch.cuda.is_available() is False (a CPU "
-                          "build of torch, or no visible GPU); use engine.device: auto or cpu")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
-def resolve_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(compute dtype, host gradient staging dtype)."""
-    e = cfg.engine
-    compute = _DTYPES[e.dtype] if e.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    grad = compute if e.grad_dtype == "auto" else _DTYPES[e.grad_dtype]
-    return compute, grad
 
 
 @dataclass
@@ -66,9 +49,6 @@ class Model:
     source_dir: Path | None
 
 
-def model_spec(cfg: Config) -> ModelSpec:
-    """The model's shape, from config.json or the preset table (cheap: no weights are read)."""
-    return ModelSpec.from_dir(cfg.model.path) if cfg.model.path is not None else PRESETS[cfg.model.preset]
 
 
 def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool = True) -> Model:
@@ -206,15 +186,6 @@ class _StopRequest:
                  "(Ctrl-C again to abort without one)")
 
 
-def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
-    """Settings the model's shape rules out (cheap: before any data or weights are read)."""
-    if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
-                          "megastream computes full causal attention, which equals sliding-window attention only "
-                          f"up to the window: set data.seq_len <= {spec.sliding_window}")
-    if cfg.data.seq_len > spec.max_position_embeddings:
-        log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
-            f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
 
 
 def refuse_if_too_big(plan: Plan) -> None:

@@ -105,7 +105,8 @@ def _preset_cfg(tmp_path, *sets):
 def test_plan_predicts_gpu_peak_within_15_percent(tmp_path, activations):
     from megastream.memory import CUDA_CONTEXT_DEVICE
     from megastream.plan import make_plan
-    from megastream.train import model_spec, train
+    from megastream.resolve import model_spec
+    from megastream.train import train
 
     cfg = _preset_cfg(tmp_path, f"engine.activations={activations}")
     planned = make_plan(cfg, model_spec(cfg)).budget.gpu_total - CUDA_CONTEXT_DEVICE  # allocator bytes only

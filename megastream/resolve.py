@@ -1,0 +1,67 @@
+"""Config -> what a run is: the model's shape, the device, the dtypes, the optimizer mode, and the
+settings the shape rules out. Cheap (no weights or data are read) and below every command, so
+`train`, `plan`, `probe` and the benchmarks share one answer and the import graph stays a tree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megastream.config import Config
+from megastream.errors import ConfigError
+from megastream.model.spec import ModelSpec
+from megastream.presets import PRESETS
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# The memory modes (README): name -> (optim.master, optim.states).
+MODES = {"full": ("fp32", "fp32"), "lean": ("none", "bf16"), "compact": ("none", "int8")}
+
+
+def mode_name(cfg: Config) -> str | None:
+    return next((k for k, v in MODES.items() if v == (cfg.optim.master, cfg.optim.states)), None)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """The device a run uses. A CUDA device always carries its index (the current device), since
+    several torch.cuda calls reject an index-less one."""
+    want = cfg.engine.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device: 'cuda' was asked for but torch.cuda.is_available() is False (a CPU "
+                          "build of torch, or no visible GPU); use engine.device: auto or cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(want)
+
+
+def plan_device(cfg: Config) -> str:
+    """The device type a run of `cfg` will use here ("cuda" / "cpu"), without creating a CUDA context."""
+    if cfg.engine.device != "auto":
+        return cfg.engine.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, host gradient staging dtype)."""
+    e = cfg.engine
+    compute = _DTYPES[e.dtype] if e.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    grad = compute if e.grad_dtype == "auto" else _DTYPES[e.grad_dtype]
+    return compute, grad
+
+
+def model_spec(cfg: Config) -> ModelSpec:
+    """The model's shape, from config.json or the preset table (cheap: no weights are read)."""
+    return ModelSpec.from_dir(cfg.model.path) if cfg.model.path is not None else PRESETS[cfg.model.preset]
+
+
+def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
+    """Settings the model's shape rules out (cheap: before any data or weights are read)."""
+    if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
+                          "megastream computes full causal attention, which equals sliding-window attention only "
+                          f"up to the window: set data.seq_len <= {spec.sliding_window}")
+    if cfg.data.seq_len > spec.max_position_embeddings:
+        log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
+            f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
