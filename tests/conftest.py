@@ -1,4 +1,5 @@
 import os
+import platform
 
 import pytest
 import torch
@@ -6,11 +7,53 @@ import torch
 # Two cores on CI: keep torch from oversubscribing them when tests run subprocesses.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (each over the 60 s budget of the default run)")
+
+
+def pytest_report_header(config):
+    """The CPU and the vector paths in use, so a failure on another machine can be read."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("unknown", "", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "none of avx2/avx512/amx"
+    forced = {k: os.environ[k] for k in ("MEGASTREAM_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+              if k in os.environ}
+    return [f"cpu: {model}, {os.cpu_count()} cores; {isa}; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}" + (f"; forced {forced}" if forced else "")]
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_marked(request, monkeypatch):
+    """Tests without the gpu marker run on the CPU even on a GPU machine: `engine.device: auto`
+    would otherwise pick CUDA and bf16, where fp32 CPU tolerances do not hold. In this process
+    torch.cuda.is_available() answers False; CLI subprocesses see no GPU. gpu tests state their
+    device and dtype themselves."""
+    if "gpu" in request.keywords:
+        yield
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,3 +79,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def fp_tol(dtype: torch.dtype, n_terms: int, k: float = 8.0) -> float:
+    """Relative norm-wise tolerance for two computations of the same value that round differently
+    (another summation order, blocking, vector width or CPU): k * eps(dtype) * sqrt(n), n the number
+    of terms accumulated into each element. Rounding errors of a sum of n terms grow like sqrt(n) for
+    random-signed errors (the worst case is n); k covers the few rounded operations per term. This is
+    a bound from the dtype, never from what one CPU happened to round."""
+    return k * torch.finfo(dtype).eps * math.sqrt(max(n_terms, 1))
+
+
+def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, n_terms: int, k: float = 8.0,
+                          msg: str = "") -> None:
+    """||actual - expected|| / ||expected|| <= fp_tol(dtype, n_terms, k). Norm-wise, not element-wise:
+    element-wise relative checks break on elements near zero (e.g. gradients of barely-used rows),
+    whose absolute error is set by the large elements they were summed with."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, msg)
+    tol = fp_tol(expected.dtype, n_terms, k)
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{msg}: relative norm-wise error {err:.3g} > {tol:.3g} ({k:g} eps sqrt({n_terms}))"

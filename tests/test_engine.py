@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_close_normwise, fp_tol
+
 from megastream.config import Config, EngineConfig, TrainConfig
 from megastream.engine.engine import Engine, MicroBatch
 from megastream.engine.loss import IGNORE
@@ -64,11 +66,15 @@ def test_layer_major_step_matches_plain_backward(tied):
     ref_loss, ref_grads = _plain_grads(spec, store, mbs)
     stats = engine.step(mbs, lr=1e-6)
     engine.close()  # waits for the updates; with clipping off the staged gradients are left as they were
-    assert stats.loss == pytest.approx(ref_loss, rel=1e-6)
+    # Tolerances: fp32, each gradient element sums over every token of the step times the widest
+    # inner dimension (chunked and layer-major vs whole-model autograd round differently).
+    n = sum(mb.input_ids.numel() for mb in mbs) * spec.intermediate_size
+    assert stats.loss == pytest.approx(ref_loss, rel=fp_tol(torch.float32, n))
     assert stats.loss_tokens == sum(int((mb.labels != IGNORE).sum()) for mb in mbs)
     for u, ref in enumerate(ref_grads):
-        torch.testing.assert_close(store.grad_of(u), ref, rtol=1e-5, atol=1e-6, msg=f"unit {store.units[u].name}")
-    assert stats.grad_norm == pytest.approx(float(torch.linalg.vector_norm(torch.cat(ref_grads))), rel=1e-5)
+        assert_close_normwise(store.grad_of(u), ref, n, msg=f"unit {store.units[u].name}")
+    assert stats.grad_norm == pytest.approx(float(torch.linalg.vector_norm(torch.cat(ref_grads))),
+                                            rel=fp_tol(torch.float32, n))
 
 
 @pytest.mark.parametrize("M", [1, 4])
@@ -100,6 +106,9 @@ def test_micro_batching_does_not_change_the_step():
         stats = engine.step(mbs, lr=1e-6)
         engine.close()
         out.append((stats.loss, [store.grad_of(u).clone() for u in range(len(store.units))]))
-    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
-    for a, b in zip(out[0][1], out[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # fp32; a gradient element sums over the step's tokens times the widest inner dimension, in
+    # another order (one batched matmul vs four accumulated ones): a norm-wise eps-based bound.
+    n = big.input_ids.numel() * spec.intermediate_size
+    assert out[0][0] == pytest.approx(out[1][0], rel=fp_tol(torch.float32, n))
+    for u, (a, b) in enumerate(zip(out[0][1], out[1][1])):
+        assert_close_normwise(a, b, n, msg=f"unit {u}")
