@@ -25,9 +25,14 @@ from megastream.resolve import MODES, check_model_inputs, mode_name, model_spec,
 # Stated defaults when `megastream probe` has not been run on this machine. GPU: a PCIe Gen4 x16
 # host (pinned ~25 GB/s per direction), a Hopper-class bf16 matmul rate, a server's DRAM. CPU: a
 # small cloud VM (2 cores; fp32 matmul ~0.1 TFLOP/s, ~20 GB/s).
+# Attention is timed apart from the matmuls: with the boolean document mask of packed rows SDPA
+# computes the whole S x S square on a slower path (on a 2-core CPU ~10x below the matmul rate per
+# counted FLOP), which dominates long sequences.
 DEFAULT_RATES = {
-    "cuda": {"h2d_gbps": 25.0, "d2h_gbps": 25.0, "matmul_tflops": 600.0, "host_gbps": 50.0},
-    "cpu": {"h2d_gbps": 0.0, "d2h_gbps": 0.0, "matmul_tflops": 0.1, "host_gbps": 20.0},
+    "cuda": {"h2d_gbps": 25.0, "d2h_gbps": 25.0, "matmul_tflops": 600.0, "host_gbps": 50.0,
+             "attention_tflops": {"masked": 100.0, "causal": 300.0}},
+    "cpu": {"h2d_gbps": 0.0, "d2h_gbps": 0.0, "matmul_tflops": 0.1, "host_gbps": 20.0,
+            "attention_tflops": {"masked": 0.008, "causal": 0.03}},
 }
 
 
@@ -37,6 +42,7 @@ class Rates:
     d2h_gbps: float
     matmul_tflops: float
     host_gbps: float
+    attention_tflops: dict[str, float] = field(default_factory=dict)  # "masked" / "causal" (see DEFAULT_RATES)
     optimizer_ns_per_param: dict[str, float] = field(default_factory=dict)
     source: str = "defaults"
 
@@ -48,6 +54,7 @@ def rates_for(device_type: str) -> Rates:
     d = DEFAULT_RATES[device_type]
     return Rates(h2d_gbps=rec.get("h2d_gbps", d["h2d_gbps"]), d2h_gbps=rec.get("d2h_gbps", d["d2h_gbps"]),
                  matmul_tflops=rec["matmul_tflops"], host_gbps=rec["host_gbps"],
+                 attention_tflops=dict(d["attention_tflops"]) | rec.get("attention_tflops", {}),
                  optimizer_ns_per_param=dict(rec.get("optimizer_ns_per_param", {})),
                  source=f"`megastream probe` of {rec['date']} ({rec['device']})")
 
@@ -66,6 +73,7 @@ def optimizer_bytes_per_param(cfg: Config, compute: torch.dtype, grad: torch.dty
 @dataclass
 class Roofline:
     flops: float  # executed per step: forward, recompute, backward (and the head once)
+    attention_flops: float  # the part of `flops` in attention (timed at the attention rate)
     model_flops: float  # 6 * N * tokens: the work credited in TFLOP/s and MFU
     compute_s: float
     h2d_s: float
@@ -85,7 +93,9 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     qd = spec.num_heads * spec.head_dim
     # layers: forward + recompute + backward (2x) = 4 x 2 FLOPs per weight per token; causal attention
     # (QK^T and PV, half the square) 2*S*qd per token per layer, same 4 passes; the head: 6 per weight.
-    flops = 8 * n_layers * T + 8 * spec.num_layers * T * S * qd + 6 * head * T
+    # Attention runs at its own measured rate: masked (packed rows) or plain causal.
+    attn_flops = 8 * spec.num_layers * T * S * qd
+    flops = 8 * n_layers * T + attn_flops + 6 * head * T
     ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
     h2d = 2 * n_layers * ec + head * ec  # each layer in forward and backward, the head once
     d2h = n_layers * eg + head * (4 if spec.tie_word_embeddings else eg)
@@ -94,7 +104,8 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
         opt = b.params * rates.optimizer_ns_per_param[mode] * 1e-9
     else:
         opt = b.params * optimizer_bytes_per_param(cfg, b.compute_dtype, b.grad_dtype) / (rates.host_gbps * 1e9)
-    compute = flops / (rates.matmul_tflops * 1e12)
+    attn_rate = rates.attention_tflops.get("masked" if cfg.data.pack else "causal") or rates.matmul_tflops
+    compute = (flops - attn_flops) / (rates.matmul_tflops * 1e12) + attn_flops / (attn_rate * 1e12)
     if b.device_type == "cuda":
         terms = {"compute": compute, "H2D": h2d / (rates.h2d_gbps * 1e9), "D2H": d2h / (rates.d2h_gbps * 1e9),
                  "optimizer": opt}
@@ -105,7 +116,7 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
         terms = {"compute": compute, "H2D": 0.0, "D2H": 0.0, "optimizer": opt}
         step = compute + opt + copies
         bound = "compute" if compute >= opt else "optimizer"
-    return Roofline(flops=flops, model_flops=6 * b.params * T, compute_s=compute, h2d_s=terms["H2D"],
+    return Roofline(flops=flops, attention_flops=attn_flops, model_flops=6 * b.params * T, compute_s=compute, h2d_s=terms["H2D"],
                     d2h_s=terms["D2H"], optimizer_s=opt, step_s=step, bound=bound)
 
 
@@ -143,7 +154,7 @@ class Plan:
             "memlock_limit": self.machine.memlock_limit,
             "fits_host": self.fits_host, "fits_gpu": self.fits_gpu, "fits": self.fits_host and self.fits_gpu,
             "predicted_step_s": r.step_s, "predicted_tokens_per_s": b.tokens_per_step / r.step_s,
-            "roofline": {"flops_per_step": r.flops, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
+            "roofline": {"flops_per_step": r.flops, "attention_flops_per_step": r.attention_flops, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
                          "optimizer_s": r.optimizer_s, "bound": r.bound, "rates": vars(self.rates)},
             "modes": {k: {"host_bytes_total": m.host_total, "state_bytes_per_param": m.state_bytes_per_param,
                           "fits_host": m.host_total <= self.ram_usable} for k, m in self.modes.items()},
@@ -290,7 +301,10 @@ def render(p: Plan) -> str:
         lines.append(f"  GPU: {b.gpu_total / 1e9:.2f} GB of {budget_txt} -> fits: {'yes' if p.fits_gpu else 'NO'}")
 
     lines += ["", f"roofline ({p.rates.source}):",
-              f"  compute    {r.flops / 1e12:10.1f} TFLOP at {p.rates.matmul_tflops:g} TFLOP/s  {r.compute_s:9.3f} s"]
+              f"  compute    {r.flops / 1e12:10.1f} TFLOP at {p.rates.matmul_tflops:g} TFLOP/s  {r.compute_s:9.3f} s",
+              f"    of which attention {r.attention_flops / 1e12:.1f} TFLOP at "
+              f"{p.rates.attention_tflops.get('masked' if p.cfg.data.pack else 'causal', p.rates.matmul_tflops):g} "
+              f"TFLOP/s ({'document-masked, packed rows' if p.cfg.data.pack else 'causal'})"]
     if p.device_type == "cuda":
         lines.append(f"  H2D        at {p.rates.h2d_gbps:g} GB/s{'':22}{r.h2d_s:9.3f} s")
         lines.append(f"  D2H        at {p.rates.d2h_gbps:g} GB/s{'':22}{r.d2h_s:9.3f} s")

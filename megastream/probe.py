@@ -3,6 +3,8 @@
     host_gbps      in-place triad a += 0.5*b over two 1 GiB fp32 arrays (12 bytes moved per element):
                    the optimizer's own read-modify-write pattern
     matmul_tflops  dense matmul in the compute dtype (bf16 on a GPU; fp32 on the CPU)
+    attention_tflops  the engine's attention forward + backward at 1024 tokens, with the document mask
+                   of packed rows ("masked") and plain causal, counted as the roofline counts it
     h2d_gbps       pinned host -> GPU copy of 1 GiB (GPU only)
     d2h_gbps       GPU -> pinned host copy of 1 GiB (GPU only)
     optimizer_ns_per_param   the fused AdamW op per mode (full / lean / compact), 16M parameters
@@ -24,6 +26,7 @@ import torch
 from megastream import ops
 from megastream.ops import reference as R
 from megastream.machine import cache_dir, cpu_name, machine
+from megastream.model.llama import attention, document_mask
 from megastream.resolve import MODES
 
 
@@ -57,6 +60,24 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, n: int | None = Non
     reps = 4 if device.type == "cuda" else 1
     t = timeit(lambda: [a @ b for _ in range(reps)], repeats, sync)
     return 2 * n**3 * reps / t / 1e12
+
+
+def measure_attention(device: torch.device, dtype: torch.dtype, masked: bool, seq: int = 1024, heads: int = 8,
+                      kv_heads: int = 2, head_dim: int = 64, repeats: int = 3) -> float:
+    """TFLOP/s of the engine's attention (model/llama.py `attention`), forward + backward, counted
+    as the roofline counts it: causal, half of the S x S square, 2 * S * heads * head_dim FLOPs per
+    token per pass (3 passes). masked: with the boolean document mask packed rows use, which
+    computes the whole square and rules out the causal fast paths (on a CPU several times slower
+    per counted FLOP); else plain causal."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(1, kv_heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(1, kv_heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
+    mask = document_mask(torch.zeros(1, seq, dtype=torch.long, device=device)) if masked else None
+    dout = torch.randn(1, heads, seq, head_dim, device=device, generator=g).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = timeit(lambda: attention(q, k, v, mask).backward(dout), repeats, sync)
+    return 3 * 2 * seq * seq * heads * head_dim / t / 1e12
 
 
 def measure_pcie(nbytes: int = 2**30, repeats: int = 5) -> tuple[float, float]:
@@ -112,6 +133,9 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
     rec["matmul_dtype"] = str(dtype)[6:]
     rec["matmul_tflops"] = measure_matmul(device, dtype)
     log(f"  {rec['matmul_dtype']} matmul                          {rec['matmul_tflops']:8.2f} TFLOP/s")
+    rec["attention_tflops"] = {k: measure_attention(device, dtype, masked=k == "masked") for k in ("masked", "causal")}
+    log(f"  {rec['matmul_dtype']} attention, masked / causal      {rec['attention_tflops']['masked']:8.3f} / "
+        f"{rec['attention_tflops']['causal']:.3f} TFLOP/s")
     if device.type == "cuda":
         rec["h2d_gbps"], rec["d2h_gbps"] = measure_pcie()
         log(f"  pinned H2D / D2H                        {rec['h2d_gbps']:8.1f} / {rec['d2h_gbps']:.1f} GB/s")

@@ -74,6 +74,7 @@ def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
     monkeypatch.setattr(probe, "_cache_file", lambda: tmp_path / "probe.json")
     monkeypatch.setattr(probe, "measure_host_bandwidth", lambda *a: 12.5)
     monkeypatch.setattr(probe, "measure_matmul", lambda device, dtype: 0.25)
+    monkeypatch.setattr(probe, "measure_attention", lambda device, dtype, masked: 0.01 if masked else 0.05)
     monkeypatch.setattr(probe, "time_optimizer", lambda n, master, states, repeats, g: n * 1e-9)  # 1 ns/param
     import torch
 
@@ -83,14 +84,43 @@ def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
     assert list(cached.values())[0]["host_gbps"] == 12.5
     p = make_plan(load_config(REPO / "configs" / "demo.yaml"), PRESETS["tiny"])
     assert p.rates.matmul_tflops == 0.25 and "megastream probe" in p.rates.source
+    assert p.rates.attention_tflops == {"masked": 0.01, "causal": 0.05}
+
+
+def test_roofline_times_attention_at_its_own_rate():
+    """Long packed rows: attention runs at the masked-SDPA rate, not the matmul rate (on a CPU the
+    masked path is ~10x slower per FLOP, which made the seq-4096 estimate 16x too low)."""
+    from dataclasses import replace
+
+    from megastream.config import load_config
+    from megastream.memory import budget
+    from megastream.plan import Rates, roofline
+    from megastream.presets import PRESETS
+
+    import torch
+
+    rates = Rates(h2d_gbps=0, d2h_gbps=0, matmul_tflops=0.1, host_gbps=20,
+                  attention_tflops={"masked": 0.01, "causal": 0.04})
+    spec = PRESETS["tiny"]
+    base = load_config(REPO / "configs" / "demo.yaml")
+    for pack, attn_rate in ((True, 0.01), (False, 0.04)):
+        cfg = replace(base, data=replace(base.data, seq_len=4096, pack=pack))
+        b = budget(cfg, spec, "cpu", torch.float32, torch.float32, 0)
+        r = roofline(cfg, spec, b, rates)
+        T, S, qd = b.tokens_per_step, 4096, spec.num_heads * spec.head_dim
+        assert r.attention_flops == 8 * spec.num_layers * T * S * qd
+        want = (r.flops - r.attention_flops) / 0.1e12 + r.attention_flops / (attn_rate * 1e12)
+        assert r.compute_s == pytest.approx(want, rel=1e-12)
+        assert r.attention_flops > 0.5 * r.flops  # at 4096 tokens the tiny model is attention-bound
 
 
 def test_probe_measures_real_numbers():
     """The measuring functions themselves, at small sizes."""
     import torch
 
-    from megastream.probe import measure_host_bandwidth, measure_matmul, time_optimizer
+    from megastream.probe import measure_attention, measure_host_bandwidth, measure_matmul, time_optimizer
 
     assert measure_host_bandwidth(nbytes=2**24, repeats=2) > 0.1
     assert measure_matmul(torch.device("cpu"), torch.float32, n=256, repeats=2) > 1e-4
+    assert measure_attention(torch.device("cpu"), torch.float32, masked=True, seq=128, repeats=1) > 1e-6
     assert time_optimizer(1 << 16, False, "int8", 2, torch.Generator().manual_seed(0)) > 0
