@@ -61,10 +61,18 @@ class OptimizerWorker:
     is pending); the weight streamer calls it before copying a unit to the device, so the next
     step's forward proceeds layer by layer as updates land. Torch ops release the GIL, so updates
     run in parallel with the main thread's device work.
+
+    `threads` sizes the OpenMP team of the updates (engine.threads; 0: the creating thread's
+    torch.get_num_threads()). OpenMP's team size is per thread: a new thread starts from the
+    process default (every core, or OMP_NUM_THREADS), whatever the main thread set, and the C++
+    op's parallel regions would take every core from the data loader and the main thread.
     """
 
-    def __init__(self, update):
+    def __init__(self, update, threads: int = 0):
         self._update = update
+        self.threads = threads or torch.get_num_threads()
+        if self.threads < 1:  # checked here: a failure on the worker thread would leave wait() hanging
+            raise ValueError(f"OptimizerWorker: threads must be >= 0 (0 = torch's default), got {threads}")
         self._q: queue.Queue = queue.Queue()
         self._done: dict[int, threading.Event] = {}
         self._error: BaseException | None = None
@@ -93,6 +101,7 @@ class OptimizerWorker:
         self._thread.join()
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's OpenMP team (and MKL's), before any update
         while True:
             item = self._q.get()
             if item is None:

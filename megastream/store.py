@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from megastream import cuda
 from megastream.model.layout import UnitLayout
 
 
@@ -33,18 +34,26 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     """Page-lock `t` in place (no copy, no rounding). Returns `t`, or a pinned copy as a fallback."""
     if t.numel() == 0:
         return t
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    if int(err) == 0:
+    nbytes = t.numel() * t.element_size()
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+    if err == 0:
         return t
-    warnings.warn(f"cudaHostRegister failed ({err}); falling back to torch's pinned allocator, "
-                  "which rounds each arena up to a power of two", stacklevel=2)
+    # The failed call also set this thread's CUDA last error, which the next checked kernel launch
+    # would report as its own failure: clear it before the fallback's first use of the device.
+    cuda.clear_last_error()
+    warnings.warn(f"cudaHostRegister of {nbytes / 1e9:.2f} GB failed (CUDA error {err}); falling back to "
+                  "torch's pinned allocator, which rounds each arena up to a power of two", stacklevel=2)
     return t.pin_memory()
 
 
 def _unpin(t: torch.Tensor) -> None:
-    if t.numel():
-        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    """Undo `_pin`'s in-place registration. Only once no copy into or out of `t` is in flight."""
+    if t.numel() == 0:
+        return
+    err = int(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
+    if err:
+        cuda.clear_last_error()  # as in _pin: not for the next kernel launch to report
+        warnings.warn(f"cudaHostUnregister failed (CUDA error {err})", stacklevel=2)
 
 
 STATE_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
@@ -103,6 +112,11 @@ class HostStore:
         return p
 
     def close(self) -> None:
+        if self._pinned:
+            # Host waits for the device: H2D copies out of `working` (h2d stream) and D2H copies into
+            # `grad` / `embed_grad` (d2h stream) may still be in flight, and must not outlive the
+            # registration of the memory they read or write.
+            torch.cuda.synchronize()
         for t in self._pinned:
             _unpin(t)
         self._pinned.clear()

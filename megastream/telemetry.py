@@ -3,6 +3,7 @@ and GPU utilisation (NVML), sampled once per step; and optional TensorBoard scal
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -48,8 +49,9 @@ class Monitor:
 
 
 def _nvml_handle(device: torch.device):
-    """The NVML handle of the GPU torch calls `device` (matched by PCI bus id, since
-    CUDA_VISIBLE_DEVICES renumbers devices); None when NVML is unavailable."""
+    """The NVML handle of the GPU torch calls `device`, matched by PCI bus id, else by UUID: NVML
+    numbers every GPU of the machine, CUDA only the visible ones (CUDA_VISIBLE_DEVICES) in its own
+    order, so a CUDA index is no NVML index. None when NVML is unavailable or no GPU matches."""
     try:
         import pynvml
 
@@ -57,14 +59,49 @@ def _nvml_handle(device: torch.device):
     except Exception:
         return None
     try:
-        p = torch.cuda.get_device_properties(device)
-        bus = f"{p.pci_domain_id:08x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
+        props = torch.cuda.get_device_properties(device)
+    except Exception:
+        props = None
+    handle = None
+    if props is not None:
+        handle = _by_pci_bus_id(pynvml, props)
+        if handle is None:
+            handle = _by_uuid(pynvml, props)
+    if handle is None:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()  # Monitor.close shuts down only when a handle was found
+    return handle
+
+
+def _by_pci_bus_id(pynvml, props):
+    try:
+        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
         return pynvml.nvmlDeviceGetHandleByPciBusId(bus)
     except Exception:
-        try:
-            return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception:
+        return None
+
+
+def uuid_hex(uuid) -> str:
+    """A GPU UUID as 32 lowercase hex digits. NVML writes 'GPU-7f9c0a1e-...' (str, or bytes in
+    older bindings); torch's device properties' uuid prints as '7f9c0a1e-...'."""
+    s = (uuid.decode() if isinstance(uuid, bytes) else str(uuid)).strip().lower()
+    if s.startswith("gpu-"):
+        s = s[4:]
+    return s.replace("-", "")
+
+
+def _by_uuid(pynvml, props):
+    try:
+        want = uuid_hex(props.uuid)
+        if not want:
             return None
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)  # an NVML index: every GPU of the machine
+            if uuid_hex(pynvml.nvmlDeviceGetUUID(h)) == want:
+                return h
+    except Exception:
+        pass
+    return None
 
 
 class Scalars:

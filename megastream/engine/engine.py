@@ -78,7 +78,7 @@ class Engine:
         self.adam_steps = 0
         self.chunk_tokens = cfg.engine.loss_chunk_tokens or auto_chunk_tokens(spec.vocab_size)
         self.streams = Streams(device)
-        self.worker = OptimizerWorker(self._update_unit)
+        self.worker = OptimizerWorker(self._update_unit, threads=cfg.engine.threads)
         tied = spec.tie_word_embeddings
         self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait)
         self.grads = GradStager(store, device, self.streams, tied=tied)
@@ -86,9 +86,16 @@ class Engine:
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def close(self) -> None:
-        self.worker.wait_all()
-        self.worker.close()
-        self.ckpts.close()
+        """Wait for the device and the optimizer thread, then release the pinned checkpoint arena.
+        The copy streams are drained first: D2H gradient copies (d2h), checkpoint offloads (offload)
+        and weight / checkpoint copies (h2d) may still be in flight into or out of pinned host
+        memory, which must stay registered until they land."""
+        try:
+            self.streams.synchronize()
+            self.worker.wait_all()
+        finally:
+            self.worker.close()
+            self.ckpts.close()
 
     def rope(self, seq_len: int):
         if seq_len not in self._rope:

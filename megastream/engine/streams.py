@@ -1,6 +1,6 @@
 """CUDA streams and events, or their no-op stand-ins on the CPU.
 
-Three streams take part in a step:
+Four streams take part in a step:
   compute  the default stream: layer math, gradient accumulation, casts
   h2d      weight copies host -> device (prefetch of the next unit)
   d2h      gradient copies device -> host (one per unit per step)
@@ -53,6 +53,13 @@ class Streams:
         """Make `stream` wait (on the device, not the host) for `event`."""
         if self.cuda and event is not None and event is not DONE:
             stream.wait_event(event)
+
+    def synchronize(self) -> None:
+        """Host waits until everything queued on the four streams has finished: before the host
+        memory those copies read or write is unregistered (cudaHostUnregister) or freed."""
+        if self.cuda:
+            for stream in (self.h2d, self.d2h, self.offload, self.compute):
+                stream.synchronize()
 
     def on(self, stream):
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
