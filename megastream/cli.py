@@ -3,7 +3,7 @@
     megastream train CONFIG [--set key=value ...] [--resume [PATH]] [--force]
     megastream demo                  train the bundled demo (CPU, about a minute)
     megastream plan CONFIG [--json]  memory budget, verdict for this machine, predicted speed
-    megastream probe                 measure this machine's bandwidths and FLOP rate (cached for plan)
+    megastream probe [--quick]       measure this machine's bandwidths and FLOP rate (cached for plan)
     megastream plot RUN_DIR          metrics.jsonl -> RUN_DIR/metrics.png
     megastream env                   versions, C++ ops, GPUs, RAM, locked-memory limit
 """
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     pr = sub.add_parser("probe", help="measure bandwidths, matmul and optimizer rates here; cache them for `plan`")
     pr.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    pr.add_argument("--quick", action="store_true",
+                    help="small sizes: rough rates in seconds (a smoke test; plan is less accurate with them)")
     pt = sub.add_parser("plot", help="draw RUN_DIR/metrics.jsonl into a PNG")
     pt.add_argument("run_dir", help="a run's output.dir (holding metrics.jsonl)")
     pt.add_argument("-o", "--output", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
@@ -53,15 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _probe(device: str) -> int:
+def _probe(device: str, quick: bool = False) -> int:
     import torch
 
     from megastream.probe import run_probe, save_probe
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"megastream probe: measuring {device} (about a minute)")
-    path = save_probe(run_probe(torch.device(device)))
+    print(f"megastream probe: measuring {device} ({'quick, rough rates' if quick else 'about a minute'})")
+    sizes = {"optimizer_params": 2**20, "host_bytes": 2**26} if quick else {}
+    rec = run_probe(torch.device(device), **sizes)
+    if quick:
+        rec["quick"] = True
+    path = save_probe(rec)
     print(f"cached in {path}; `megastream plan` uses these numbers now")
     return 0
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             from megastream.env import print_env
             return print_env()
         if args.command == "probe":
-            return _probe(args.device)
+            return _probe(args.device, args.quick)
         if args.command == "plot":
             from megastream.plot import plot_run
             print(f"wrote {plot_run(args.run_dir, args.output)}")

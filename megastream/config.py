@@ -9,9 +9,11 @@ with `--set` are relative to the current directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,8 +107,10 @@ class Config:
 _PATH_KEYS = {"model.path", "data.path", "data.val_path", "data.tokenizer"}
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Load a YAML file, apply `--set key=value` overrides, validate, return a frozen Config."""
+def load_config(path: str | os.PathLike, overrides: list[str] = (), log=None) -> Config:
+    """Load a YAML file, apply `--set key=value` overrides, validate, return a frozen Config.
+    Where an override contradicts a value from the file, the file's value follows it (see
+    `_follow_set_keys`), with a note to `log` (default: stderr)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path to a YAML file "
@@ -120,9 +124,54 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
                           f"({', '.join(f.name for f in dataclasses.fields(Config))}).")
     base = path.resolve().parent
     _resolve_paths(raw, base)
-    for item in overrides:
-        _apply_override(raw, item)
-    return build_config(raw, source=str(path))
+    from_file = copy.deepcopy(raw)
+    set_keys = {_apply_override(raw, item) for item in overrides}
+    notes = _follow_set_keys(raw, from_file, set_keys, path.name)
+    cfg = build_config(raw, source=str(path))
+    for note in notes:
+        (log or _stderr)(f"megastream: note: {note}")
+    return cfg
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _follow_set_keys(raw: dict, from_file: dict, set_keys: set[str], source: str) -> list[str]:
+    """Values from the file that depend on a value `--set` changed follow it (README, "Config
+    reference"): `train.min_lr` keeps its ratio to `train.lr` (so it can never end up above it);
+    `train.warmup_steps` is capped at `train.steps`; `model.preset` and `model.path` replace each
+    other. `raw` is changed in place; returns one note per change. Values the user wrote in the same
+    place (both in the file, or both on the command line) are left alone, and `lr` and `steps` never
+    follow: a contradiction there is the user's own, and validation reports it."""
+    notes: list[str] = []
+    train, file_train = raw.get("train"), from_file.get("train") or {}
+    if isinstance(train, dict) and isinstance(file_train, dict):
+        if "train.lr" in set_keys and "train.min_lr" not in set_keys and "min_lr" in file_train:
+            ok_new, lr = _coerce(train.get("lr"), float)
+            ok_old, file_lr = _coerce(file_train.get("lr", TrainConfig.lr), float)
+            ok_min, file_min = _coerce(file_train["min_lr"], float)
+            if ok_new and ok_old and ok_min and lr > 0 and file_lr > 0 and file_min >= 0 and lr != file_lr:
+                ratio = file_min / file_lr
+                train["min_lr"] = min_lr = float(f"{lr * ratio:.12g}")
+                notes.append(f"train.min_lr {file_min:g} (from {source}) follows train.lr {file_lr:g} -> {lr:g} "
+                             f"(from --set): now {min_lr:g}, {ratio:g} x train.lr as in the file")
+        if "train.steps" in set_keys and "train.warmup_steps" not in set_keys:
+            ok_steps, steps = _coerce(train.get("steps"), int)
+            ok_warm, warm = _coerce(file_train.get("warmup_steps", TrainConfig.warmup_steps), int)
+            if ok_steps and ok_warm and steps >= 1 and warm > steps:
+                train["warmup_steps"] = steps
+                notes.append(f"train.warmup_steps {warm} (from {source}) capped at train.steps={steps} (from --set): "
+                             f"the whole run warms up")
+    model, file_model = raw.get("model"), from_file.get("model") or {}
+    if isinstance(model, dict) and isinstance(file_model, dict):
+        for key, other in (("preset", "path"), ("path", "preset")):
+            if (f"model.{key}" in set_keys and model.get(key) is not None and f"model.{other}" not in set_keys
+                    and file_model.get(other) is not None):
+                model[other] = None
+                notes.append(f"model.{other} {file_model[other]} (from {source}) is replaced by model.{key} "
+                             f"{model[key]} (from --set)")
+    return notes
 
 
 def build_config(raw: dict, source: str = "<config>") -> Config:
@@ -154,7 +203,7 @@ def _resolve(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else base / p)
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> str:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-5")
     key, _, text = item.partition("=")
@@ -169,6 +218,7 @@ def _apply_override(raw: dict, item: str) -> None:
     if not isinstance(section, dict):
         raise ConfigError(f"--set {item!r}: section {parts[0]!r} is not a mapping in the config file")
     section[parts[1]] = value
+    return f"{parts[0]}.{parts[1]}"
 
 
 def _build(cls, raw: Any, prefix: str, errors: list[str]):
@@ -316,9 +366,16 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     need(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    need(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be between 0 and train.lr ({t.lr}), got {t.min_lr}")
-    need(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
-         f"must be between 0 and train.steps ({t.steps}), got {t.warmup_steps}")
+    # Bounds that name another key are checked only when that key is valid: one mistake, one error.
+    if t.lr > 0:
+        need(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be between 0 and train.lr ({t.lr:g}), got {t.min_lr:g}")
+    else:
+        need(t.min_lr >= 0, "train.min_lr", f"must be >= 0, got {t.min_lr:g}")
+    if t.steps >= 1:
+        need(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+             f"must be between 0 and train.steps ({t.steps}), got {t.warmup_steps}")
+    else:
+        need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
     need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each beta must be in [0, 1), got {list(o.betas)}")

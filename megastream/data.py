@@ -98,8 +98,9 @@ def _jsonl_rows(path: Path):
                 continue
             try:
                 yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+            except json.JSONDecodeError as e:  # some messages end in "at" ("Unterminated string starting at")
+                what = e.msg.removesuffix(" at")
+                raise DataError(f"{where}: not valid JSON ({what} at column {e.colno}); each line must be one "
                                 'JSON object such as {"input_ids": [1, 2, 3]} or {"text": "..."}') from None
 
 

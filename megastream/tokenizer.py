@@ -34,6 +34,15 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
+    def special_ids(self) -> dict:
+        """{"bos_token_id", "eos_token_id", "pad_token_id"}: those this tokenizer has, for a config.json
+        (transformers' generate() stops at eos_token_id)."""
+        ids = {"eos_token_id": self.eos_id}
+        for key in ("bos", "pad"):
+            token = self.special.get(f"{key}_token")
+            ids[f"{key}_token_id"] = self.tok.token_to_id(token) if token else None
+        return {k: v for k, v in ids.items() if v is not None}
+
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
     path = Path(path)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -107,7 +108,10 @@ def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
 
 def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer], extra=None) -> None:
     copy_from = ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]
-    save_hf(path, model.spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
+    spec = model.spec
+    if model.source_config is None and tokenizers:  # a preset: config.json names its tokenizer's eos/bos ids,
+        spec = dataclasses.replace(spec, extra={**tokenizers[0].special_ids(), **spec.extra})  # so generate() stops
+    save_hf(path, spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
             copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30), extra=extra)
 
 
@@ -299,8 +303,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
     bad_run, skipped = 0, 0  # consecutive / total steps skipped for a non-finite loss or gradient norm
     try:
         with _StopRequest(log) as stop, open(metrics_path, "a" if resume_from is not None else "w") as metrics, \
-                tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=not cfg.output.progress,
-                     file=sys.stderr, dynamic_ncols=True) as bar:
+                _ProgressBar(t.steps, start_step, disable=not cfg.output.progress) as bar:
             for step in range(start_step, t.steps):
                 lr = lr_at(step, t)
                 mbs = data.micro_batches(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
@@ -326,8 +329,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                 metrics.flush()
                 scalars.write(rec)
                 history.append(rec)
-                bar.set_postfix_str(_postfix(rec), refresh=False)
-                bar.update()
+                bar.step_done(rec)
                 if bad_run >= t.max_nonfinite_steps:
                     bar.close()
                     raise TrainingError(
@@ -352,7 +354,13 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
         monitor.close()
         scalars.close()
     if history:
-        msg = f"megastream: done, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; "
+        # From the run's first step (the first record in metrics.jsonl, written before a resume) to its last.
+        first = (_first_record(metrics_path) if resume_from is not None else None) or history[0]
+        last = history[-1]
+        msg = (f"megastream: done, loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
+               f"(step {last['step']}); ")
+        if resume_from is not None:
+            msg += f"resumed at step {start_step}; "
         if skipped:
             msg += f"{skipped} step(s) skipped for non-finite values; "
         log(msg + f"model saved to {out / 'final'}")
@@ -373,8 +381,71 @@ def _gpu_oom(plan: Plan, where: str):
             f"data.seq_len; `megastream plan CONFIG` shows the budget. CUDA said: {str(e).splitlines()[0]}") from None
 
 
-def _postfix(rec: dict) -> str:
-    parts = [f"loss {rec['loss']:.4f}", f"{rec['tokens_per_s']:,.0f} tok/s", f"host {rec['host_rss_gb']:.1f} GB"]
+def _first_record(metrics_path: Path) -> dict | None:
+    """The first whole record of metrics.jsonl (the run's first step), or None."""
+    try:
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and "loss" in rec and "step" in rec:
+                    return rec
+    except OSError:
+        pass
+    return None
+
+
+# The step count first, then the fields (_postfix), then the bar in whatever width is left: a narrow
+# terminal loses the bar and the trailing GPU fields first, never tokens/s or host RAM.
+_BAR_FORMAT = "{desc} {n_fmt}/{total_fmt}{postfix} |{bar}|"
+
+
+class _ProgressBar(tqdm):
+    """The training progress bar. Its ETA is our own: the time per step since the end of the first
+    step of this invocation, times the steps left. The first step is left out because it includes
+    the warm-up (allocation, page faults, thread pools, op compilation), often several normal steps'
+    worth; tqdm's estimate after one step multiplies exactly that by all the steps left."""
+
+    def __init__(self, total: int, initial: int = 0, disable: bool = False, file=None, ncols: int | None = None,
+                 clock=time.perf_counter):
+        super().__init__(total=total, initial=initial, desc="step", unit="step", disable=disable,
+                         file=file if file is not None else sys.stderr, ncols=ncols, dynamic_ncols=ncols is None,
+                         bar_format=_BAR_FORMAT, mininterval=0, miniters=1)  # every step is shown
+        self._clock = clock
+        self._done = initial
+        self._first: tuple[float, int] | None = None  # (clock, steps done) at the end of the first step
+
+    def eta_s(self) -> float | None:
+        """Seconds left, from the steps after the first; None until there is one."""
+        if self._first is None or self._done <= self._first[1]:
+            return None
+        t0, n0 = self._first
+        return (self._clock() - t0) / (self._done - n0) * (self.total - self._done)
+
+    def step_done(self, rec: dict) -> None:
+        self._done += 1
+        if self._first is None:
+            self._first = (self._clock(), self._done)
+        self.set_postfix_str(_postfix(rec, self.eta_s()), refresh=False)
+        self.update()
+
+
+def _rate(x: float) -> str:
+    """3 significant digits: 950, 3.42k, 10.8k, 125k, 1.2M."""
+    for div, unit in ((1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+def _postfix(rec: dict, eta_s: float | None = None) -> str:
+    """Loss, tokens/s, host RSS and the ETA, each short, so that all four fit in 60 columns after the
+    step count; the GPU fields follow (a wider terminal shows them)."""
+    eta = tqdm.format_interval(eta_s) if eta_s is not None else "?"
+    parts = [f"loss {rec['loss']:.3f}", f"{_rate(rec['tokens_per_s'])} tok/s", f"host {rec['host_rss_gb']:.1f} GB",
+             f"eta {eta}"]
     if "gpu_peak_gb" in rec:
         parts.append(f"GPU {rec['gpu_peak_gb']:.1f} GB")
     if "gpu_util" in rec:
