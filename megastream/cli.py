@@ -63,7 +63,7 @@ def _probe(device: str, quick: bool = False) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"megastream probe: measuring {device} ({'quick, rough rates' if quick else 'about a minute'})")
-    sizes = {"optimizer_params": 2**20, "host_bytes": 2**26} if quick else {}
+    sizes = {"optimizer_params": 2**20, "host_bytes": 2**26, "quick": True} if quick else {}
     rec = run_probe(torch.device(device), **sizes)
     if quick:
         rec["quick"] = True

@@ -120,9 +120,12 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {cpu_name()}"
 
 
-def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**20, host_bytes: int = 2**30) -> dict:
+def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**20, host_bytes: int = 2**30,
+              quick: bool = False) -> dict:
     """Measure everything for `device` (cuda or cpu) and return the record that gets cached.
-    The sizes are parameters so that a smoke test can run it small."""
+    The sizes are parameters so that a smoke test can run it small; `quick` also shrinks the
+    matmul and attention shapes (rough rates in seconds)."""
+    small = {"matmul": {"n": 512, "repeats": 2}, "attention": {"seq": 256, "repeats": 2}} if quick else {}
     g = torch.Generator().manual_seed(0)
     rec = {"host": machine().hostname, "device": device_name(device), "device_type": device.type,
            "date": datetime.date.today().isoformat(), "torch_version": torch.__version__,
@@ -131,9 +134,10 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
     log(f"  host memory bandwidth (in-place triad)  {rec['host_gbps']:8.1f} GB/s")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rec["matmul_dtype"] = str(dtype)[6:]
-    rec["matmul_tflops"] = measure_matmul(device, dtype)
+    rec["matmul_tflops"] = measure_matmul(device, dtype, **small.get("matmul", {}))
     log(f"  {rec['matmul_dtype']} matmul                          {rec['matmul_tflops']:8.2f} TFLOP/s")
-    rec["attention_tflops"] = {k: measure_attention(device, dtype, masked=k == "masked") for k in ("masked", "causal")}
+    rec["attention_tflops"] = {k: measure_attention(device, dtype, masked=k == "masked", **small.get("attention", {}))
+                               for k in ("masked", "causal")}
     log(f"  {rec['matmul_dtype']} attention, masked / causal      {rec['attention_tflops']['masked']:8.3f} / "
         f"{rec['attention_tflops']['causal']:.3f} TFLOP/s")
     if device.type == "cuda":
