@@ -1,13 +1,16 @@
 """Hugging Face format in and out: config.json + (sharded) safetensors.
 
 Loading reads one tensor at a time from the safetensors files (pread, not mmap) straight into the
-host store's weight arena (converting dtype on the way), so peak memory is the store plus one tensor.
+host store's weight arena (converting dtype on the way), so peak memory is the store plus one tensor;
+a tensor holding NaN or infinity is refused as it is read, before any training.
 Saving writes into a temporary directory beside the target and renames it into place, so a crash
-mid-save never leaves a half-written checkpoint where a good one was.
+mid-save never leaves a half-written checkpoint where a good one was; a save that would not fit on
+the disk is refused before it starts, and one that fills the disk anyway removes its temporary directory.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,7 +22,7 @@ import struct
 
 import torch
 
-from megastream.errors import CheckpointError
+from megastream.errors import CheckpointError, ResourceError
 from megastream.model.layout import hf_names
 from megastream.model.spec import ModelSpec
 from megastream.store import HostStore
@@ -105,6 +108,7 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
             if tuple(t.shape) != e.shape:
                 raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                                       f"implies {e.shape}; config.json and weights disagree")
+            check_finite(t, name, f)
             store.weights_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))  # dtype cast here
             seen.add(name)
             del t
@@ -117,6 +121,21 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
 
 class NonFiniteWeights(CheckpointError):
     """The weights about to be saved hold NaN or infinity: nothing is written."""
+
+
+_CHECK_CHUNK = 1 << 20  # elements checked at a time: isfinite's temporaries stay a few MB, not a tensor's size
+
+
+def check_finite(t: torch.Tensor, name: str, f: Path) -> None:
+    """Refuse a tensor just read from file `f` that holds NaN or infinity, at load: otherwise every
+    step would be skipped, or the saves would refuse the weights only after the whole run."""
+    flat = t.reshape(-1)
+    if t.is_floating_point() and not all(bool(torch.isfinite(flat[lo:lo + _CHECK_CHUNK]).all())
+                                         for lo in range(0, flat.numel(), _CHECK_CHUNK)):
+        bad = int((~torch.isfinite(flat)).sum())
+        raise CheckpointError(f"{f}: tensor {name!r} holds {bad:,} NaN or infinite value(s) of {t.numel():,}; the "
+                              "file is damaged or was saved from a run that diverged. Use an intact copy (re-download "
+                              "it, or resume from an earlier checkpoint)")
 
 
 _ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
@@ -153,7 +172,7 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor, t
                 if dtype is not None and piece.dtype != dtype:
                     piece = piece.to(dtype)  # the cast temporary: one chunk
                 if finite and not bool(torch.isfinite(piece).all()):
-                    raise NonFiniteWeights(f"tensor {name!r} holds NaN or infinite values")
+                    raise NonFiniteWeights(f"tensor {name!r} of {Path(path).name} holds NaN or infinite values")
                 f.write(memoryview(piece.contiguous().view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
@@ -175,23 +194,37 @@ def shard_groups(units: list, itemsize: int, shard_bytes: int) -> list[list[tupl
     return shards
 
 
+_SMALL_FILES = 1 << 20  # headers, config.json, the copied tokenizer files: allowed for on top of the tensors
+
+
+def _disk_full(path: Path, need: int, free: int, during: bool) -> ResourceError:
+    what = "the disk filled up while writing" if during else "not enough disk space to write"
+    return ResourceError(f"{what} {path}: the save needs {need:,} bytes ({need / 1e9:.2f} GB) and {path.parent} had "
+                         f"{free:,} bytes ({free / 1e9:.2f} GB) free. Nothing was written, earlier checkpoints are "
+                         "untouched; free some space (output.keep_last deletes old checkpoints) or move output.dir to "
+                         "a larger disk, then continue with --resume")
+
+
 def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, source_config: dict | None = None,
             copy_from: list[Path] = (), shard_bytes: int = 5 * 2**30,
-            extra: Callable[[Path], None] | None = None) -> Path:
+            extra: Callable[[Path], None] | None = None, extra_bytes: int = 0) -> Path:
     """Write the weights (fp32 master, or the bf16 working copy without one) as a Hugging Face
-    model directory at `path` (atomically). `extra(tmp_dir)` may add files (optimizer state)
-    before the directory is renamed into place."""
+    model directory at `path` (atomically). `extra(tmp_dir)` may add files (optimizer state, of
+    `extra_bytes`) before the directory is renamed into place. Refuses (ResourceError) a save the
+    free disk space cannot hold, before writing anything."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    torch_dtype = _DTYPES[dtype]
+    shards = shard_groups(store.units, torch_dtype.itemsize, shard_bytes)
+    total = sum(e.numel for shard in shards for _, _, e in shard) * torch_dtype.itemsize
+    need, free = total + extra_bytes + _SMALL_FILES, shutil.disk_usage(path.parent).free
+    if need > free:
+        raise _disk_full(path, need, free, during=False)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        torch_dtype = _DTYPES[dtype]
-
-        shards = shard_groups(store.units, torch_dtype.itemsize, shard_bytes)
-        total = sum(e.numel for shard in shards for _, _, e in shard) * torch_dtype.itemsize
         n = len(shards)
         weight_map = {}
         for i, shard in enumerate(shards):
@@ -218,6 +251,11 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
                     copied.add(name)
         if extra is not None:
             extra(tmp)
+    except OSError as e:  # the disk (or quota) filled up anyway: another writer, or a filesystem's overhead
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(path, need, free, during=True) from None
+        raise
     except NonFiniteWeights as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise NonFiniteWeights(f"refusing to write {path}: {e}; earlier checkpoints in {path.parent} are untouched. "

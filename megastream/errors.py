@@ -28,7 +28,8 @@ class Interrupted(MegastreamError):
 
 
 class ResourceError(MegastreamError):
-    """The run does not fit this machine's RAM or GPU memory (found by the plan, or by the GPU)."""
+    """The run does not fit this machine's RAM or GPU memory (found by the plan, or by the GPU), or a
+    save does not fit the free disk space."""
 
 
 class TrainingError(MegastreamError):

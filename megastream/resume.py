@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megastream.checkpoint import write_safetensors
+from megastream.checkpoint import check_finite, write_safetensors
 from megastream.errors import CheckpointError
 from megastream.store import HostStore
 
@@ -42,13 +42,19 @@ def unit_tensors(store: HostStore, u: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def training_state_bytes(store: HostStore) -> int:
+    """Bytes write_training_state adds to a checkpoint (the optimizer files; the rest is small)."""
+    return sum(t.numel() * t.element_size() for u in range(len(store.units)) for t in unit_tensors(store, u).values())
+
+
 def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: int, config: dict) -> None:
     """Add the optimizer state and trainer state to a checkpoint directory being written."""
     (tmp / OPTIM_DIR).mkdir()
     for u, unit in enumerate(store.units):
-        # Streamed from the arenas' views: no copy of the unit.
+        # Streamed from the arenas' views: no copy of the unit. Non-finite moments are refused as
+        # they are written, as on load: a checkpoint that is written can be resumed.
         write_safetensors(tmp / OPTIM_DIR / f"{unit.name}.safetensors",
-                          [(k, t, tuple(t.shape)) for k, t in unit_tensors(store, u).items()])
+                          [(k, t, tuple(t.shape)) for k, t in unit_tensors(store, u).items()], finite=True)
     save_file({"rng_state": torch.get_rng_state()}, str(tmp / RNG_FILE))
     state = {"step": step, "adam_steps": adam_steps, "master": "fp32" if store.master is not None else "none",
              "states": store.states, "config": config}
@@ -86,6 +92,7 @@ def read_training_state(path: Path, store: HostStore) -> dict:
                     if t.shape != dst.shape or t.dtype != dst.dtype:
                         raise CheckpointError(f"{f}: {name} is {t.dtype} {tuple(t.shape)}, expected {dst.dtype} "
                                               f"{tuple(dst.shape)}; the checkpoint does not match this model")
+                    check_finite(t, name, f)  # in the same pass, one tensor at a time
                     dst.copy_(t)
         except (SafetensorError, FileNotFoundError) as e:
             raise CheckpointError(f"{f}: cannot read ({e}); the checkpoint is incomplete or corrupt, resume "

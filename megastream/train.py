@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -33,7 +34,8 @@ from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
 from megastream.plan import Plan, make_plan
 from megastream.resolve import check_model_inputs, mode_name, model_spec, resolve_device, resolve_dtypes
-from megastream.resume import latest_checkpoint, prune, read_training_state, write_training_state
+from megastream.resume import (latest_checkpoint, prune, read_training_state, training_state_bytes,
+                               write_training_state)
 from megastream.store import HostStore
 from megastream.telemetry import Monitor, Scalars
 from megastream.tokenizer import DEMO_TOKENIZER, TextTokenizer, load_tokenizer
@@ -87,14 +89,47 @@ def _tokenizer_for(cfg: Config):
     return make, used
 
 
-def _prepare_output(out: Path, overwrite: bool, create: bool) -> None:
-    existing = [p.name for p in (out / "metrics.jsonl", out / "final") if p.exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(existing)}); choose a new directory "
+# What a run writes into output.dir (with `megastream plot`'s PNG and the temporary names of saves):
+# --overwrite deletes a directory holding only these, never one holding anything else.
+_RUN_FILE = re.compile(r"^(metrics\.jsonl|config\.yaml|final|checkpoint-\d+|metrics\.png|tensorboard"
+                       r"|\..+\.(tmp|old)-\d+)$")
+
+
+def _inputs(cfg: Config) -> list[tuple[str, Path]]:
+    paths = [("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer), ("the current directory", ".")]
+    for key, value in (("data.path", cfg.data.path), ("data.val_path", cfg.data.val_path)):
+        paths += [(key, p) for p in ((value,) if isinstance(value, str) else value or ())]
+    return [(key, Path(p)) for key, p in paths if p]
+
+
+def _prepare_output(out: Path, cfg: Config, overwrite: bool, resuming: bool, create: bool) -> None:
+    """Check output.dir (create=False, before any work), then make it (create=True, once the inputs
+    are valid). --overwrite (not resuming) replaces the run there as a whole: renamed aside, then deleted."""
+    existing = [p.name for p in (out / "metrics.jsonl", out / "final", *sorted(out.glob("checkpoint-*")))
+                if p.exists()]
+    if existing and not (overwrite or resuming):
+        raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(existing[:4])}); choose a new directory "
                           "(--set output.dir=...) or pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir: {out} exists and is not a directory")
+    replace = bool(existing) and overwrite and not resuming
+    if replace:
+        foreign = sorted(p.name for p in out.iterdir() if not _RUN_FILE.match(p.name))
+        if foreign:
+            raise ConfigError(f"--overwrite: {out} also holds {', '.join(foreign[:4])}, which megastream did not "
+                              "write; it only replaces a directory that holds a run alone. Move those away, or choose "
+                              "a new output.dir")
+        for key, p in _inputs(cfg):
+            if p.resolve().is_relative_to(out.resolve()):
+                raise ConfigError(f"--overwrite would delete {out}, and {key} ({p}) is inside it; choose a new "
+                                  "output.dir (or move the input out first)")
     if create:
+        for stale in out.parent.glob(f".{out.name}.overwritten-*"):  # an --overwrite that crashed mid-delete
+            shutil.rmtree(stale, ignore_errors=True)
+        if replace:  # the old run is gone before the new one starts: one atomic rename (a crash leaves one
+            aside = out.parent / f".{out.name}.overwritten-{os.getpid()}"  # run or the other, never a mix),
+            os.rename(out, aside)  # then the delete
+            shutil.rmtree(aside)
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp-*"):  # a save that crashed: never a complete checkpoint
             shutil.rmtree(stale, ignore_errors=True)
@@ -106,13 +141,15 @@ def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
     return spec.torch_dtype if spec.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer], extra=None) -> None:
+def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer], extra=None,
+          extra_bytes: int = 0) -> None:
     copy_from = ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]
     spec = model.spec
     if model.source_config is None and tokenizers:  # a preset: config.json names its tokenizer's eos/bos ids,
         spec = dataclasses.replace(spec, extra={**tokenizers[0].special_ids(), **spec.extra})  # so generate() stops
     save_hf(path, spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
-            copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30), extra=extra)
+            copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30), extra=extra,
+            extra_bytes=extra_bytes)
 
 
 def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: Model,
@@ -123,7 +160,8 @@ def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: 
         if os.environ.get("MEGASTREAM_TEST_CRASH_DURING_SAVE") == str(step):  # fault injection for tests
             os._exit(3)
 
-    _save(out / f"checkpoint-{step}", cfg, model, tokenizers, extra=extra)
+    _save(out / f"checkpoint-{step}", cfg, model, tokenizers, extra=extra,
+          extra_bytes=training_state_bytes(model.store))
     prune(out, cfg.output.keep_last)
 
 
@@ -139,6 +177,19 @@ def _resume_point(cfg: Config, out: Path, resume: str) -> Path:
     if not path.is_dir():
         raise ConfigError(f"--resume: {path} is not a directory; pass a checkpoint-<step> directory")
     return path
+
+
+def _metrics_up_to(path: Path, step: int, log) -> list[str]:
+    """The lines of metrics.jsonl up to `step` (a resumed checkpoint's); a line that does not parse
+    (cut short when a run was killed mid-write) is dropped with a warning."""
+    kept = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines() if path.exists() else [], 1):
+        try:
+            if line.strip() and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            log(f"megastream: warning: {path}:{i} is not a whole metrics record (a run killed mid-write?); dropped")
+    return kept
 
 
 def _config_changes(old: dict, new: dict) -> list[str]:
@@ -165,11 +216,14 @@ def evaluate(engine: Engine, val: Dataset, micro_batch_size: int, group: int) ->
 
 
 class _StopRequest:
-    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, exit. Second SIGINT: abort."""
+    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, exit; during a save, finish
+    the save first. Second SIGINT: abort (KeyboardInterrupt; a save in progress removes its temporary
+    directory). Armed from the first step until final/ is written."""
 
     def __init__(self, log):
         self.signum: int | None = None
         self.log = log
+        self.doing = "finishing this step, then saving a checkpoint"  # what the first signal lets finish
         self._old = {}
 
     def __enter__(self):
@@ -186,8 +240,7 @@ class _StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: abort at once, no checkpoint
         self.signum = signum
-        self.log(f"\nmegastream: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                 "(Ctrl-C again to abort without one)")
+        self.log(f"\nmegastream: {signal.Signals(signum).name}: {self.doing} (Ctrl-C again to abort at once)")
 
 
 
@@ -251,7 +304,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
     out = Path(cfg.output.dir)
     resume_from = _resume_point(cfg, out, resume) if resume else None
     # Refuse early, create only once inputs are valid; a resumed run continues its own directory.
-    _prepare_output(out, overwrite or resume_from is not None, create=False)
+    _prepare_output(out, cfg, overwrite, resume_from is not None, create=False)
 
     # Shape checks and the memory plan first (cheap), so nothing big is allocated for a run that cannot fit.
     spec = model_spec(cfg)
@@ -276,13 +329,15 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
     if resume_from is not None:
         state = read_training_state(resume_from, store)
         start_step, adam_steps = state["step"], state["adam_steps"]
-        if start_step >= cfg.train.steps:
+        if start_step > cfg.train.steps or (start_step == cfg.train.steps and (out / "final").is_dir()):
+            done = f"; the run is complete ({out / 'final'} holds its model)" if (out / "final").is_dir() else ""
             raise ConfigError(f"--resume: {resume_from} is at step {start_step}, and train.steps is "
-                              f"{cfg.train.steps}; raise train.steps to train further")
+                              f"{cfg.train.steps}{done}; raise train.steps to train further")
         for change in _config_changes(state.get("config", {}), cfg.to_dict()):
             log(f"megastream: warning: resuming with a changed setting, {change}")
-        log(f"megastream: resuming from {resume_from} at step {start_step}")
-    _prepare_output(out, overwrite or resume_from is not None, create=True)
+        log(f"megastream: resuming from {resume_from} at step {start_step}"
+            + ("; all steps are done, writing final/ only" if start_step == cfg.train.steps else ""))
+    _prepare_output(out, cfg, overwrite, resume_from is not None, create=True)
 
     t = cfg.train
     tokens_per_step = plan.budget.tokens_per_step
@@ -295,8 +350,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
     history = []
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:  # keep the records up to the checkpoint, drop any written after it
-        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = _metrics_up_to(metrics_path, start_step, log)
         metrics_path.write_text("".join(line + "\n" for line in kept))
     monitor = Monitor(device)
     scalars = Scalars(out, cfg.output.tensorboard, log)
@@ -338,16 +392,29 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                         "weights are those of the last good step, and nothing was written. Lower train.lr, keep "
                         f"train.grad_clip on, check the data near step {step + 1 - bad_run + 1}, then --resume")
                 saving = cfg.output.save_every and (step + 1) % cfg.output.save_every == 0
-                if saving or (stop.signum is not None and step + 1 < t.steps):
+                last = step + 1 == t.steps
+                # A stop request checkpoints this step; in the last one only if the run has no checkpoint
+                # yet (final/ follows), so that a second Ctrl-C during final/ still leaves one to --resume.
+                if saving or (stop.signum is not None and not (last and latest_checkpoint(out))):
                     engine.worker.wait_all()  # the step's updates must have landed
                     _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks)
-                if stop.signum is not None and step + 1 < t.steps:
+                if stop.signum is not None and not last:
                     bar.close()
                     saved = out / f"checkpoint-{step + 1}"
                     raise Interrupted(f"stopped after step {step + 1} of {t.steps}; saved {saved}. Continue with the "
                                       "same command and --resume", stop.signum)
-        engine.worker.wait_all()
-        _save(out / "final", cfg, model, used_toks)
+            # final/ with the handler still armed: a first signal now waits for the save to complete.
+            stop.doing = "finishing the save of final/"
+            engine.worker.wait_all()
+            _save(out / "final", cfg, model, used_toks)
+            if stop.signum is not None:
+                raise Interrupted(f"all {t.steps} steps were done; the save of {out / 'final'} was let finish and "
+                                  "is complete, so there is nothing to resume", stop.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: no save now; say what is left to continue from
+        ckpt = latest_checkpoint(out)
+        left = (f"{ckpt} is the last checkpoint: continue with the same command and --resume" if ckpt
+                else "no checkpoint was written, so the run has to start over (--overwrite)")
+        raise Interrupted(f"aborted; {left}", signal.SIGINT) from None
     finally:
         engine.close()
         store.close()
