@@ -224,6 +224,7 @@ class _StopRequest:
         self.signum: int | None = None
         self.log = log
         self.doing = "finishing this step, then saving a checkpoint"  # what the first signal lets finish
+        self.abortable = True  # False while a save that nothing on disk could replace is being written
         self._old = {}
 
     def __enter__(self):
@@ -238,6 +239,10 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
+            if not self.abortable:  # aborting now would lose the whole run: there is no checkpoint
+                self.log(f"\nmegastream: {self.doing}: this run has no checkpoint to fall back on, so the save "
+                         "cannot be abandoned (SIGKILL ends the process and loses the run)")
+                return
             raise KeyboardInterrupt  # second Ctrl-C: abort at once, no checkpoint
         self.signum = signum
         self.log(f"\nmegastream: {signal.Signals(signum).name}: {self.doing} (Ctrl-C again to abort at once)")
@@ -405,6 +410,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                                       "same command and --resume", stop.signum)
             # final/ with the handler still armed: a first signal now waits for the save to complete.
             stop.doing = "finishing the save of final/"
+            stop.abortable = latest_checkpoint(out) is not None
             engine.worker.wait_all()
             _save(out / "final", cfg, model, used_toks)
             if stop.signum is not None:

@@ -85,6 +85,16 @@ def test_ctrl_c_during_the_final_save_lets_it_complete(tmp_path):
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3] and _hidden(out) == []
 
 
+def test_ctrl_c_twice_during_the_final_save_of_a_run_without_checkpoints_still_completes_it(tmp_path):
+    """No checkpoint on disk: abandoning final/ would lose the whole run, so a second Ctrl-C there is
+    answered with a note and the save completes."""
+    out = tmp_path / "run"
+    proc = _cli(*_args(out), patch=_ctrl_c_during_save("final", 2))
+    _interrupted(proc, "no checkpoint to fall back on", "is complete")
+    assert load_file(out / "final" / "model.safetensors") and _hidden(out) == []
+    assert not list(out.glob("checkpoint-*"))
+
+
 def test_ctrl_c_in_the_last_step_then_again_during_final_save_leaves_a_checkpoint(tmp_path):
     """A run with no checkpoint, stopped in its last step: checkpoint-<last> is written first, so the
     second Ctrl-C (aborting final/) leaves something --resume finishes. Before: nothing was left."""
