@@ -1,6 +1,8 @@
 """The host optimizer ops (csrc/adamw.cpp) against float64 references, and against their
-pure-PyTorch fallback (megastream/ops/reference.py), on odd sizes and every dtype combination."""
+pure-PyTorch fallback (megastream/ops/reference.py), on odd sizes and every dtype combination, on
+every instruction-set path (avx512 / avx2 / scalar) that this machine can run."""
 
+import functools
 import math
 import warnings
 
@@ -57,6 +59,18 @@ def _step(bufs, n_decay, step, use_ext, key=7):
     ops.adamw_step(*bufs, n_decay=n_decay, step=step, key=key, use_ext=use_ext, **HP)
 
 
+@pytest.fixture(params=ops.ISAS)
+def isa(request):
+    """Run the test on one instruction-set path of the C++ ops; skipped where the CPU (or a
+    MEGASTREAM_CPU_ISA cap) has no such path. The scalar path runs everywhere, avx2 on x86-64-v3."""
+    assert ops.have_ext(), "the C++ ops could not be built"
+    if request.param not in ops.supported_cpu_isas():
+        pytest.skip(f"this machine has no {request.param} path (its paths: {ops.supported_cpu_isas()})")
+    ops.set_cpu_isa(request.param)
+    yield request.param
+    ops.set_cpu_isa(None)
+
+
 COMBOS = [(w, s, g) for w in (torch.float32, torch.bfloat16) for s in (torch.float32, torch.bfloat16, "int8")
           for g in (torch.float32, torch.bfloat16)]
 COMBO_IDS = [f"w{str(w)[6:]}-s{s if isinstance(s, str) else str(s)[6:]}-g{str(g)[6:]}" for w, s, g in COMBOS]
@@ -103,18 +117,109 @@ def _check_code(got, want, scale, binades):
     assert (got.abs()[~big] <= 2.0 ** -binades * block_max[~big] * 1.0001 * 1.125).all()
 
 
+@functools.lru_cache(maxsize=None)
+def _reference_run(n, combo):
+    """Three steps of the pure-PyTorch reference (computed once, shared by every path's test)."""
+    bufs, _ = _setup(_inputs(n, seed=1), *COMBOS[combo])
+    for step in (1, 2, 3):
+        _step(bufs, n // 3, step, use_ext=False, key=step)
+    return bufs
+
+
 @pytest.mark.parametrize("n", [1, 7, 257, 4097, 100_003])
-@pytest.mark.parametrize("wdt,sdt,gdt", COMBOS, ids=COMBO_IDS)
-def test_fallback_matches_cpp_exactly(n, wdt, sdt, gdt):
-    x = _inputs(n, seed=1)
-    a, _ = _setup(x, wdt, sdt, gdt)
-    b, _ = _setup(x, wdt, sdt, gdt)
+@pytest.mark.parametrize("combo", range(len(COMBOS)), ids=COMBO_IDS)
+def test_fallback_matches_cpp_exactly(n, combo, isa):
+    """Element for element, on every path: the C++ op and the reference do the same float32
+    operations in the same order (no FMA, IEEE sqrt and division, integer bit tricks)."""
+    a, _ = _setup(_inputs(n, seed=1), *COMBOS[combo])
     for step in (1, 2, 3):
         _step(a, n // 3, step, use_ext=True, key=step)
-        _step(b, n // 3, step, use_ext=False, key=step)
-    for ta, tb in zip(a, b):
+    for ta, tb in zip(a, _reference_run(n, combo)):
         if ta is not None:
             assert torch.equal(ta, tb)
+
+
+def _special(n, seed, dtype):
+    """Random values with ~1/8 of them replaced by NaN (the default payloads arithmetic makes,
+    and bf16 0xffff, what torch's vectorised float->bf16 cast gives a NaN), infinities, zeros of
+    both signs, subnormals and values near the float32 limits."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1e-45,
+                         2.0 ** -126, 1e-20, -1e-20])
+    x = torch.randn(n, generator=g) * 1e-3
+    k = n // 8
+    x[torch.randint(0, n, (k,), generator=g)] = vals[torch.randint(0, len(vals), (k,), generator=g)]
+    if dtype == torch.bfloat16:
+        b = x.view(torch.int32) >> 16  # truncate: keeps the NaNs' payloads as they are
+        b[torch.randint(0, n, (n // 64,), generator=g)] = -1  # 0xffff
+        return b.to(torch.int16).view(torch.bfloat16)
+    return x
+
+
+def _same_bits(a, b):
+    """Bit-identical, except that a NaN's sign and payload may differ (IEEE leaves which NaN
+    operand propagates open, and compilers commute float additions and multiplications)."""
+    if a.dtype in (torch.float32, torch.bfloat16):
+        if not torch.equal(a.isnan(), b.isnan()):
+            return False
+        a, b = a[~a.isnan()], b[~b.isnan()]
+        ints = torch.int32 if a.dtype == torch.float32 else torch.int16
+        return torch.equal(a.view(ints), b.view(ints))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("combo", range(len(COMBOS)), ids=COMBO_IDS)
+def test_special_values_agree_on_every_path(combo):
+    """NaN, infinities, signed zeros, subnormals, overflow: every path gives the scalar path's bits
+    (NaNs in the same places), including the int8 codes and scales. (The reference differs from all
+    paths on NaNs: torch's bf16 casts and amax treat them their own way.)"""
+    wdt, sdt, gdt = COMBOS[combo]
+    n = 3 * 256 + 37
+
+    def bufs():
+        w, g = _special(n, 1, wdt), _special(n, 2, gdt)
+        if sdt == "int8":
+            m, ms = R.quantize_m(torch.randn(n, generator=torch.Generator().manual_seed(3)) * 1e-3)
+            v, vs = R.quantize_sqrt_v(torch.rand(n, generator=torch.Generator().manual_seed(4)) * 1e-3)
+            m[::17], v[::19] = -128, 255  # codes the op never writes, but a corrupt file could hold
+            ms[1], vs[2] = math.inf, 0.0
+            return [w, g, m, v, ms, vs, None]
+        working = torch.empty(n, dtype=torch.bfloat16) if wdt == torch.float32 else None
+        return [w, g, _special(n, 3, sdt), _special(n, 4, sdt).abs(), None, None, working]
+
+    results = {}
+    for path in ops.supported_cpu_isas():
+        ops.set_cpu_isa(path)
+        try:
+            b = bufs()
+            for step in (1, 2):
+                _step(b, n // 2, step, use_ext=True, key=step)
+            results[path] = b
+        finally:
+            ops.set_cpu_isa(None)
+    want = results["scalar"]
+    for path, got in results.items():
+        for i, (ta, tb) in enumerate(zip(got, want)):
+            if ta is not None:
+                assert _same_bits(ta, tb), f"{path} differs from scalar in buffer {i}"
+
+
+def test_unaligned_working_copy(isa):
+    """A 64-byte-aligned working copy is written with non-temporal stores, any other with plain
+    ones: the same bits either way."""
+    n = 4 * 256 + 5
+    x = _inputs(n, seed=5)
+    out = []
+    for offset in (0, 1):
+        bufs, _ = _setup(x, torch.float32, torch.float32, torch.bfloat16)
+        bufs[6] = torch.empty(n + offset, dtype=torch.bfloat16)[offset:]
+        _step(bufs, n, 1, use_ext=True)
+        out.append(bufs)
+    ref, _ = _setup(x, torch.float32, torch.float32, torch.bfloat16)
+    _step(ref, n, 1, use_ext=False)
+    for a, b, r in zip(*out, ref):
+        if a is not None:
+            assert torch.equal(a, r) and torch.equal(b, r)
 
 
 def test_stochastic_rounding_is_unbiased_and_reproducible():
@@ -175,6 +280,31 @@ def test_accumulate_sqnorm(src_dtype, use_ext):
     torch.testing.assert_close(dst.double(), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("src_dtype", [None, torch.float32, torch.bfloat16])
+def test_accumulate_sqnorm_same_bits_on_every_path_and_thread_count(src_dtype):
+    """The norm feeds the clipping factor, so exact resume needs it independent of the thread
+    count; it is also the same on every path (16 interleaved float lanes per block of 256, summed in
+    a fixed order, blocks summed in order in double). Sizes cover partial groups and blocks."""
+    threads = torch.get_num_threads()
+    for n in (1, 15, 16, 17, 255, 256, 257, 4096 + 33, 100_003):
+        g = torch.Generator().manual_seed(n)
+        dst0 = torch.randn(n, generator=g)
+        src = None if src_dtype is None else torch.randn(n, generator=g).to(src_dtype)
+        seen = set()
+        for path in ops.supported_cpu_isas():
+            for t in (1, 2):
+                ops.set_cpu_isa(path)
+                torch.set_num_threads(t)
+                try:
+                    dst = dst0.clone()
+                    norm = ops.accumulate_sqnorm(dst, src, 0.5, use_ext=True)
+                finally:
+                    ops.set_cpu_isa(None)
+                    torch.set_num_threads(threads)
+                seen.add((norm, dst.view(torch.int32).sum().item(), hash(dst.numpy().tobytes())))
+        assert len(seen) == 1, (n, seen)
+
+
 def test_fallback_warns_once(monkeypatch, tmp_path):
     monkeypatch.setattr(ops, "_SRC", tmp_path / "missing.cpp")
     monkeypatch.setattr(ops, "_state", {})
@@ -196,15 +326,50 @@ def test_the_extension_is_built_here():
     assert ops.have_ext()
 
 
-def test_int8_codes_round_stochastically_and_unbiased():
-    """A value between two codes is encoded as either neighbour, in proportion: the mean over many
-    keys recovers it (with round-to-nearest, small per-step moment changes would stall)."""
-    x = torch.full((256,), 0.3)
-    x[0] = 1.0  # the block's absmax: 0.3 then sits between two 3-bit-mantissa codes
-    means = []
-    for fn, dec in ((R.quantize_m, R.dequantize_m), (R.quantize_sqrt_v, R.dequantize_sqrt_v)):
-        vals = torch.stack([dec(*fn(x, key)) for key in range(400)])[:, 1:]
-        assert len(vals.unique()) == 2  # the two neighbouring codes
-        means.append(vals.double().mean().item())
-    # 400 keys x 255 elements; one code step at 0.3 is 2^-5: the mean is far tighter than that
-    assert means[0] == pytest.approx(0.3, rel=2e-3) and means[1] == pytest.approx(0.3, rel=2e-3)
+def test_cpu_isa_choice():
+    """The widest path this CPU has runs by default (or MEGASTREAM_CPU_ISA's); others can be
+    switched to; asking for one the CPU lacks is a clear error, not a crash on an illegal
+    instruction."""
+    paths = ops.supported_cpu_isas()
+    assert paths and paths[-1] == "scalar" and ops.cpu_isa() == paths[0]
+    assert paths == [i for i in ops.ISAS if i in paths]  # widest first
+    for p in paths:
+        assert ops.set_cpu_isa(p) == p == ops.cpu_isa()
+    assert ops.set_cpu_isa(None) == paths[0]
+    with pytest.raises(ValueError, match="avx512, avx2, scalar"):
+        ops.set_cpu_isa("sse9")
+    for p in ops.ISAS:
+        if p not in paths:
+            with pytest.raises(RuntimeError, match=p):
+                ops.set_cpu_isa(p)
+            assert ops.cpu_isa() == paths[0]
+
+
+def test_env_var_forces_a_path(monkeypatch):
+    """MEGASTREAM_CPU_ISA=scalar runs (and caps the ops at) the scalar path; a bad value, or a path
+    the CPU lacks, stops at load with a message that names the variable. (In-process: the ops are
+    loaded once per process, so the load is replayed with the library already in.)"""
+    assert ops.have_ext()
+    have = ops._cpu_isas()
+
+    def load(value):
+        monkeypatch.setenv("MEGASTREAM_CPU_ISA", value)
+        monkeypatch.setattr(ops, "_state", {})
+        monkeypatch.setattr(ops, "_build", lambda: True)
+        return ops.have_ext()
+
+    try:
+        assert load("scalar") and ops.cpu_isa() == "scalar" and ops.supported_cpu_isas() == ["scalar"]
+        assert ops.set_cpu_isa(None) == "scalar"
+        if "avx2" in have:
+            with pytest.raises(RuntimeError, match="MEGASTREAM_CPU_ISA=scalar limits"):
+                ops.set_cpu_isa("avx2")
+        with pytest.raises(ValueError, match="MEGASTREAM_CPU_ISA='avx3': expected one of avx512, avx2, scalar"):
+            load("avx3")
+        for p in ops.ISAS:
+            if p not in have:
+                with pytest.raises(RuntimeError, match=f"MEGASTREAM_CPU_ISA={p}: this CPU cannot run"):
+                    load(p)
+    finally:
+        monkeypatch.undo()
+        ops.set_cpu_isa(None)

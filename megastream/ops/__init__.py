@@ -1,16 +1,22 @@
 """Host optimizer ops: the C++ build of csrc/adamw.cpp when it can be had, else the pure-PyTorch
 reference (megastream.ops.reference), with one warning.
 
-The extension is compiled on first use with torch.utils.cpp_extension (-O3 -march=native -fopenmp)
-into ~/.cache/megastream/ (or $MEGASTREAM_CACHE), keyed by the source, the compiler flags and this
-CPU's instruction set, so later runs load it in milliseconds. MEGASTREAM_NO_EXT=1 forces the
-fallback.
+The extension is compiled on first use with torch.utils.cpp_extension (-O3 -fopenmp, no
+-march=native) into ~/.cache/megastream/ (or $MEGASTREAM_CACHE), keyed by the sources, the compiler
+flags, the torch version and the machine architecture, so later runs load it in milliseconds and
+one cache serves every x86-64 CPU. The build holds one kernel per instruction-set path ("avx512",
+"avx2", "scalar"), chosen at load from the CPU's features, widest first; `cpu_isa()` says which one
+runs ("reference" when the fallback does). MEGASTREAM_CPU_ISA=avx512|avx2|scalar forces a path and
+caps `supported_cpu_isas()` (an error if the CPU lacks it), `set_cpu_isa()` switches at run time
+(the tests run every path the machine has). All paths give bit-identical results.
+MEGASTREAM_NO_EXT=1 forces the fallback.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -18,24 +24,28 @@ import torch
 
 from megastream.ops import reference
 
-_SRC = Path(__file__).resolve().parent.parent.parent / "csrc" / "adamw.cpp"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+_CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
+_SRC = _CSRC / "adamw.cpp"
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+ISAS = ("avx512", "avx2", "scalar")  # widest first
 _state: dict = {}
 
 
-_ISA_PREFIXES = ("avx", "sse", "ssse", "fma", "f16c", "amx", "bmi", "popcnt", "lzcnt", "movbe", "vnni", "asimd",
-                 "sve", "neon")
+def _env_isa() -> str | None:
+    """MEGASTREAM_CPU_ISA, checked: None when unset or "auto"."""
+    v = os.environ.get("MEGASTREAM_CPU_ISA", "").strip().lower()
+    if v in ("", "auto"):
+        return None
+    if v not in ISAS:
+        raise ValueError(f"MEGASTREAM_CPU_ISA={v!r}: expected one of {', '.join(ISAS)} (or auto)")
+    return v
 
 
-def _cpu_signature() -> str:
-    """The instruction-set flags -march=native compiles for. Only those: a VM's full flag list can
-    change between runs (migration, mitigations) and would force needless rebuilds."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith(("flags", "Features"))).split(":", 1)[1].split()
-    except (OSError, StopIteration, IndexError):
-        return os.uname().machine
-    return os.uname().machine + " " + " ".join(sorted(f for f in flags if f.startswith(_ISA_PREFIXES)))
+def _sources_digest() -> bytes:
+    h = hashlib.sha1()
+    for p in sorted([_SRC, *_CSRC.glob("*.h")]):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.digest()
 
 
 def _build() -> bool:
@@ -48,25 +58,77 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        key = hashlib.sha1(_SRC.read_bytes() + " ".join(_CFLAGS).encode() + _cpu_signature().encode()
-                           + torch.__version__.encode()).hexdigest()[:12]
+        key = hashlib.sha1(_sources_digest() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
+                           + platform.machine().encode()).hexdigest()[:12]
         cache = Path(os.environ.get("MEGASTREAM_CACHE", Path.home() / ".cache" / "megastream")) / f"ops-{key}"
         cache.mkdir(parents=True, exist_ok=True)
         load(name=f"megastream_ops_{key}", sources=[str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(cache), is_python_module=False, verbose=False)
+             extra_include_paths=[str(_CSRC)], build_directory=str(cache), is_python_module=False, verbose=False)
         return hasattr(torch.ops.megastream, "adamw_step")
     except Exception as e:  # no compiler, no ninja, a build error: fall back, once, loudly
-        warnings.warn(f"megastream: could not build the C++ optimizer ops ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the slower "
-                      "pure-PyTorch fallback", stacklevel=3)
+        lines = str(e).strip().splitlines()
+        why = next((line.strip() for line in lines if "error:" in line), lines[-1] if lines else "")
+        warnings.warn(f"megastream: could not build the C++ optimizer ops ({type(e).__name__}: {why}); using the "
+                      "slower pure-PyTorch fallback", stacklevel=3)
         return False
 
 
 def have_ext() -> bool:
-    """True when the compiled ops are loaded (building them on first call)."""
+    """True when the compiled ops are loaded (building them on first call). Raises when
+    MEGASTREAM_CPU_ISA names a path that is unknown or that this CPU cannot run."""
     if "ext" not in _state:
-        _state["ext"] = _build()
+        env = _env_isa()
+        ok = _build()
+        if ok and env is not None:
+            _set_ext_isa(env, "MEGASTREAM_CPU_ISA")
+        _state["ext"] = ok
     return _state["ext"]
+
+
+def _cpu_isas() -> list[str]:
+    return list(torch.ops.megastream.cpu_isas())
+
+
+def _set_ext_isa(isa: str, what: str) -> str:
+    have = _cpu_isas()
+    if isa not in have:
+        raise RuntimeError(f"{what}={isa}: this CPU cannot run the {isa} path of the C++ optimizer ops "
+                           f"({'AVX-512 F/BW/DQ/VL' if isa == 'avx512' else 'AVX2, FMA and F16C'} missing; "
+                           f"it can run: {', '.join(have)})")
+    return torch.ops.megastream.set_cpu_isa(isa)
+
+
+def cpu_isa() -> str:
+    """The instruction-set path the ops run on: "avx512", "avx2", "scalar", or "reference" (the
+    pure-PyTorch fallback)."""
+    return torch.ops.megastream.cpu_isa() if have_ext() else "reference"
+
+
+def supported_cpu_isas() -> list[str]:
+    """The paths this CPU can run, widest first, capped by MEGASTREAM_CPU_ISA when it is set (so
+    MEGASTREAM_CPU_ISA=avx2 on an AVX-512 machine behaves as an AVX2 one); [] without the C++ ops."""
+    if not have_ext():
+        return []
+    have = _cpu_isas()
+    env = _env_isa()
+    return have if env is None else [i for i in have if ISAS.index(i) >= ISAS.index(env)]
+
+
+def set_cpu_isa(isa: str | None) -> str:
+    """Switch the ops to `isa` ("avx512", "avx2", "scalar"), or back to the default with None or
+    "auto" (MEGASTREAM_CPU_ISA's path, else the widest). Returns the active path. Process-wide: not
+    for use while another thread runs an op."""
+    if not have_ext():
+        raise RuntimeError("the compiled megastream ops are not available (cpu_isa() is 'reference')")
+    if isa is None or isa == "auto":
+        env = _env_isa()
+        return torch.ops.megastream.set_cpu_isa("auto") if env is None else _set_ext_isa(env, "MEGASTREAM_CPU_ISA")
+    if isa not in ISAS:
+        raise ValueError(f"unknown CPU instruction-set path {isa!r}: expected one of {', '.join(ISAS)}")
+    allowed = supported_cpu_isas()
+    if isa in _cpu_isas() and isa not in allowed:
+        raise RuntimeError(f"MEGASTREAM_CPU_ISA={_env_isa()} limits the C++ optimizer ops to {', '.join(allowed)}")
+    return _set_ext_isa(isa, "set_cpu_isa")
 
 
 _EMPTY = torch.empty(0)
