@@ -1,8 +1,11 @@
 import os
 import platform
 
-import pytest
-import torch
+# As megastream/__init__.py does before torch loads (tests run the CLI in this process too).
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two cores on CI: keep torch from oversubscribing them when tests run subprocesses.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -63,13 +63,48 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "megastream", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
+            isolate: bool = False) -> subprocess.CompletedProcess:
+    """`megastream ARGS` through the real entry point, megastream.cli.main: argument parsing, error
+    messages and exit codes as a user sees them. In this process by default (a new interpreter
+    costs seconds of imports per call, most of the suite's time on two cores); `isolate` runs
+    `python -m megastream` in a child, for what needs its own process (signals, exits, peak RSS)."""
+    if isolate:
+        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+        proc = subprocess.run([sys.executable, "-m", "megastream", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=600)
+    else:
+        proc = _run_in_process(list(args), cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"megastream {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def _run_in_process(args: list[str], cwd: Path | None) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import traceback
+
+    from megastream.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    threads = torch.get_num_threads()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse errors, --help
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # as the interpreter would: a traceback and exit status 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(old)
+        torch.set_num_threads(threads)  # engine.threads must not leak into later tests
+    return subprocess.CompletedProcess(["megastream", *args], code or 0, out.getvalue(), err.getvalue())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
