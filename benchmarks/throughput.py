@@ -1,39 +1,93 @@
 """Head-to-head training throughput on one GPU: megastream vs DeepSpeed ZeRO-3 offload vs FSDP2
-offload, same model shape, tokens per step, sequence length and GPU memory cap, in one invocation.
+offload, same model shape, data, tokens per step, sequence length, gradient checkpointing and GPU
+memory cap, each system in its own subprocess, in one invocation.
 
-    python benchmarks/throughput.py --model qwen2.5-7b --seq-len 1024 --micro-batch-size 4 \\
-        --grad-accum 4 --gpu-memory-gb 24 --systems megastream:lean megastream:compact deepspeed fsdp2 \\
-        --json benchmarks/results/<date>-<device>-qwen2.5-7b.json
+    python benchmarks/throughput.py --model qwen2.5-3b --seq-len 1024 --micro-batch-size 4 --grad-accum 4 \\
+        --gpu-memory-gb 24 --json benchmarks/results/<date>-<device>-qwen2.5-3b.json
+    python benchmarks/throughput.py --dry-run      # the CPU, a tiny model, every row, both bounds
 
-Each system runs in its own subprocess (a crash, a GPU OOM or the kernel's OOM killer is a result,
-not the end of the benchmark). Per system: tokens/s (median of the timed steps after warm-up), model
-TFLOP/s (6 * N * tokens/s: no credit for recompute), MFU against the bf16 matmul rate measured in
-this run, peak GPU memory (torch allocator), peak host RSS, the spread of step times, and a status:
-ok | oom-gpu | oom-host | error (with its message).
+The headline is same arithmetic against same arithmetic. Every row says its precision and its
+bytes of model state per parameter:
+  megastream:full     bf16 compute, fp32 master weights, fp32 AdamW moments (14 B/param: bf16 working
+                      copy + fp32 master + fp32 m, v) -- the arithmetic of DeepSpeed's CPU Adam and of
+                      FSDP2's AdamW, so `megastream:full / deepspeed` and `megastream:full / fsdp2` are
+                      the headline ratios
+  megastream:lean     bf16 weights with stochastic rounding, bf16 moments (6 B/param)
+  megastream:compact  bf16 weights with stochastic rounding, block-scaled int8 moments (~4.03 B/param)
+  deepspeed           ZeRO stage 3, offload_param and offload_optimizer to pinned CPU memory, bf16, the
+                      model built under HF's ZeRO-3 integration (HfDeepSpeedConfig), DeepSpeedCPUAdam
+                      (AdamW mode) -- bf16 params + fp32 master + fp32 m, v on the host (14 B/param)
+  fsdp2               fully_shard per decoder layer and the root, CPUOffloadPolicy(pin_memory=True),
+                      MixedPrecisionPolicy(bf16 params, fp32 reduce), fp32 sharded params on the host
+                      (the master), torch.optim.AdamW(fused=True) on the CPU (12 B/param)
+The lean and compact rows stand beside the headline, labelled, never in its place.
 
-The same run measures megastream's roofline inputs (pinned H2D/D2H bandwidth, bf16 matmul rate, host
-memory bandwidth, the fused optimizer's rate per mode) and prints each megastream mode's bound
-(DESIGN.md) and the fraction of it achieved.
+Same work for every system:
+  data        identical tensors: random token ids (torch.Generator seeded 0, uniform over the
+              vocabulary), grad_accum micro-batches of micro_batch_size full rows of seq_len tokens.
+              Each row is one document filling the whole row, so no system needs a document mask:
+              all run plain causal attention (SDPA) over the full rows, and packing is moot (megastream
+              gives a single-document row no mask whether data.pack is on, as `train` defaults it, or
+              off; the config says pack: false so its bound uses the causal attention rate the rows
+              really run at). This is the simplest fair choice: packed rows with several documents
+              would need the same per-document attention in every system, which the baselines' HF
+              models do not do by default. Each worker hashes the ids it trained on (data_sha256 in
+              every row) and the harness checks they are the same.
+  labels      next-token targets, seq_len - 1 loss tokens per row in every system
+  checkpoint  gradient checkpointing at every decoder layer's input (megastream always; the HF models
+              with gradient_checkpointing_enable(use_reentrant=False))
+  optimizer   AdamW lr 1e-5, betas (0.9, 0.95), eps 1e-8, weight decay 0, gradient clipping at norm 1.0
+  GPU cap     torch.cuda.set_per_process_memory_fraction to --gpu-memory-gb in every process
 
-Baselines, both on the `transformers` model of the same shape with gradient checkpointing, bf16
-compute, the same micro-batch and accumulation:
-  deepspeed  ZeRO stage 3, offload_param and offload_optimizer to pinned CPU memory, DeepSpeedCPUAdam
-             (chosen by DeepSpeed for an offloaded AdamW), gradient clipping 1.0
-  fsdp2      fully_shard per decoder layer and the root, CPUOffloadPolicy(pin_memory=True),
-             MixedPrecisionPolicy(bf16 params, fp32 reduce), CPU torch.optim.AdamW(fused=True),
-             clip_grad_norm_ 1.0
+Per row: tokens/s (median of the timed steps after warm-up), model TFLOP/s (6 * N * tokens/s: no
+credit for recompute), MFU against the bf16 matmul rate measured in this run, peak GPU memory (torch
+allocator), peak host memory (VmHWM of the row's own process, read from /proc/<pid>/status: the
+worker reports its own at the end, and the harness polls it while the row runs, so a row killed by
+its timeout or the OOM killer still has a figure), the spread of step times, the loss per step, and a
+status: ok | oom-gpu | oom-host | timeout | not-run | error (with its message). A row that cannot be
+built as described -- DeepSpeed's CPU Adam fails to JIT-build, FSDP2's fused CPU AdamW is refused,
+megastream's C++ ops fail to build, the host lacks the RAM it needs -- is `not-run` with the reason,
+never silently replaced by a slower fallback. megastream rows say whether the C++ ops were built and
+which CPU ISA path ran.
 
-`--device cpu` runs the harness end to end on the CPU with a small preset (a smoke test of the
-baselines' setup code; no offload policies there, DeepSpeed reports that it needs CUDA).
+Two bounds per megastream row, from rates measured in the same run (pinned H2D/D2H bandwidth, bf16
+matmul and attention rates, host memory bandwidth, the fused optimizer's rate per mode):
+  ideal       megastream.plan.roofline: every term perfectly overlapped, max(compute, H2D, D2H,
+              optimizer) on a GPU
+  attainable  attainable_bound() below: what megastream's own schedule can reach with those rates,
+              ~ max(T_opt, T_fwd) + T_head + T_bwd + tail
+and the fraction of each achieved (bound / measured step time).
+
+The parent process never creates a CUDA context (children would otherwise inherit a GPU already
+holding one, and the parent's memory would count against theirs): the device's name comes from the
+roofline child. Each row has its own timeout (--timeout, --timeouts NAME=S ...): a row past it is
+killed with its process group and reported `timeout`. A row the host's RAM cannot hold (megastream's
+memory model; ~18 B/param for DeepSpeed, ~16 for FSDP2, + 4 GB) is `not-run` before it starts
+(--host-ram-gb, default MemTotal).
+
+  --device cpu   the harness end to end on the CPU, every system in fp32 (bf16 matmuls are emulated
+                 there); DeepSpeed is `not-run`: it needs CUDA. --jobs N runs rows side by side there.
+  --dry-run      the CPU, the tiny model, one step per row, every row (or --systems), both bounds,
+                 2 rows at a time: checks the harness in well under a minute, measures nothing
+  --check        the rows, their timeouts and what can run here (CUDA, DeepSpeed, host RAM); no process
+  --rates-from   reuse an earlier run's measured rates (its --json) instead of the roofline child
+  --profile      megastream rows also run --profile-steps steps under torch.profiler (megastream/
+                 profiling.py): compute-stream busy fraction, H2D/D2H time hidden under compute
+
+scripts/gpu_acceptance.sh runs it on the GPU machine (the qwen2.5-3b head-to-head; qwen2.5-14b compact
+with a profile; qwen2.5-7b rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import importlib.util
 import json
+import math
 import os
-import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -41,10 +95,139 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+ALL_SYSTEMS = ["megastream:full", "deepspeed", "fsdp2", "megastream:lean", "megastream:compact"]
+HEADLINE = "megastream:full"
+BASELINES = ("deepspeed", "fsdp2")
+HYPER = {"lr": 1e-5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
+
+# What each row computes with, and the bytes of model state per parameter it keeps (weights in every
+# precision it holds + optimizer moments; gradient buffers not counted). megastream's own figures come
+# from its memory model (memory.Budget.state_bytes_per_param); these are the baselines'.
+LABELS = {
+    "megastream:full": "bf16 compute, fp32 master weights, fp32 AdamW moments",
+    "megastream:lean": "bf16 compute, bf16 weights (stochastic rounding), bf16 AdamW moments",
+    "megastream:compact": "bf16 compute, bf16 weights (stochastic rounding), int8 block-scaled AdamW moments",
+    "deepspeed": "bf16 compute, fp32 master weights, fp32 AdamW moments (DeepSpeedCPUAdam)",
+    "fsdp2": "bf16 compute, fp32 master weights (the sharded params), fp32 AdamW moments (fused CPU AdamW)",
+}
+BASELINE_STATE_BYTES = {"deepspeed": 2 + 4 + 8, "fsdp2": 4 + 8}
+# Host bytes per parameter a baseline needs, for the fits-in-RAM check: states above + fp32 gradients
+# on the host (+ runtime, CUDA context and pinned bounce buffers: HOST_OVERHEAD).
+BASELINE_HOST_BYTES = {"deepspeed": 2 + 4 + 8 + 4, "fsdp2": 4 + 8 + 4}
+HOST_OVERHEAD = 4e9
+FULL_ARITHMETIC = "fp32 master + fp32 AdamW moments"
+
+
+class NotRun(Exception):
+    """The row cannot be run as described (its reason is the message): reported, never replaced."""
+
+
+# ---- bounds ----------------------------------------------------------------------------------------
+@dataclass
+class Attainable:
+    fwd_s: float  # forward phase: max(forward compute, H2D of every layer and then the head)
+    opt_s: float  # host optimizer pass over every parameter (overlaps the next step's forward)
+    head_s: float  # chunked loss + head gradients
+    bwd_s: float  # backward phase: max(recompute + backward compute, H2D of every layer, D2H of the grads)
+    tail_s: float  # after the last backward: the last gradient's D2H, the embedding gradient on the host
+    step_s: float
+    bound: str  # the phase that sets the first term: "optimizer" or "forward" (GPU), "serial" (CPU)
+
+
+def attainable_bound(cfg, spec, b, rates) -> Attainable:
+    """The step time megastream's own schedule (engine/engine.py `Engine.step`) can reach with the
+    measured `rates` (megastream.plan.Rates), for `cfg`, `spec` and its memory budget `b`:
+
+        step ~ max(T_opt, T_fwd) + T_head + T_bwd + tail
+
+    T_opt   the host AdamW pass over all parameters (the measured ns/param of this mode; else bytes
+            / host bandwidth, as plan.roofline). The step's updates run on a host thread in unit
+            order while the next step's forward streams units in the same order, so the forward
+            and the previous step's optimizer overlap, and the slower sets the pace.
+    T_fwd   max(forward compute, H2D of every layer and then the head): one stream computes while
+            the copy stream brings the next unit; the head's copy queues behind the last layer's.
+    T_head  the chunked loss with d(hidden) and head gradients: 6 * V * H FLOPs per token.
+    T_bwd   max(recompute + backward compute (3x the forward), H2D of every layer again, D2H of
+            every layer's gradient and the head's (fp32 when the embedding is tied)).
+    tail    what follows the last layer's backward and overlaps nothing: that layer's gradient D2H,
+            the d(embedding output) D2H, and the host's scatter-add and norm of the embedding
+            gradient (V * H fp32 read once, 8 bytes per scattered element).
+
+    Compute is timed at the matmul rate and attention (counted as plan.roofline counts it) at its
+    own measured rate. On the CPU the same cores do everything, so the terms add:
+    T_opt + compute + the host copies plan.roofline counts + tail. It is an estimate of the schedule,
+    not a proof: it ignores launch gaps and the first unit's copy latency, and so sits above the
+    ideal roofline (every term perfectly overlapped) and below what the engine measures."""
+    from megastream.model.layout import model_layout
+    from megastream.plan import roofline
+
+    units = model_layout(spec)
+    n_layers = sum(u.numel for u in units[1:-1])
+    max_layer = max(u.numel for u in units[1:-1])
+    T, S = b.tokens_per_step, cfg.data.seq_len
+    H, V = spec.hidden_size, spec.vocab_size
+    head = V * H
+    qd = spec.num_heads * spec.head_dim
+    ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
+    mm = rates.matmul_tflops * 1e12
+    at = (rates.attention_tflops.get("masked" if cfg.data.pack else "causal") or rates.matmul_tflops) * 1e12
+    attn_pass = 2 * spec.num_layers * T * S * qd  # one pass of causal attention, FLOPs
+    c_fwd = 2 * n_layers * T / mm + attn_pass / at
+    c_bwd = 6 * n_layers * T / mm + 3 * attn_pass / at
+    c_head = 6 * head * T / mm
+    opt = roofline(cfg, spec, b, rates).optimizer_s
+    host = rates.host_gbps * 1e9
+    embed_host = (head * 4 + T * H * 4 * 2) / host  # norm pass over the fp32 gradient + the scatter-add
+    if b.device_type == "cuda":
+        h2d, d2h = rates.h2d_gbps * 1e9, rates.d2h_gbps * 1e9
+        fwd = max(c_fwd, (n_layers + head) * ec / h2d)
+        head_d2h = head * (4 if spec.tie_word_embeddings else eg)
+        bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + head_d2h) / d2h)
+        tail = max_layer * eg / d2h + T * H * ec / d2h + embed_host
+        first = max(opt, fwd)
+        step = first + c_head + bwd + tail
+        bound = "optimizer" if opt >= fwd else "forward"
+    else:
+        # as plan.roofline: the "transfers" are host memcpys (read + write), on the same cores
+        copies = (2 * n_layers * ec + head * ec + n_layers * eg + head * (4 if spec.tie_word_embeddings else eg)) \
+            * 2 / host
+        fwd, bwd, tail = c_fwd + copies, c_bwd, embed_host
+        step = opt + fwd + c_head + bwd + tail
+        bound = "serial"
+    return Attainable(fwd_s=fwd, opt_s=opt, head_s=c_head, bwd_s=bwd, tail_s=tail, step_s=step, bound=bound)
+
+
+def _rates_from(rec: dict):
+    from megastream.plan import Rates
+
+    return Rates(h2d_gbps=rec["h2d_gbps"], d2h_gbps=rec["d2h_gbps"], matmul_tflops=rec["matmul_tflops"],
+                 host_gbps=rec["host_gbps"], attention_tflops=dict(rec.get("attention_tflops", {})),
+                 optimizer_ns_per_param=dict(rec["optimizer_ns_per_param"]), source="measured in this run")
+
+
+def megastream_bounds(a, mode: str, rates) -> dict:
+    """Both bounds of megastream in `mode` for this run's shape: {"ideal": ..., "attainable": ...}."""
+    import torch
+
+    from megastream.memory import budget
+    from megastream.plan import roofline
+    from megastream.presets import PRESETS
+    from megastream.resolve import resolve_dtypes
+
+    cfg, spec = megastream_config(a, mode), PRESETS[a.model]
+    compute, grad = resolve_dtypes(cfg, torch.device(a.device))
+    b = budget(cfg, spec, a.device, compute, grad, 0)
+    r = roofline(cfg, spec, b, rates)
+    ideal = {"step_s": r.step_s, "bound": r.bound, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
+             "optimizer_s": r.optimizer_s, "flops_per_step": r.flops}
+    return {"ideal": ideal, "attainable": asdict(attainable_bound(cfg, spec, b, rates)),
+            "state_bytes_per_param": b.state_bytes_per_param, "host_bytes": b.host_total}
 
 
 # ---- workers (one per subprocess) ------------------------------------------------------------------
@@ -57,21 +240,31 @@ def _cap_gpu(a) -> None:
 
 
 def _batches(a, vocab: int):
+    """The step's data, identical in every system: grad_accum micro-batches of full seq_len rows."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, (a.micro_batch_size, a.seq_len), generator=g) for _ in range(a.grad_accum)]
 
 
+def _digest(batches) -> str:
+    h = hashlib.sha256()
+    for ids in batches:
+        h.update(ids.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _timed(a, step) -> dict:
-    """Run warm-up + timed steps of `step()` (which must end synchronised); per-step seconds."""
-    times = []
+    """Run warm-up + timed steps of `step()` (which must end synchronised and return the loss)."""
+    times, losses = [], []
     for i in range(a.warmup + a.steps):
         t = time.perf_counter()
-        step()
+        loss = step()
+        dt = time.perf_counter() - t
+        losses.append(loss)
         if i >= a.warmup:
-            times.append(time.perf_counter() - t)
-    return {"step_times_s": times}
+            times.append(dt)
+    return {"step_times_s": times, "losses": losses}
 
 
 def megastream_config(a, mode: str):
@@ -81,47 +274,73 @@ def megastream_config(a, mode: str):
 
     master, states = MODES[mode]
     return build_config({
+        # pack: false -- every row is one full-length document (see the module docstring): the engine
+        # runs plain causal attention, and the bound uses that attention rate.
         "model": {"preset": a.model}, "data": {"path": str(REPO / "megastream" / "demo" / "corpus.jsonl"),
                                                "seq_len": a.seq_len, "pack": False},
-        "train": {"micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum, "lr": 1e-5, "grad_clip": 1.0},
-        "optim": {"master": master, "states": states},
+        "train": {"micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum, "lr": HYPER["lr"],
+                  "grad_clip": HYPER["grad_clip"], "weight_decay": HYPER["weight_decay"]},
+        "optim": {"master": master, "states": states, "betas": list(HYPER["betas"]), "eps": HYPER["eps"]},
         "engine": {"device": a.device, "gpu_memory_gb": a.gpu_memory_gb, "activations": a.activations,
-                   "dtype": "bfloat16"},
+                   "dtype": _compute(a)},
     })
 
 
+def _compute(a) -> str:
+    """The compute dtype of every system: bf16 on a GPU; fp32 on the CPU (a smoke test, where bf16
+    matmuls are emulated and slow)."""
+    return "bfloat16" if a.device == "cuda" else "float32"
+
+
+def _label(system: str, device: str) -> str:
+    return LABELS[system] if device == "cuda" else LABELS[system].replace("bf16 compute", "fp32 compute (CPU)")
+
+
 def worker_megastream(a, mode: str) -> dict:
+    import warnings
+
     import torch
 
+    from megastream import ops
     from megastream.engine.engine import Engine, MicroBatch
-    from megastream.resolve import model_spec
+    from megastream.resolve import model_spec, resolve_device
     from megastream.train import build_model, cap_gpu_memory
 
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built = ops.have_ext()
+    isa_fn = getattr(ops, "cpu_isa", None)
+    info = {"ops_built": built, "cpu_isa": isa_fn() if isa_fn else None}
+    if not built and not a.allow_reference_ops:
+        why = "; ".join(str(w.message) for w in caught) or "MEGASTREAM_NO_EXT is set or the build failed"
+        raise NotRun(f"megastream's C++ optimizer ops are not built ({why[:300]}): the pure-PyTorch fallback "
+                     "would be timed instead (--allow-reference-ops to time it anyway, labelled)")
     cfg = megastream_config(a, mode)
-    device = torch.device(a.device)
+    device = resolve_device(cfg)
     cap_gpu_memory(cfg, device)
     spec = model_spec(cfg)
     t0 = time.perf_counter()
     model = build_model(cfg, spec, device)
     init_s = time.perf_counter() - t0
     engine = Engine(spec, model.store, cfg, device)
-    mbs = [MicroBatch(ids, torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1))
-           for ids in _batches(a, spec.vocab_size)]
+    batches = _batches(a, spec.vocab_size)
+    mbs = [MicroBatch(ids, torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)) for ids in batches]
 
     def step():
-        engine.step(mbs, 1e-5)  # ends with a device sync (loss, norm); updates overlap the next forward
+        return engine.step(mbs, HYPER["lr"]).loss  # ends with a device sync; updates overlap the next forward
 
     out = _timed(a, step)
     engine.worker.wait_all()
-    if a.device == "cuda":
-        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    if a.profile and a.device == "cuda":
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    if a.profile and device.type == "cuda":
         from megastream.profiling import profile_steps
 
-        out["overlap"] = profile_steps(engine, mbs, 1e-5, steps=2)
+        out["overlap"] = profile_steps(engine, mbs, HYPER["lr"], steps=a.profile_steps)
     engine.close()
     model.store.close()
-    out.update(params=model.store.numel, init_s=init_s)
+    out.update(info, params=model.store.numel, init_s=init_s, data_sha256=_digest(batches),
+               state_bytes_per_param=model.store.state_bytes_per_param())
     return out
 
 
@@ -135,6 +354,7 @@ def _hf_config(a):
     d.pop("torch_dtype", None)
     cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
     cfg.use_cache = False
+    cfg._attn_implementation = "sdpa"
     return cfg
 
 
@@ -149,43 +369,63 @@ def _dist_env() -> None:
 
 def worker_deepspeed(a) -> dict:
     if a.device != "cuda":
-        raise RuntimeError("DeepSpeed ZeRO-3 offload needs CUDA")
+        raise NotRun("DeepSpeed ZeRO-3 offload needs CUDA")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise NotRun("deepspeed is not installed (bash scripts/gpu_wheels.sh brings it as a wheel)")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda")
     import deepspeed
     import torch
     import transformers
+    from transformers.integrations import HfDeepSpeedConfig
 
+    t0 = time.perf_counter()
+    try:  # built once, before the timed rows, by gpu_acceptance.sh; a cache hit here
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load()
+    except Exception as e:
+        raise NotRun(f"DeepSpeed's CPU Adam did not build: {type(e).__name__}: {str(e).strip()[:400]}") from e
+    build_s = time.perf_counter() - t0
     _dist_env()
     _cap_gpu(a)
     deepspeed.init_distributed(dist_backend="nccl")
     ds = {
         "train_micro_batch_size_per_gpu": a.micro_batch_size, "gradient_accumulation_steps": a.grad_accum,
-        "bf16": {"enabled": True}, "gradient_clipping": 1.0,
+        "bf16": {"enabled": True}, "gradient_clipping": HYPER["grad_clip"],
         "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
                               "offload_optimizer": {"device": "cpu", "pin_memory": True},
                               "overlap_comm": True, "contiguous_gradients": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": 0.0}},
+        "optimizer": {"type": "AdamW", "params": {"lr": HYPER["lr"], "betas": list(HYPER["betas"]),
+                                                  "eps": HYPER["eps"], "weight_decay": HYPER["weight_decay"]}},
         "steps_per_print": 10**9, "wall_clock_breakdown": False,
     }
     hf = _hf_config(a)
     t0 = time.perf_counter()
-    with deepspeed.zero.Init(config_dict_or_path=ds, remote_device="cpu", pin_memory=True, dtype=torch.bfloat16):
-        model = transformers.AutoModelForCausalLM.from_config(hf, torch_dtype=torch.bfloat16)
+    dschf = HfDeepSpeedConfig(ds)  # noqa: F841 -- kept alive: from_config builds under zero.Init
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     init_s = time.perf_counter() - t0
-    batches = [b.cuda() for b in _batches(a, hf.vocab_size)]
+    basic = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
+    if basic != "DeepSpeedCPUAdam":
+        raise NotRun(f"DeepSpeed chose {basic} for the offloaded optimizer, not DeepSpeedCPUAdam")
+    cpu_batches = _batches(a, hf.vocab_size)
+    batches = [b.cuda() for b in cpu_batches]
 
     def step():
+        total = torch.zeros((), device="cuda")
         for ids in batches:  # DeepSpeed steps the optimizer at the accumulation boundary
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()
+            total += loss.detach()
         torch.cuda.synchronize()
+        return float(total) / len(batches)
 
     out = _timed(a, step)
-    out.update(params=sum(p.ds_numel for p in model.parameters()), init_s=init_s,
-               peak_gpu_bytes=torch.cuda.max_memory_allocated())
+    out.update(params=sum(p.ds_numel for p in model.parameters()), init_s=init_s, cpu_adam_load_s=build_s,
+               optimizer=basic, peak_gpu_bytes=torch.cuda.max_memory_allocated(), data_sha256=_digest(cpu_batches),
+               deepspeed_version=deepspeed.__version__)
     return out
 
 
@@ -204,9 +444,9 @@ def worker_fsdp2(a) -> dict:
     hf = _hf_config(a)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf, torch_dtype=torch.float32)  # fp32 master on the host
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)  # fp32 master on the host
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, _compute(a)), reduce_dtype=torch.float32)}
     if cuda:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
     for layer in model.model.layers:
@@ -217,27 +457,30 @@ def worker_fsdp2(a) -> dict:
             for name, buf in list(mod.named_buffers(recurse=False)):
                 mod.register_buffer(name, buf.cuda(), persistent=False)
     try:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                                fused=True)
-        fused = True
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-        fused = False
+        opt = torch.optim.AdamW(model.parameters(), lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
+                                weight_decay=HYPER["weight_decay"], fused=True)
+    except (RuntimeError, TypeError, ValueError) as e:  # never fall back to the slower for-each AdamW
+        raise NotRun(f"torch.optim.AdamW(fused=True) refused the offloaded parameters: {e}") from e
     init_s = time.perf_counter() - t0
-    batches = [b.to(a.device) for b in _batches(a, hf.vocab_size)]
+    cpu_batches = _batches(a, hf.vocab_size)
+    batches = [b.to(a.device) for b in cpu_batches]
 
     def step():
+        total = torch.zeros((), device=a.device)
         for ids in batches:
             loss = model(input_ids=ids, labels=ids).loss / len(batches)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        return float(total)
 
     out = _timed(a, step)
-    out.update(params=sum(p.numel() for p in model.parameters()), init_s=init_s, fused_adamw=fused)
+    out.update(params=sum(p.numel() for p in model.parameters()), init_s=init_s, fused_adamw=True,
+               data_sha256=_digest(cpu_batches))
     if cuda:
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     dist.destroy_process_group()
@@ -250,8 +493,17 @@ def worker_roofline(a) -> dict:
     from megastream.probe import run_probe
 
     cuda = a.device == "cuda"
-    rec = run_probe(torch.device(a.device), log=lambda *_: None, optimizer_params=(64 if cuda else 4) * 2**20,
-                    host_bytes=2**30 if cuda else 2**28)
+    small = a.dry_run or not cuda
+    if a.dry_run:  # toy sizes: the dry run checks the plumbing, it measures nothing
+        from functools import partial
+
+        from megastream import probe
+
+        probe.measure_matmul = partial(probe.measure_matmul, n=256, repeats=2)
+        probe.measure_attention = partial(probe.measure_attention, seq=128, repeats=1)
+    rec = run_probe(torch.device(a.device), log=lambda *_: None,
+                    optimizer_params=2**18 if a.dry_run else 2**20 if small else 64 * 2**20,
+                    host_bytes=2**24 if a.dry_run else 2**26 if small else 2**30)
     return {"h2d_gbps": 0.0, "d2h_gbps": 0.0} | rec
 
 
@@ -269,6 +521,8 @@ def run_worker(a) -> None:
             res.update(worker_fsdp2(a))
         else:
             raise ValueError(f"unknown system {a.worker}")
+    except NotRun as e:
+        res = {"status": "not-run", "message": str(e)[:600]}
     except BaseException as e:  # classify, never crash the harness
         import torch
 
@@ -276,43 +530,119 @@ def run_worker(a) -> None:
         oom_gpu = isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)
         res = {"status": "oom-gpu" if oom_gpu else "oom-host" if isinstance(e, MemoryError) else "error",
                "message": text[:500], "traceback": traceback.format_exc()[-3000:]}
-    res["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from megastream.machine import peak_rss
+
+    res["peak_host_bytes"] = peak_rss()  # VmHWM of this process (/proc/self/status)
+    res["peak_host_source"] = "VmHWM, /proc/self/status at the end of the row"
     Path(a.out).write_text(json.dumps(res))
 
 
 # ---- the harness -----------------------------------------------------------------------------------
-def _spawn(a, system: str, tmp: Path) -> dict:
-    out = tmp / f"{system.replace(':', '_')}.json"
+def _vmhwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
+    """Run one row in its own process, under its own timeout, polling its VmHWM while it runs."""
+    name = system.replace(":", "_")
+    out = tmp / f"{name}.json"
+    log_dir = Path(a.logs) if a.logs else tmp
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
     cmd = [sys.executable, __file__, "--worker", system, "--out", str(out)] + a.passthrough
     t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "message": f"timed out after {a.timeout} s"}
+    polled, timed_out = 0, False
+    with open(log, "w") as f:
+        # its own process group, so that a timeout also ends what it started (a compiler, ninja)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        while proc.poll() is None:
+            polled = max(polled, _vmhwm(proc.pid) or 0)
+            if time.perf_counter() - t > timeout:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                timed_out = True
+                break
+            time.sleep(0.2)
+        rc = proc.wait()
+    text = log.read_text(errors="replace")
     if out.exists():
         res = json.loads(out.read_text())
-    elif proc.returncode in (-9, 137):  # SIGKILL without a result: the kernel's OOM killer
+    elif timed_out:
+        res = {"status": "timeout", "message": f"timed out after {timeout:g} s (its own timeout)"}
+    elif rc in (-9, 137):  # SIGKILL without a result: the kernel's OOM killer
         res = {"status": "oom-host", "message": "killed (SIGKILL), most likely by the kernel's OOM killer"}
     else:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        tail = text.strip().splitlines()[-1:] or [f"exit {rc}"]
         res = {"status": "error", "message": tail[0][:500]}
+    if "peak_host_bytes" not in res and polled:
+        res["peak_host_bytes"] = polled
+        res["peak_host_source"] = "VmHWM, /proc/<pid>/status polled every 0.2 s while the row ran"
     res["wall_s"] = time.perf_counter() - t
-    if res["status"] != "ok" and proc.stderr:
-        res["stderr_tail"] = proc.stderr[-2000:]
+    res["timeout_s"] = timeout
+    if res["status"] != "ok" and text:
+        res["output_tail"] = text[-2000:]
     return res
 
 
-def _device_name(device: str) -> str:
-    import torch
+def _timeouts(a) -> dict[str, float]:
+    out = {}
+    for item in a.timeouts:
+        name, _, sec = item.partition("=")
+        if name not in ALL_SYSTEMS + ["roofline"] or not sec:
+            raise SystemExit(f"--timeouts {item!r}: expected NAME=SECONDS with NAME one of "
+                             f"{', '.join(ALL_SYSTEMS + ['roofline'])}")
+        out[name] = float(sec)
+    return out
 
-    from megastream.probe import device_name
 
-    return device_name(torch.device(device))
+def _host_need(a, system: str, n: int) -> float:
+    """Host bytes a row needs (estimate), for the fits-in-RAM check before it is spawned."""
+    if system.startswith("megastream:"):
+        import torch
+
+        from megastream.memory import budget
+        from megastream.presets import PRESETS
+        from megastream.resolve import resolve_dtypes
+
+        cfg = megastream_config(a, system.split(":", 1)[1])
+        compute, grad = resolve_dtypes(cfg, torch.device(a.device))
+        return budget(cfg, PRESETS[a.model], a.device, compute, grad, int(0.5e9)).host_total
+    return n * BASELINE_HOST_BYTES[system] + HOST_OVERHEAD
+
+
+def _precheck(a, system: str, n: int) -> str | None:
+    """Why `system` cannot run here, decided without a subprocess (or None)."""
+    if system == "deepspeed":
+        if a.device != "cuda":
+            return "DeepSpeed ZeRO-3 offload needs CUDA"
+        if importlib.util.find_spec("deepspeed") is None:
+            return "deepspeed is not installed (bash scripts/gpu_wheels.sh brings it as a wheel)"
+    need = _host_need(a, system, n)
+    if need > 0.95 * a.host_ram_gb * 1e9:
+        return (f"needs ~{need / 1e9:.0f} GB of host RAM (estimate), over 95% of this host's {a.host_ram_gb:.0f} GB "
+                "(--host-ram-gb)")
+    return None
+
+
+def _apply_dry_run(a) -> None:
+    a.device, a.model, a.seq_len, a.micro_batch_size, a.grad_accum = "cpu", "tiny", 32, 2, 2
+    a.steps, a.warmup, a.gpu_memory_gb, a.profile = 1, 0, 0.0, False
+    a.timeout = min(a.timeout, 120)
+    a.jobs = a.jobs or 2
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen2.5-7b", help="a megastream preset (megastream/presets.py)")
+    ap.add_argument("--model", default="qwen2.5-3b", help="a megastream preset (megastream/presets.py)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
@@ -321,9 +651,30 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-memory-gb", type=float, default=24.0, help="cap per process (0: the whole GPU)")
     ap.add_argument("--activations", choices=["device", "host"], default="device", help="megastream only")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--systems", nargs="+", default=["megastream:lean", "megastream:compact", "deepspeed", "fsdp2"])
+    ap.add_argument("--systems", nargs="+", default=None, choices=ALL_SYSTEMS,
+                    help=f"rows, in order (default: all; {HEADLINE} is always added: the headline)")
     ap.add_argument("--profile", action="store_true", help="also profile megastream's overlap (torch.profiler)")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per system")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per row unless --timeouts names it")
+    ap.add_argument("--timeouts", nargs="*", default=[], metavar="NAME=S",
+                    help="per-row timeouts, e.g. deepspeed=300 megastream:full=120 roofline=60")
+    ap.add_argument("--carry-over", action="store_true",
+                    help="the seconds a row leaves of its timeout go to the next row's (a fixed total for all rows)")
+    ap.add_argument("--host-ram-gb", type=float, default=None,
+                    help="host RAM the rows may use (default: MemTotal); a row predicted above it is not-run")
+    ap.add_argument("--allow-reference-ops", action="store_true",
+                    help="time megastream with the pure-PyTorch optimizer if its C++ ops do not build (labelled)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="rows at a time, --device cpu only (a harness check: the timings mean nothing); default 1, "
+                         "2 with --dry-run")
+    ap.add_argument("--logs", default=None, help="keep each row's output as DIR/<row>.log")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the CPU, the tiny model, every row, both bounds: checks the harness, measures nothing")
+    ap.add_argument("--rates-from", default=None, metavar="JSON",
+                    help="reuse the rates (and device name) of an earlier run's --json on this machine: no roofline child")
+    ap.add_argument("--check", action="store_true",
+                    help="print the rows, their timeouts and whether each can run here (CUDA, DeepSpeed, host RAM), "
+                         "then exit: no subprocess, no measurement")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -331,104 +682,218 @@ def main(argv=None) -> int:
     if a.worker:
         run_worker(a)
         return 0
+    if a.dry_run:
+        _apply_dry_run(a)
+    a.systems = a.systems or list(ALL_SYSTEMS)
+    a.jobs = a.jobs or 1
+    if a.jobs > 1 and a.device != "cpu":
+        ap.error("--jobs > 1 is for --device cpu only: rows timed side by side on a GPU would share it")
+    if HEADLINE not in a.systems:
+        a.systems = [HEADLINE] + a.systems
+    a.systems = list(dict.fromkeys(a.systems))
+    timeouts = _timeouts(a)
+    if a.host_ram_gb is None:
+        import psutil
+
+        a.host_ram_gb = psutil.virtual_memory().total / 1e9
     a.passthrough = ["--model", a.model, "--seq-len", str(a.seq_len), "--micro-batch-size", str(a.micro_batch_size),
                      "--grad-accum", str(a.grad_accum), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                     "--gpu-memory-gb", str(a.gpu_memory_gb), "--activations", a.activations, "--device", a.device]
-    if a.profile:
-        a.passthrough.append("--profile")
+                     "--gpu-memory-gb", str(a.gpu_memory_gb), "--activations", a.activations, "--device", a.device,
+                     "--profile-steps", str(a.profile_steps)]
+    a.passthrough += ["--profile"] * a.profile + ["--dry-run"] * a.dry_run + ["--allow-reference-ops"] * a.allow_reference_ops
 
+    # The parent imports torch (no CUDA call: the device's name comes from the roofline child).
     import torch
 
-    from megastream.memory import budget
     from megastream.model.layout import count_params
-    from megastream.plan import Rates, roofline
     from megastream.presets import PRESETS
 
     spec = PRESETS[a.model]
     n = count_params(spec)
     tokens = a.micro_batch_size * a.grad_accum * a.seq_len
     print(f"{a.model}: {n / 1e9:.2f}B params | {tokens} tokens/step = {a.micro_batch_size} x {a.grad_accum} x "
-          f"{a.seq_len} | GPU cap {a.gpu_memory_gb:g} GB | {_device_name(a.device)}", flush=True)
+          f"{a.seq_len} (identical random full rows for every system) | GPU cap {a.gpu_memory_gb:g} GB | "
+          f"host {a.host_ram_gb:.0f} GB" + (" | DRY RUN: the CPU, a tiny model; no measurement" if a.dry_run else ""),
+          flush=True)
+    pre = {s: _precheck(a, s, n) for s in a.systems}
+
+    def timeout_of(name: str) -> float:
+        return timeouts.get(name, min(a.timeout, 300) if name == "roofline" else a.timeout)
+
+    if a.check:
+        rows = ([] if a.rates_from else ["roofline"]) + a.systems
+        for s in rows:
+            print(f"  {s:<19} timeout {timeout_of(s):5.0f} s  " + (f"not-run: {pre[s]}" if pre.get(s) else "runs"))
+        print(f"  at most {sum(timeout_of(s) for s in rows if not pre.get(s)):.0f} s in all")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        roof = _spawn(a, "roofline", Path(tmp))
+        slack = [0.0]  # --carry-over: seconds earlier rows left of their timeouts (sequential rows only)
+
+        def spawn(name: str) -> dict:
+            limit = timeout_of(name) + (slack[0] if a.carry_over and a.jobs == 1 else 0.0)
+            r = _spawn(a, name, Path(tmp), limit)
+            slack[0] = max(0.0, limit - r["wall_s"])
+            r["own_timeout_s"] = timeout_of(name)
+            return r
+
+        if a.rates_from:  # an earlier run's rates on this machine: no roofline child
+            prev = json.loads(Path(a.rates_from).read_text())
+            roof = {"status": "ok", "device": prev["device"], "torch_version": prev.get("torch_version"),
+                    **prev["rates"], "rates_from": a.rates_from}
+        else:
+            roof = spawn("roofline")  # first and alone: it also builds megastream's C++ ops, which the rows load
+        todo = [s for s in a.systems if not pre[s]]
+        if a.jobs > 1 and roof["status"] == "ok":  # the CPU only: rows side by side (the timings mean nothing)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(a.jobs) as pool:
+                done = dict(zip(todo, pool.map(spawn, todo)))
+            results = done.__getitem__
+        else:
+            results = spawn
         if roof["status"] != "ok":
-            print(f"roofline measurement failed: {roof.get('message')}")
+            print(f"roofline measurement failed: {roof.get('message')}\n{roof.get('output_tail', '')}")
             return 1
-        print(f"roofline inputs: H2D {roof['h2d_gbps']:.1f} GB/s, D2H {roof['d2h_gbps']:.1f} GB/s, bf16 matmul "
-              f"{roof['matmul_tflops']:.1f} TFLOP/s, host {roof['host_gbps']:.1f} GB/s, optimizer "
+        device = roof["device"]
+        print(f"{device} | torch {roof.get('torch_version')} | roofline inputs: H2D {roof['h2d_gbps']:.1f} GB/s, "
+              f"D2H {roof['d2h_gbps']:.1f} GB/s, {roof.get('matmul_dtype', '')} matmul "
+              f"{roof['matmul_tflops']:.2f} TFLOP/s, attention masked/causal "
+              + "/".join(f"{roof.get('attention_tflops', {}).get(k, 0):.2f}" for k in ("masked", "causal"))
+              + f" TFLOP/s, host {roof['host_gbps']:.1f} GB/s, optimizer "
               + ", ".join(f"{k} {v:.2f}" for k, v in roof["optimizer_ns_per_param"].items()) + " ns/param", flush=True)
-        rates = Rates(h2d_gbps=roof["h2d_gbps"], d2h_gbps=roof["d2h_gbps"], matmul_tflops=roof["matmul_tflops"],
-                      host_gbps=roof["host_gbps"], optimizer_ns_per_param=roof["optimizer_ns_per_param"],
-                      source="measured in this run")
+        rates = _rates_from(roof)
+        bounds = {s: megastream_bounds(a, s.split(":", 1)[1], rates) for s in a.systems if s.startswith("megastream:")}
+        for s, bd in bounds.items():
+            i, t = bd["ideal"], bd["attainable"]
+            print(f"  bounds {s:<19} ideal {i['step_s']:.4g} s ({i['bound']}-bound) | attainable {t['step_s']:.4g} s = "
+                  f"max(opt {t['opt_s']:.3g}, fwd {t['fwd_s']:.3g}) + head {t['head_s']:.3g} + bwd {t['bwd_s']:.3g} "
+                  f"+ tail {t['tail_s']:.3g}" if a.device == "cuda" else
+                  f"  bounds {s:<19} ideal {i['step_s']:.4g} s | attainable {t['step_s']:.4g} s = opt {t['opt_s']:.3g} "
+                  f"+ fwd {t['fwd_s']:.3g} + head {t['head_s']:.3g} + bwd {t['bwd_s']:.3g} + tail {t['tail_s']:.3g} "
+                  "(the CPU: one set of cores, the terms add)", flush=True)
         systems = []
         for system in a.systems:
-            r = _spawn(a, system, Path(tmp))
-            row = {"name": system, "status": r["status"], "message": r.get("message"),
-                   "peak_host_gb": r.get("peak_host_bytes", 0) / 1e9 or None,
-                   "peak_gpu_gb": r["peak_gpu_bytes"] / 1e9 if "peak_gpu_bytes" in r else None}
-            if r["status"] == "ok":
-                times = r["step_times_s"]
-                med = statistics.median(times)
-                row.update(tokens_per_s=tokens / med, step_s=med, step_times_s=times,
-                           step_spread=max(abs(t / med - 1) for t in times),
-                           tflops=6 * n * tokens / med / 1e12, init_s=r.get("init_s"))
-                row["mfu"] = row["tflops"] / roof["matmul_tflops"]
-                if system.startswith("megastream:"):
-                    cfg = megastream_config(a, system.split(":", 1)[1])
-                    b = budget(cfg, spec, a.device, torch.bfloat16, torch.bfloat16, 0)
-                    bound = roofline(cfg, spec, b, rates)
-                    row.update(bound_s=bound.step_s, bound=bound.bound, achieved_fraction=bound.step_s / med)
-                    if "overlap" in r:
-                        row["overlap"] = r["overlap"]
-            else:
-                row.update(tokens_per_s=None, tflops=None, mfu=None)
-            systems.append(row)
-            _print_row(row)
-    _print_ratios(systems)
+            r = {"status": "not-run", "message": pre[system]} if pre[system] else results(system)
+            systems.append(_row(a, system, r, n, tokens, roof, bounds.get(system)))
+            _print_row(systems[-1])
+    digests = sorted({s["data_sha256"] for s in systems if s.get("data_sha256")})
+    if len(digests) > 1:
+        print("ERROR: the systems trained on different data (data_sha256 differs)", flush=True)
+    headline = _print_ratios(systems)
     if a.json:
-        mega = [s for s in systems if s.get("bound_s")]
-        best = max(mega, key=lambda s: s["tokens_per_s"]) if mega else None
-        doc = {"device": _device_name(a.device), "date": datetime.date.today().isoformat(),
-               "torch_version": torch.__version__, "model": a.model, "params": n, "tokens_per_step": tokens,
-               "seq_len": a.seq_len, "micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum,
-               "gpu_memory_gb": a.gpu_memory_gb, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "systems": systems,
-               "roofline": {"h2d_gbps": roof["h2d_gbps"], "d2h_gbps": roof["d2h_gbps"],
-                            "matmul_tflops": roof["matmul_tflops"], "host_gbps": roof["host_gbps"],
-                            "optimizer_ns_per_param": roof["optimizer_ns_per_param"],
-                            "bound_s": best["bound_s"] if best else None,
-                            "achieved_fraction": best["achieved_fraction"] if best else None}}
+        doc = {"device": device, "date": datetime.date.today().isoformat(),
+               "torch_version": roof.get("torch_version", torch.__version__), "model": a.model, "params": n,
+               "tokens_per_step": tokens, "seq_len": a.seq_len, "micro_batch_size": a.micro_batch_size,
+               "grad_accum": a.grad_accum, "gpu_memory_gb": a.gpu_memory_gb, "host_ram_gb": a.host_ram_gb,
+               "dry_run": a.dry_run, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+               "data": {"kind": "random token ids, torch.Generator seeded 0, uniform over the vocabulary",
+                        "rows": "full seq_len rows, one document per row: plain causal attention, no packing "
+                                "masks, in every system (megastream data.pack: false; moot for such rows)",
+                        "loss_tokens_per_row": a.seq_len - 1, "sha256": digests[0] if len(digests) == 1 else digests or None,
+                        "identical_for_all_systems": len(digests) <= 1},
+               "setup": {"gradient_checkpointing": "every decoder layer's input (recompute in backward)",
+                         "optimizer": "AdamW", **{k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
+                         "attention": "SDPA, causal", "compute_dtype": _compute(a)},
+               "headline": headline, "systems": systems,
+               "rates": {k: roof.get(k) for k in ("h2d_gbps", "d2h_gbps", "matmul_tflops", "matmul_dtype",
+                                                 "attention_tflops", "host_gbps", "optimizer_ns_per_param", "threads")},
+               "rates_source": roof.get("rates_from") or "measured in this run (the roofline child)",
+               "bounds": bounds,
+               "roofline": _roofline_summary(roof, systems)}
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(doc, indent=2))
     return 0
 
 
+def _row(a, system: str, r: dict, n: int, tokens: int, roof: dict, bound: dict | None) -> dict:
+    mega = system.startswith("megastream:")
+    row = {"name": system, "status": r["status"], "message": r.get("message"), "precision": _label(system, a.device),
+           "state_bytes_per_param": (bound or {}).get("state_bytes_per_param") if mega else BASELINE_STATE_BYTES[system],
+           "same_arithmetic_as_headline": system in (HEADLINE, *BASELINES),
+           "arithmetic": FULL_ARITHMETIC if system in (HEADLINE, *BASELINES) else _label(system, a.device),
+           "peak_host_gb": r["peak_host_bytes"] / 1e9 if r.get("peak_host_bytes") else None,
+           "peak_host_source": r.get("peak_host_source"),
+           "peak_gpu_gb": r["peak_gpu_bytes"] / 1e9 if "peak_gpu_bytes" in r else None,
+           "wall_s": r.get("wall_s"), "timeout_s": r.get("own_timeout_s", r.get("timeout_s")),
+           "limit_s": r.get("timeout_s")}
+    for k in ("ops_built", "cpu_isa", "init_s", "losses", "data_sha256", "optimizer", "cpu_adam_load_s",
+              "fused_adamw", "deepspeed_version", "overlap", "output_tail", "traceback"):
+        if k in r:
+            row[k] = r[k]
+    if mega and "state_bytes_per_param" in r:
+        row["state_bytes_per_param"] = r["state_bytes_per_param"]
+    if r["status"] == "ok":
+        times = r["step_times_s"]
+        med = statistics.median(times)
+        row.update(tokens_per_s=tokens / med, step_s=med, step_times_s=times,
+                   step_spread=max(abs(t / med - 1) for t in times), tflops=6 * n * tokens / med / 1e12)
+        row["mfu"] = row["tflops"] / roof["matmul_tflops"]
+        if bound:
+            ideal, att = bound["ideal"]["step_s"], bound["attainable"]["step_s"]
+            row.update(ideal_s=ideal, ideal_bound=bound["ideal"]["bound"], ideal_fraction=ideal / med,
+                       attainable_s=att, attainable_fraction=att / med,
+                       bound_s=ideal, bound=bound["ideal"]["bound"], achieved_fraction=ideal / med)
+    else:
+        row.update(tokens_per_s=None, tflops=None, mfu=None)
+    return row
+
+
+def _roofline_summary(roof: dict, systems: list[dict]) -> dict:
+    mega = [s for s in systems if s.get("ideal_s")]
+    best = max(mega, key=lambda s: s["tokens_per_s"]) if mega else None
+    return {"h2d_gbps": roof["h2d_gbps"], "d2h_gbps": roof["d2h_gbps"], "matmul_tflops": roof["matmul_tflops"],
+            "host_gbps": roof["host_gbps"], "optimizer_ns_per_param": roof["optimizer_ns_per_param"],
+            "best": best["name"] if best else None,
+            "bound_s": best["ideal_s"] if best else None, "achieved_fraction": best["ideal_fraction"] if best else None,
+            "attainable_s": best["attainable_s"] if best else None,
+            "attainable_fraction": best["attainable_fraction"] if best else None}
+
+
 def _print_row(r: dict) -> None:
-    mem = (f"GPU {r['peak_gpu_gb']:.1f} GB, " if r.get("peak_gpu_gb") else "") + \
-        (f"host {r['peak_host_gb']:.1f} GB" if r.get("peak_host_gb") else "")
+    mem = (f"GPU {r['peak_gpu_gb']:.2f} GB, " if r.get("peak_gpu_gb") else "") + \
+        (f"host {r['peak_host_gb']:.2f} GB" if r.get("peak_host_gb") else "")
+    spb = f"{r['state_bytes_per_param']:.2f} B/param" if r.get("state_bytes_per_param") else "? B/param"
+    ops = ""
+    if "ops_built" in r:
+        ops = f" | C++ ops {'built, ' + str(r.get('cpu_isa')) if r['ops_built'] else 'NOT built'}"
+    head = f"  {r['name']:<19} [{r['precision']}; {spb}{ops}]"
     if r["status"] != "ok":
-        print(f"  {r['name']:<20} {r['status']}: {r.get('message')} ({mem})", flush=True)
+        print(f"{head}\n      {r['status']}: {r.get('message')}" + (f" ({mem})" if mem else ""), flush=True)
         return
-    line = (f"  {r['name']:<20} {r['tokens_per_s']:10,.0f} tok/s  {r['tflops']:7.1f} TFLOP/s  MFU {r['mfu']:6.1%}  "
-            f"step {r['step_s']:.2f} s (spread {r['step_spread']:.0%})  {mem}")
-    if "bound_s" in r:
-        line += f"  | bound {r['bound_s']:.2f} s ({r['bound']}), {r['achieved_fraction']:.0%} of it"
+    line = (f"{head}\n      {r['tokens_per_s']:10,.0f} tok/s  {r['tflops']:8.3f} TFLOP/s  MFU {r['mfu']:6.1%}  "
+            f"step {r['step_s']:.3f} s (spread {r['step_spread']:.0%})  {mem}")
+    if "ideal_s" in r:
+        line += (f"\n      bounds: ideal {r['ideal_s']:.3g} s ({r['ideal_bound']}), {r['ideal_fraction']:.0%} of it "
+                 f"achieved | attainable {r['attainable_s']:.3g} s, {r['attainable_fraction']:.0%} of it achieved")
     if "overlap" in r:
         o = r["overlap"]
         line += (f"\n      overlap: compute busy {o['compute_busy_fraction']:.0%} of the GPU timeline; H2D "
-                 f"{o['h2d_hidden_fraction']:.0%} hidden, D2H {o['d2h_hidden_fraction']:.0%} hidden")
+                 f"{o['h2d_hidden_s']:.3f} of {o['h2d_s']:.3f} s hidden under compute "
+                 f"({o['h2d_hidden_fraction']:.0%}), D2H {o['d2h_hidden_s']:.3f} of {o['d2h_s']:.3f} s "
+                 f"({o['d2h_hidden_fraction']:.0%})")
     print(line, flush=True)
 
 
-def _print_ratios(systems: list[dict]) -> None:
+def _print_ratios(systems: list[dict]) -> dict:
+    """Headline: megastream:full against each baseline (same arithmetic); the other modes beside it."""
     ok = {s["name"]: s for s in systems if s["status"] == "ok"}
-    mega = [s for n, s in ok.items() if n.startswith("megastream:")]
-    if not mega:
-        return
-    best = max(mega, key=lambda s: s["tokens_per_s"])
-    for base in ("deepspeed", "fsdp2"):
-        if base in ok:
-            print(f"{best['name']} / {base}: {best['tokens_per_s'] / ok[base]['tokens_per_s']:.2f}x tokens/s")
+    out = {}
+    for mode in [HEADLINE] + [s for s in ok if s.startswith("megastream:") and s != HEADLINE]:
+        for base in BASELINES:
+            key = f"{mode} / {base}"
+            if mode in ok and base in ok:
+                out[key] = ok[mode]["tokens_per_s"] / ok[base]["tokens_per_s"]
+                note = "same arithmetic: the headline" if mode == HEADLINE else "different precision, beside it"
+                print(f"{key}: {out[key]:.2f}x tokens/s ({note})", flush=True)
+            elif mode == HEADLINE:
+                out[key] = None
+                why = [f"{x} {systems_status(systems, x)}" for x in (mode, base) if x not in ok]
+                print(f"{key}: no ratio ({', '.join(why)})", flush=True)
+    return out
+
+
+def systems_status(systems: list[dict], name: str) -> str:
+    return next((s["status"] for s in systems if s["name"] == name), "not in this run")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,404 @@
+#!/usr/bin/env bash
+# Everything a GPU must show, in one command and at most 10 minutes of GPU time, in two parts:
+#
+#   part 1 (<= 360 s, alone enough for the headline)
+#     setup      install the carried wheels (.whl/, from scripts/gpu_wheels.sh) into --site, on PYTHONPATH
+#     ds-build   DeepSpeed's CPU Adam JIT-build (~200 s of CPU: two -O3 -g translation units), once, in the
+#                background under the next steps, joined (ds-join) before any timed row: counted in part 1
+#     preflight  print and check: Python (the carried wheels' tag must match it), g++ and ninja (megastream's
+#                ops and DeepSpeed's CPU Adam JIT-build), CUDA_HOME / nvcc and the CUDA libraries, the GPU,
+#                host RAM and the locked-memory limit, every import (torch, transformers, peft, accelerate,
+#                deepspeed from --site, megastream from this checkout)
+#     build      megastream's C++ ops, once, before any timed row
+#     env        megastream env
+#     pytest-gpu pytest -m gpu (the GPU tests)
+#     ds-join    wait for ds-build
+#     h2h-3b     benchmarks/throughput.py on qwen2.5-3b: megastream full (the headline) and lean, DeepSpeed
+#                ZeRO-3 offload, FSDP2 offload, each row under its own timeout
+#   part 2 (<= 240 s)
+#     setup2     megastream's ops again (a cache hit when part 1 ran on this machine) and the GPU's state
+#     14b        qwen2.5-14b, compact mode, 24 GB GPU cap, 5 timed steps, then a torch.profiler trace of 3
+#                steps: compute-stream busy fraction, H2D/D2H time hidden under compute
+#     7b         qwen2.5-7b megastream rows that the host's RAM holds (rates reused from the 14b step)
+#
+#   bash scripts/gpu_acceptance.sh [--part 1|2|all] [--out DIR] [--dry-run] [--site DIR] [--wheels DIR]
+#
+# Every step runs under its own `timeout` (the whole process group is killed at its limit) and a failing
+# step never stops the later ones. Each step's output goes to OUT/steps/<step>.log (and the harness's
+# per-row logs to OUT/steps/<step>/), each part prints every step's elapsed time as it ends and a summary
+# table last; OUT/summary.txt and OUT/acceptance.json (plan + results per part) sum it up, the
+# head-to-head JSONs are OUT/h2h-<model>.json, and OUT/logs-part<N>.tar.gz holds OUT/steps. OUT is --out,
+# else $OUT (the device machine's folder: there OUT/steps is removed once packed, since at most 8 files
+# come back), else runs/acceptance-<date>.
+#
+# --dry-run prints the plan (every step, its timeout, its command) and runs what a CPU can with tiny
+# shapes: the preflight (GPU checks reported, not required), the ops build, megastream env, pytest -m gpu
+# (collecting and skipping), throughput.py --dry-run (the CPU, a tiny model, the head-to-head's rows, both
+# bounds) and throughput.py --check of every GPU command (its arguments, rows, timeouts, what the host's
+# RAM allows). tests/test_gpu_acceptance.py runs it.
+set -o pipefail  # no -e: a failing step never stops the next; no -u: nor does an empty list
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+PART=all
+DRY=0
+OUT_DIR=""
+SITE=/tmp/megastream-site
+WHL="$REPO/.whl"
+PY=${PYTHON:-python3}
+BUDGET_1=360
+BUDGET_2=240
+DRY_SCALE=${DRY_SCALE:-4}  # a dry run on a small CPU gets this many times each step's (GPU-sized) timeout
+HOST_RAM_GB=128  # the device machine's RAM (KINDS.md); its MemTotal starts lower and grows with use
+
+usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --part) PART=$2; shift 2 ;;
+    --out) OUT_DIR=$2; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    --site) SITE=$2; shift 2 ;;
+    --wheels) WHL=$2; shift 2 ;;
+    --python) PY=$2; shift 2 ;;
+    -h|--help) usage 0 ;;
+    *) echo "gpu_acceptance.sh: unknown argument $1" >&2; usage 2 ;;
+  esac
+done
+case "$PART" in 1|2|all) ;; *) echo "--part must be 1, 2 or all" >&2; exit 2 ;; esac
+PACK=0
+if [ -z "$OUT_DIR" ]; then
+  if [ -n "${OUT:-}" ]; then OUT_DIR=$OUT; PACK=1; else OUT_DIR="$REPO/runs/acceptance-$(date +%F-%H%M%S)"; fi
+fi
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+STEPS="$OUT_DIR/steps"
+mkdir -p "$STEPS"
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PY REPO SITE WHL STEPS OUT_DIR DRY
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+TP="$PY $REPO/benchmarks/throughput.py"
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# ---- the steps' programs ----------------------------------------------------------------------------
+cat > "$STEPS/preflight.py" <<'EOF'
+"""Print and check what the runs need. A failed requirement makes the step fail (after every check has
+printed); on a dry run the GPU's requirements are reported, not required."""
+import ctypes.util, glob, importlib, os, re, resource, shutil, subprocess, sys
+from pathlib import Path
+
+dry = os.environ.get("DRY") == "1"
+failed = []
+
+
+def report(ok, what, detail, gpu=False):
+    word = "ok  " if ok else ("skip" if dry and gpu else "FAIL")
+    print(f"  {word}  {what:<26} {detail}", flush=True)
+    if not ok and not (dry and gpu):
+        failed.append(what)
+
+
+def run(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"({e})"
+
+
+# Python vs the carried wheels (cpXY tags must match this interpreter)
+v = f"{sys.version_info.major}{sys.version_info.minor}"
+wheels = sorted(Path(os.environ["WHL"]).glob("*.whl"))
+tags = sorted({m.group(1) for w in wheels for m in [re.search(r"-cp(\d+)-", w.name)] if m})
+report(all(t == v for t in tags), "python vs carried wheels",
+       f"python {sys.version.split()[0]} ({sys.executable}); {len(wheels)} wheels in {os.environ['WHL']}"
+       + (f", tagged cp{', cp'.join(tags)}" if tags else ""), gpu=True)
+# compilers (megastream's ops and DeepSpeed's CPU Adam are JIT-built with them)
+gxx = shutil.which("g++") or shutil.which("c++")
+report(bool(gxx), "g++", (run(gxx, "--version").splitlines() or ["?"])[0] if gxx else "not found")
+ninja = shutil.which("ninja")
+report(bool(ninja), "ninja", f"{run(ninja, '--version')} ({ninja})" if ninja else "not found")
+
+import torch
+
+report(True, "torch", f"{torch.__version__}, CUDA build {torch.version.cuda}, {torch.__file__}")
+cuda = torch.cuda.is_available()
+report(cuda, "CUDA device", f"{torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 1e9:.0f} GB, "
+       f"capability {torch.cuda.get_device_capability(0)}" if cuda else "torch.cuda.is_available() is False", gpu=True)
+from torch.utils.cpp_extension import CUDA_HOME
+
+nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+nv = run(nvcc, "--version") if nvcc and os.path.exists(nvcc) else ""
+nv_ver = (re.findall(r"release (\d+\.\d+)", nv) or ["none"])[0]
+report(bool(CUDA_HOME) and nv_ver != "none", "CUDA_HOME / nvcc",
+       f"CUDA_HOME={CUDA_HOME}, nvcc {nv_ver} (torch built with {torch.version.cuda}; DeepSpeed's CUDA ops need the "
+       "same major)", gpu=True)
+if torch.version.cuda and nv_ver != "none":
+    report(nv_ver.split(".")[0] == torch.version.cuda.split(".")[0], "nvcc vs torch CUDA major",
+           f"{nv_ver} vs {torch.version.cuda}", gpu=True)
+# CUDA libraries: DeepSpeed 0.19's CPU Adam is a C++-only extension (links libtorch, no CUDA library);
+# its CUDA ops would link cudart, cublas and curand (none is built here). Where each one is:
+libdirs = [os.path.join(CUDA_HOME, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")] if CUDA_HOME else []
+libdirs += glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "lib"))
+for lib in ("cudart", "cublas", "curand"):
+    hits = [p for d in libdirs for p in glob.glob(os.path.join(d, f"lib{lib}.so*"))]
+    found = hits[0] if hits else ctypes.util.find_library(lib)
+    report(bool(found), f"lib{lib}", found or "not found (only DeepSpeed's CUDA ops, not used here, link it)", gpu=True)
+torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+report(all(os.path.exists(os.path.join(torch_lib, f"lib{n}.so")) for n in ("c10", "torch", "torch_cpu", "torch_python")),
+       "libtorch (extensions link)", torch_lib)
+# the host
+mem = {l.split(":")[0]: l.split()[1] for l in open("/proc/meminfo") if ":" in l}
+soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+report(True, "host", f"{os.cpu_count()} cores, MemTotal {int(mem['MemTotal']) / 1e6:.0f} GB, MemAvailable "
+       f"{int(mem['MemAvailable']) / 1e6:.0f} GB, memlock {'unlimited' if soft == resource.RLIM_INFINITY else soft}")
+report(True, "disk", f"{shutil.disk_usage('/tmp').free / 1e9:.0f} GB free in /tmp")
+# every import
+for mod, gpu in (("transformers", False), ("peft", True), ("accelerate", True), ("deepspeed", True), ("pydantic", True),
+                 ("megastream", False)):
+    try:
+        m = importlib.import_module(mod)
+        report(True, f"import {mod}", f"{getattr(m, '__version__', '?')} ({os.path.dirname(m.__file__)})")
+    except Exception as e:
+        report(False, f"import {mod}", f"{type(e).__name__}: {e}", gpu=gpu)
+print(f"preflight: {'FAILED: ' + ', '.join(failed) if failed else 'every requirement met'}"
+      + (" (dry run: GPU requirements reported, not required)" if dry else ""))
+sys.exit(1 if failed else 0)
+EOF
+
+cat > "$STEPS/build_megastream.py" <<'EOF'
+import time
+t = time.perf_counter()
+from megastream import ops
+
+ok = ops.have_ext()
+print("megastream C++ ops:", "built" if ok else "NOT built", "| cpu isa", getattr(ops, "cpu_isa", lambda: "?")(),
+      "| %.1f s" % (time.perf_counter() - t))
+raise SystemExit(0 if ok else 1)
+EOF
+
+cat > "$STEPS/build_deepspeed.py" <<'EOF'
+import importlib.util, os, sys, time
+
+if importlib.util.find_spec("deepspeed") is None:
+    print("DeepSpeed CPU Adam: deepspeed is not importable" + (" (a dry run: skipped)" if os.environ["DRY"] == "1" else ""))
+    sys.exit(0 if os.environ["DRY"] == "1" else 1)
+os.environ.setdefault("DS_ACCELERATOR", "cuda")
+t = time.perf_counter()
+from deepspeed.ops.op_builder import CPUAdamBuilder
+
+CPUAdamBuilder().load(verbose=True)
+print("DeepSpeed CPU Adam: built | %.1f s" % (time.perf_counter() - t))
+EOF
+
+# ---- the plan: step NAME TIMEOUT_S COMMAND DRY_COMMAND ----------------------------------------------
+H2H_ROWS="megastream:full deepspeed fsdp2 megastream:lean"
+SHAPE_3B="--seq-len 1024 --micro-batch-size 4 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
+SHAPE_14B="--seq-len 1024 --micro-batch-size 4 --grad-accum 4 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
+CMD_H2H="$TP --model qwen2.5-3b $SHAPE_3B --systems $H2H_ROWS --timeouts roofline=15 megastream:full=35 deepspeed=55 fsdp2=45 megastream:lean=25 --carry-over --json $OUT_DIR/h2h-qwen2.5-3b.json --logs $STEPS/h2h-3b"
+CMD_14B="$TP --model qwen2.5-14b $SHAPE_14B --steps 5 --warmup 1 --systems megastream:compact --profile --profile-steps 3 --timeouts roofline=20 megastream:compact=125 --carry-over --json $OUT_DIR/h2h-qwen2.5-14b.json --logs $STEPS/14b"
+RATES_14B="\$([ -f $OUT_DIR/h2h-qwen2.5-14b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-14b.json)"
+CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:lean $RATES_14B --timeouts roofline=15 megastream:lean=55 --json $OUT_DIR/h2h-qwen2.5-7b.json --logs $STEPS/7b"
+
+part1() {
+  step setup 10 "the carried wheels into $SITE" \
+    "ls $WHL/*.whl && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $WHL/*.whl && ls $SITE" \
+    "ls -la $WHL 2>/dev/null || echo 'no .whl/ here (bash scripts/gpu_wheels.sh makes it); a dry run installs nothing'"
+  # DeepSpeed's CPU Adam takes ~200 s of CPU to JIT-build (two -O3 -g translation units): built once, in the
+  # background on 2 of the 16 cores, under the next steps, and joined before the timed rows
+  bgstep ds-build 170 "DeepSpeed's CPU Adam JIT-build, in the background until ds-join" \
+    "$PY $STEPS/build_deepspeed.py" "$PY $STEPS/build_deepspeed.py"
+  step preflight 20 "Python, compilers, CUDA, host, every import" "$PY $STEPS/preflight.py" "$PY $STEPS/preflight.py"
+  step build 40 "megastream's C++ ops, once, before the timed rows" \
+    "$PY $STEPS/build_megastream.py" "$PY $STEPS/build_megastream.py"
+  step env 10 "megastream env" "$PY -m megastream env" "$PY -m megastream env"
+  step pytest-gpu 90 "the GPU tests" "$PY -m pytest -m gpu -q -p no:cacheprovider tests" \
+    "$PY -m pytest -m gpu -q -p no:cacheprovider tests"
+  joinstep ds-join 10 ds-build
+  step h2h-3b 180 "qwen2.5-3b head-to-head: $H2H_ROWS" "$CMD_H2H" \
+    "$CMD_H2H --check && $TP --dry-run --systems $H2H_ROWS --json $OUT_DIR/h2h-tiny-dry-run.json --logs $STEPS/h2h-3b"
+}
+
+part2() {
+  step setup2 30 "megastream's ops (cached after part 1) and the GPU's state" \
+    "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
+    "$PY $STEPS/build_megastream.py"
+  step 14b 150 "qwen2.5-14b compact, 24 GB cap, 5 steps + a 3-step profile" "$CMD_14B" "$CMD_14B --check"
+  step 7b 60 "qwen2.5-7b megastream rows the host holds" "$CMD_7B" "$CMD_7B --check"
+}
+
+# ---- the runner -------------------------------------------------------------------------------------
+# step NAME TIMEOUT_S WHAT COMMAND DRY_COMMAND   runs in the foreground under `timeout`
+# bgstep (same arguments)                        starts in the background under `timeout`, overlapping the
+#                                                next steps; its timeout is not added to the part's sum, but
+#                                                must fit under the steps it overlaps up to its join
+# joinstep NAME TIMEOUT_S BGNAME                 waits (at most TIMEOUT_S more) for BGNAME, then records both
+MODE=plan
+PLAN_BAD=0
+PLAN_SUM=0
+BG_OVERLAP=0
+CUR=0
+declare -a ROWS
+declare -A BG_T0 BG_LIMIT BG_PID BG_T
+BG_RUNNING=0
+json_str() { $PY -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
+
+plan_line() {  # name timeout what cmd background
+  printf '  %-11s %4d s  %s\n      $ %s\n' "$1" "$2" "$3" "$4"
+  printf '{"part": %s, "step": "%s", "timeout_s": %d, "background": %s, "what": %s, "command": %s}\n' "$CUR" "$1" "$2" \
+    "$5" "$(json_str "$3")" "$(json_str "$4")" >> "$STEPS/plan.jsonl"
+}
+
+record() {  # name rc seconds timeout limit
+  local status
+  case $2 in 0) status=ok ;; 124|137) status=timeout ;; *) status="fail($2)" ;; esac
+  tail -n 25 "$STEPS/$1.log" | sed 's/^/   | /'
+  echo "== [part $CUR] $1: $status in $3 s (timeout $5 s; part elapsed $(elapsed "$PART_T0" "$(now)") s)"
+  ROWS+=("$CUR|$1|$status|$3|$4")
+  printf '{"part": %s, "step": "%s", "status": "%s", "rc": %d, "seconds": %s, "timeout_s": %d, "limit_s": %d, "log": "steps/%s.log"}\n' \
+    "$CUR" "$1" "$status" "$2" "$3" "$4" "$5" "$1" >> "$STEPS/results.jsonl"
+}
+
+clear_stale_locks() {
+  # Between steps nothing builds but a background step: a torch-extension lock left now is stale (a build
+  # killed at its timeout) and would make every later load of that extension wait forever.
+  find "${MEGASTREAM_CACHE:-$HOME/.cache/megastream}" -maxdepth 2 -name lock -delete 2>/dev/null
+  [ "$BG_RUNNING" = 0 ] && find "$TORCH_EXTENSIONS_DIR" -maxdepth 2 -name lock -delete 2>/dev/null
+  return 0
+}
+
+step() {
+  local name=$1 t=$2 what=$3 cmd=$4
+  [ "$DRY" = 1 ] && cmd=$5
+  if [ "$MODE" = plan ]; then
+    PLAN_SUM=$((PLAN_SUM + t)); BG_OVERLAP=$((BG_OVERLAP + t))
+    plan_line "$name" "$t" "$what" "$cmd" false
+    return
+  fi
+  local limit=$t t0 rc
+  [ "$DRY" = 1 ] && limit=$((t * DRY_SCALE))
+  clear_stale_locks
+  t0=$(now)
+  echo "== [part $CUR] $name (timeout ${limit}s): $what"
+  timeout -k 10 "$limit" bash -c "$cmd" > "$STEPS/$name.log" 2>&1
+  rc=$?
+  record "$name" "$rc" "$(elapsed "$t0" "$(now)")" "$t" "$limit"
+}
+
+bgstep() {
+  local name=$1 t=$2 what=$3 cmd=$4
+  [ "$DRY" = 1 ] && cmd=$5
+  if [ "$MODE" = plan ]; then
+    BG_OVERLAP=0; BG_LIMIT[$name]=$t
+    plan_line "$name" "$t" "$what" "$cmd" true
+    return
+  fi
+  local limit=$t
+  [ "$DRY" = 1 ] && limit=$((t * DRY_SCALE))
+  clear_stale_locks
+  rm -f "$STEPS/$name.rc"
+  BG_T0[$name]=$(now); BG_LIMIT[$name]=$limit; BG_T[$name]=$t
+  ( timeout -k 10 "$limit" bash -c "$cmd" > "$STEPS/$name.log" 2>&1; echo $? > "$STEPS/$name.rc"; now > "$STEPS/$name.end" ) &
+  BG_PID[$name]=$!
+  BG_RUNNING=$((BG_RUNNING + 1))
+  echo "== [part $CUR] $name (timeout ${limit}s) started in the background: $what"
+}
+
+joinstep() {
+  local name=$1 t=$2 bg=$3
+  if [ "$MODE" = plan ]; then
+    PLAN_SUM=$((PLAN_SUM + t)); BG_OVERLAP=$((BG_OVERLAP + t))
+    plan_line "$name" "$t" "wait for $bg (its ${BG_LIMIT[$bg]} s fit under the $BG_OVERLAP s of steps since it started)" \
+      "wait for $bg" false
+    if [ "${BG_LIMIT[$bg]}" -gt "$BG_OVERLAP" ]; then
+      echo "  PLAN ERROR: $bg's timeout ${BG_LIMIT[$bg]} s is over the $BG_OVERLAP s until $name"; PLAN_BAD=1
+    fi
+    return
+  fi
+  local limit=$t t0
+  [ "$DRY" = 1 ] && limit=$((t * DRY_SCALE))
+  t0=$(now)
+  echo "== [part $CUR] $name (timeout ${limit}s): wait for $bg"
+  while [ ! -f "$STEPS/$bg.end" ] && [ "$(elapsed "$t0" "$(now)" | cut -d. -f1)" -lt "$limit" ]; do sleep 1; done
+  if [ -f "$STEPS/$bg.end" ]; then
+    echo "$bg ended" > "$STEPS/$name.log"
+    record "$bg" "$(cat "$STEPS/$bg.rc")" "$(elapsed "${BG_T0[$bg]}" "$(cat "$STEPS/$bg.end")")" "${BG_T[$bg]}" "${BG_LIMIT[$bg]}"
+    record "$name" 0 "$(elapsed "$t0" "$(now)")" "$t" "$limit"
+  else
+    echo "$bg still running after the join's ${limit} s: stopped" > "$STEPS/$name.log"
+    pkill -TERM -P "${BG_PID[$bg]}" 2>/dev/null; wait "${BG_PID[$bg]}" 2>/dev/null
+    record "$bg" 124 "$(elapsed "${BG_T0[$bg]}" "$(now)")" "${BG_T[$bg]}" "${BG_LIMIT[$bg]}"
+    record "$name" 124 "$(elapsed "$t0" "$(now)")" "$t" "$limit"
+  fi
+  unset "BG_PID[$bg]"
+  BG_RUNNING=$((BG_RUNNING - 1))
+}
+
+parts=()
+case "$PART" in 1) parts=(1) ;; 2) parts=(2) ;; all) parts=(1 2) ;; esac
+: > "$STEPS/plan.jsonl"; : > "$STEPS/results.jsonl"
+echo "gpu_acceptance.sh: parts ${parts[*]}$([ "$DRY" = 1 ] && echo ' (DRY RUN: the CPU, tiny shapes)') -> $OUT_DIR"
+if command -v git > /dev/null && git -C "$REPO" rev-parse HEAD > /dev/null 2>&1; then
+  REV="commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD || echo ' + local changes')"
+else
+  REV="no git checkout"
+fi
+echo "$REV, $(uname -n), $(date -Is)"
+echo "plan (each step under its own timeout; a failing step never stops the next):"
+for p in "${parts[@]}"; do
+  CUR=$p; PLAN_SUM=0
+  echo " part $p:"
+  "part$p"
+  budget_var=BUDGET_$p
+  echo "  part $p: timeouts sum to $PLAN_SUM s (budget ${!budget_var} s)"
+  [ "$PLAN_SUM" -le "${!budget_var}" ] || { echo "  PLAN ERROR: part $p's timeouts are over its budget"; PLAN_BAD=1; }
+done
+
+[ "$PLAN_BAD" = 0 ] || exit 2
+MODE=run
+START=$(now)
+for p in "${parts[@]}"; do
+  CUR=$p
+  PART_T0=$(now)
+  "part$p"
+  echo "== part $p done in $(elapsed "$PART_T0" "$(now)") s"
+done
+
+# ---- summary ----------------------------------------------------------------------------------------
+{
+  echo "gpu_acceptance.sh summary$([ "$DRY" = 1 ] && echo ' (DRY RUN)'): $(date -Is), $(uname -n), $REV"
+  printf '%-6s %-12s %-10s %9s %9s\n' part step status seconds timeout
+  for r in "${ROWS[@]}"; do IFS='|' read -r p n s sec t <<< "$r"; printf '%-6s %-12s %-10s %9s %9s\n' "$p" "$n" "$s" "$sec" "$t"; done
+  echo "total $(elapsed "$START" "$(now)") s"
+} | tee -a "$OUT_DIR/summary.txt"
+$PY - "$OUT_DIR" "$DRY" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out, dry = Path(sys.argv[1]), sys.argv[2] == "1"
+path = out / "acceptance.json"
+doc = json.loads(path.read_text()) if path.exists() else {"parts": {}}
+plan = [json.loads(l) for l in (out / "steps" / "plan.jsonl").read_text().splitlines() if l.strip()]
+res = [json.loads(l) for l in (out / "steps" / "results.jsonl").read_text().splitlines() if l.strip()]
+for p in sorted({r["part"] for r in plan}):
+    steps = [r for r in res if r["part"] == p]
+    doc["parts"][str(p)] = {"dry_run": dry, "plan": [r for r in plan if r["part"] == p], "steps": steps,
+                            "timeouts_s": sum(r["timeout_s"] for r in plan if r["part"] == p and not r["background"]),
+                            "seconds": sum(r["seconds"] for r in steps),
+                            "ok": all(r["status"] == "ok" for r in steps)}
+for name in sorted(out.glob("h2h-*.json")):
+    try:
+        d = json.loads(name.read_text())
+        doc.setdefault("results", {})[name.name] = {"model": d["model"], "headline": d.get("headline"),
+            "systems": {s["name"]: {k: s.get(k) for k in ("status", "tokens_per_s", "ideal_fraction",
+                                                           "attainable_fraction", "peak_host_gb", "peak_gpu_gb",
+                                                           "message")} for s in d["systems"]}}
+    except (ValueError, KeyError) as e:
+        doc.setdefault("results", {})[name.name] = {"error": f"{type(e).__name__}: {e}"}
+path.write_text(json.dumps(doc, indent=2))
+EOF
+tar -czf "$OUT_DIR/logs-part$PART.tar.gz" -C "$OUT_DIR" steps
+[ "$PACK" = 1 ] && rm -rf "$STEPS"
+echo "wrote $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
+[ "${#ROWS[@]}" -gt 0 ] || exit 1
+for r in "${ROWS[@]}"; do IFS='|' read -r _ _ s _ _ <<< "$r"; [ "$s" = ok ] || exit 1; done
+exit 0
