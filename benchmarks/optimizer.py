@@ -22,8 +22,10 @@ pattern). A copy also makes the CPU read each destination line before writing it
 it does not count, so a kernel that updates in place can exceed 100% of it.
 
 Each mode is timed in --repeats rounds, each round one torch step then one step of the mode on
-buffers that stay allocated, so both see the same machine state (this matters on a shared
-machine); the table gives medians, and the JSON each round's ratio's range as well.
+buffers that stay allocated (after one warm-up step each), so both see the same machine state;
+the table gives medians and the range of the rounds' ratios. On a shared machine other processes
+slow both, the compute-bound modes more: the 1-minute load average at the start and the end is
+printed and recorded.
 
 The C++ ops run on the widest instruction-set path the CPU has (megastream.ops.cpu_isa()), or the
 one MEGASTREAM_CPU_ISA forces. torch's baseline must then run on the same ISA: its kernels pick
@@ -138,9 +140,10 @@ def mode_step(n: int, master: bool, states: str, g: torch.Generator):
     w = _rand(n, torch.float32 if master else torch.bfloat16, 0.05, g)
     grad = _rand(n, torch.bfloat16, 1e-3, g)
     working = torch.empty(n, dtype=torch.bfloat16) if master else None
-    if states == "int8":
-        m, ms = R.quantize_m(_rand(n, torch.float32, 1e-4, g))
-        v, vs = R.quantize_sqrt_v(_rand(n, torch.float32, 1e-4, g).abs_())
+    if states == "int8":  # a fresh optimizer's state (all zero); the warm-up step fills the codes
+        nblk = (n + R.BLOCK - 1) // R.BLOCK
+        m, v = torch.zeros(n, dtype=torch.int8), torch.zeros(n, dtype=torch.uint8)
+        ms, vs = torch.zeros(nblk), torch.zeros(nblk)
     else:
         dt = torch.float32 if states == "fp32" else torch.bfloat16
         m, v, ms, vs = _rand(n, dt, 1e-4, g), _rand(n, dt, 1e-8, g).abs_(), None, None
@@ -180,15 +183,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="rounds (torch step, mode step) per mode")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     a = ap.parse_args()
-    if not ops.have_ext():
-        raise SystemExit("the C++ ops could not be built here; nothing to benchmark against")
+    try:
+        if not ops.have_ext():
+            raise SystemExit("the C++ ops could not be built here; nothing to benchmark against")
+    except ops.CpuIsaError as e:
+        raise SystemExit(str(e)) from None
     g = torch.Generator().manual_seed(0)
     cpu, flags = cpu_info()
+    load_start = os.getloadavg()[0]
     copy_bw, triad_bw = copy_bandwidth(), triad_bandwidth()
     isa, aten = ops.cpu_isa(), torch.backends.cpu.get_cpu_capability()
     print(f"{cpu} ({', '.join(flags) or 'no vector flags'}), {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, ATen {aten}); megastream ops: {isa} path\n"
-          f"memory bandwidth: copy {copy_bw:.1f} GB/s, in-place triad {triad_bw:.1f} GB/s")
+          f"memory bandwidth: copy {copy_bw:.1f} GB/s, in-place triad {triad_bw:.1f} GB/s; load average {load_start:.2f}")
     meta = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "cpu_isa": isa, "aten_cpu_capability": aten, "date": time.strftime("%Y-%m-%d"),
             "torch_version": torch.__version__, "copy_gbps": copy_bw, "triad_gbps": triad_bw,
@@ -217,7 +224,12 @@ def main() -> None:
             rng = f"{min(ratios):.2f}-{max(ratios):.2f}" if name != "torch-pipeline" else ""
             print(f"{name:<26}{bpp:>8.1f}{ns:>10.3f}{gbps:>7.1f}{row['pct_of_copy_bandwidth']:>7.0f}%"
                   f"{row['pct_of_triad_bandwidth']:>7.0f}%{row['speedup_vs_torch']:>8.2f}x{rng:>13}")
+    load_end = os.getloadavg()[0]
+    print(f"\nload average (1 min) {load_start:.2f} at the start, {load_end:.2f} at the end: other processes on the "
+          "machine slow both sides of each round, the compute-bound modes more")
     if a.json:
+        for row in rows:
+            row["loadavg_start"], row["loadavg_end"] = load_start, load_end
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
 

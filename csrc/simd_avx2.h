@@ -19,41 +19,107 @@ struct Vec {
   static MS_INLINE I load_u16(const uint16_t* p) {
     return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  // Two vectors (lanes < 2^16) as 16 uint16: the in-lane pack interleaves 4-element groups
-  // (a0-3 b0-3 a4-7 b4-7), the qword permute puts them back in order.
-  static MS_INLINE __m256i pack_u16x2(I a, I b) { return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8); }
-  static MS_INLINE void store_u16x2(uint16_t* p, I a, I b) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_u16x2(a, b));
+
+  // Pairs of vectors, 16 consecutive elements. Natural layout: lo = elements 0-7, hi = 8-15.
+  // Interleaved (kIl): lo = 0-3 and 8-11, hi = 4-7 and 12-15, what unpacking 16-bit halves gives
+  // and what the in-lane packs take back: bf16 and int8 data then need no cross-lane shuffles.
+  template <bool kIl> static MS_INLINE I pair_index(int u) {
+    if constexpr (kIl) return u == 0 ? _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11) : _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15);
+    else return _mm256_add_epi32(iota(), _mm256_set1_epi32(8 * u));
   }
-  static MS_INLINE void stream_u16x2(uint16_t* p, I a, I b) {  // p 32-byte aligned
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_u16x2(a, b));
+  template <bool kIl> static MS_INLINE void load_f32x2(const float* p, F* x) {
+    const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+    x[0] = kIl ? _mm256_permute2f128_ps(a, b, 0x20) : a;
+    x[1] = kIl ? _mm256_permute2f128_ps(a, b, 0x31) : b;
   }
-  // Four vectors of codes as 32 bytes: two in-lane packs leave 4-element groups in the order
-  // a0 b0 c0 d0 a1 b1 c1 d1 (groups of 4), the dword permute restores a0 a1 b0 b1 c0 c1 d0 d1.
-  static MS_INLINE __m256i order_x4(__m256i x) {
-    return _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  template <bool kIl> static MS_INLINE void store_f32x2(float* p, const F* x) {
+    _mm256_storeu_ps(p, kIl ? _mm256_permute2f128_ps(x[0], x[1], 0x20) : x[0]);
+    _mm256_storeu_ps(p + 8, kIl ? _mm256_permute2f128_ps(x[0], x[1], 0x31) : x[1]);
   }
-  // Four vectors of raw 8-bit codes (0 <= c < 2^12): max(c - base, 0), capped at 127 and negated
+  template <bool kIl> static MS_INLINE void load_bf16x2(const uint16_t* p, F* x) {
+    if constexpr (kIl) {  // (h << 16) | 0: the bf16 bits in the top half of each 32-bit lane
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      x[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), a));
+      x[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), a));
+    } else {
+      x[0] = fbits(sll<16>(load_u16(p)));
+      x[1] = fbits(sll<16>(load_u16(p + 8)));
+    }
+  }
+  // Lanes < 2^16, so the saturating pack is exact; it interleaves 4-element groups, which the
+  // interleaved layout undoes and the natural one puts back with a qword permute.
+  template <bool kIl> static MS_INLINE __m256i pack_u16x2(const I* x) {
+    const __m256i t = _mm256_packus_epi32(x[0], x[1]);
+    return kIl ? t : _mm256_permute4x64_epi64(t, 0xD8);
+  }
+  template <bool kIl> static MS_INLINE void store_u16x2(uint16_t* p, const I* x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_u16x2<kIl>(x));
+  }
+  template <bool kIl> static MS_INLINE void stream_u16x2(uint16_t* p, const I* x) {  // p 32-byte aligned
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_u16x2<kIl>(x));
+  }
+
+  // The 8-bit codes of a pair, decoded (see csrc/simd_scalar.h). Interleaved: on 16 lanes of 16
+  // bits, (|c| + base) << 4 and the sign are the top half of the float's bits, then unpacked.
+  template <bool kIl> static MS_INLINE void load_m8x2(const int8_t* p, F scale, F* x) {
+    if constexpr (kIl) {
+      const __m256i c = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256i a = _mm256_abs_epi16(c);
+      __m256i t = _mm256_slli_epi16(_mm256_add_epi16(a, _mm256_set1_epi16(static_cast<short>(megastream_ops::kMBase))), megastream_ops::kMantShift - 16);
+      t = _mm256_andnot_si256(_mm256_cmpeq_epi16(a, _mm256_setzero_si256()), t);
+      t = _mm256_or_si256(t, _mm256_and_si256(c, _mm256_set1_epi16(static_cast<short>(0x8000))));
+      unpack_mul(t, scale, x);
+    } else {
+      for (int u = 0; u < 2; ++u) {
+        const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * u)));
+        const __m256i a = _mm256_abs_epi32(c);
+        __m256i t = _mm256_slli_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(megastream_ops::kMBase)), megastream_ops::kMantShift);
+        t = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, _mm256_setzero_si256()), t);
+        t = _mm256_or_si256(t, _mm256_and_si256(c, _mm256_set1_epi32(static_cast<int>(0x80000000u))));
+        x[u] = _mm256_mul_ps(_mm256_castsi256_ps(t), scale);
+      }
+    }
+  }
+  template <bool kIl> static MS_INLINE void load_v8x2(const uint8_t* p, F scale, F* x) {
+    if constexpr (kIl) {
+      const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      __m256i t = _mm256_slli_epi16(_mm256_add_epi16(c, _mm256_set1_epi16(static_cast<short>(megastream_ops::kVBase))), megastream_ops::kMantShift - 16);
+      t = _mm256_andnot_si256(_mm256_cmpeq_epi16(c, _mm256_setzero_si256()), t);
+      unpack_mul(t, scale, x);
+    } else {
+      for (int u = 0; u < 2; ++u) {
+        const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * u)));
+        __m256i t = _mm256_slli_epi32(_mm256_add_epi32(c, _mm256_set1_epi32(megastream_ops::kVBase)), megastream_ops::kMantShift);
+        t = _mm256_andnot_si256(_mm256_cmpeq_epi32(c, _mm256_setzero_si256()), t);
+        x[u] = _mm256_mul_ps(_mm256_castsi256_ps(t), scale);
+      }
+    }
+  }
+  static MS_INLINE void unpack_mul(__m256i t, F scale, F* x) {
+    x[0] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), t)), scale);
+    x[1] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), t)), scale);
+  }
+
+  // Two pairs of raw 8-bit codes (0 <= c < 2^12): max(c - base, 0), capped at 127 and negated
   // where neg (m), or capped at 255 (v). On 16-bit lanes, half the work: an unsigned saturating
-  // subtract floors at 0, and the saturating pack to bytes is the cap.
+  // subtract floors at 0, the saturating pack to bytes is the cap. The two in-lane packs leave
+  // 8-byte groups (interleaved layout) or 4-byte groups (natural) out of order; one permute each.
   static MS_INLINE __m256i codes16(I a, I b, int32_t base) {
     return _mm256_subs_epu16(_mm256_packus_epi32(a, b), _mm256_set1_epi16(static_cast<short>(base)));
   }
-  static MS_INLINE void store_mcodes_x4(int8_t* p, const I* c, const MF* neg, int32_t base) {
+  template <bool kIl> static MS_INLINE __m256i order_x4(__m256i x) {
+    if constexpr (kIl) return _mm256_permute4x64_epi64(x, 0xD8);
+    else return _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  template <bool kIl> static MS_INLINE void store_mcodes_x4(int8_t* p, const I* c, const MF* neg, int32_t base) {
     const __m256i x = _mm256_packs_epi16(codes16(c[0], c[1], base), codes16(c[2], c[3], base));  // <= 127
     const __m256i s = _mm256_packs_epi16(_mm256_packs_epi32(_mm256_castps_si256(neg[0]), _mm256_castps_si256(neg[1])),
                                          _mm256_packs_epi32(_mm256_castps_si256(neg[2]), _mm256_castps_si256(neg[3])));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), order_x4(_mm256_sub_epi8(_mm256_xor_si256(x, s), s)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), order_x4<kIl>(_mm256_sub_epi8(_mm256_xor_si256(x, s), s)));
   }
-  static MS_INLINE void store_vcodes_x4(uint8_t* p, const I* c, int32_t base) {
+  template <bool kIl> static MS_INLINE void store_vcodes_x4(uint8_t* p, const I* c, int32_t base) {
     const __m256i x = _mm256_packus_epi16(codes16(c[0], c[1], base), codes16(c[2], c[3], base));  // <= 255
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), order_x4(x));
-  }
-  static MS_INLINE I load_i8(const int8_t* p) {
-    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  }
-  static MS_INLINE I load_u8(const uint8_t* p) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), order_x4<kIl>(x));
   }
 
   static MS_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }

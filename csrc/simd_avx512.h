@@ -27,17 +27,54 @@ struct Vec {
   static MS_INLINE void store_u16(uint16_t* p, I x) {  // every lane < 2^16: truncation is exact
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(x));
   }
-  static MS_INLINE void store_u16x2(uint16_t* p, I a, I b) {
-    store_u16(p, a);
-    store_u16(p + N, b);
+
+  // Pairs of vectors, 32 consecutive elements, always in the natural layout (lo = 0-15, hi =
+  // 16-31): AVX-512's narrowing moves (vpmovdw, vpmovdb) keep the order.
+  template <bool kIl> static MS_INLINE I pair_index(int u) { return _mm512_add_epi32(iota(), _mm512_set1_epi32(16 * u)); }
+  template <bool kIl> static MS_INLINE void load_f32x2(const float* p, F* x) {
+    x[0] = _mm512_loadu_ps(p);
+    x[1] = _mm512_loadu_ps(p + 16);
   }
-  static MS_INLINE void stream_u16x2(uint16_t* p, I a, I b) {  // p 64-byte aligned
+  template <bool kIl> static MS_INLINE void store_f32x2(float* p, const F* x) {
+    _mm512_storeu_ps(p, x[0]);
+    _mm512_storeu_ps(p + 16, x[1]);
+  }
+  template <bool kIl> static MS_INLINE void load_bf16x2(const uint16_t* p, F* x) {
+    x[0] = fbits(sll<16>(load_u16(p)));
+    x[1] = fbits(sll<16>(load_u16(p + 16)));
+  }
+  template <bool kIl> static MS_INLINE void store_u16x2(uint16_t* p, const I* x) {
+    store_u16(p, x[0]);
+    store_u16(p + 16, x[1]);
+  }
+  template <bool kIl> static MS_INLINE void stream_u16x2(uint16_t* p, const I* x) {  // p 64-byte aligned
     _mm512_stream_si512(reinterpret_cast<__m512i*>(p),
-                        _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)), _mm512_cvtepi32_epi16(b), 1));
+                        _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(x[0])), _mm512_cvtepi32_epi16(x[1]), 1));
   }
-  // Four vectors of raw 8-bit codes (0 <= c < 2^12): max(c - base, 0), capped at 127 and negated
+
+  // The 8-bit codes of a pair, decoded (see csrc/simd_scalar.h).
+  template <bool kIl> static MS_INLINE void load_m8x2(const int8_t* p, F scale, F* x) {
+    for (int u = 0; u < 2; ++u) {
+      const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * u)));
+      const __m512i a = _mm512_abs_epi32(c);
+      const __m512i t = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(a, a),  // 0 where c = 0
+                                               _mm512_slli_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(megastream_ops::kMBase)), megastream_ops::kMantShift));
+      x[u] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(t, _mm512_and_si512(c, _mm512_set1_epi32(static_cast<int>(0x80000000u))))),
+                           scale);
+    }
+  }
+  template <bool kIl> static MS_INLINE void load_v8x2(const uint8_t* p, F scale, F* x) {
+    for (int u = 0; u < 2; ++u) {
+      const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * u)));
+      const __m512i t = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(c, c),
+                                               _mm512_slli_epi32(_mm512_add_epi32(c, _mm512_set1_epi32(megastream_ops::kVBase)), megastream_ops::kMantShift));
+      x[u] = _mm512_mul_ps(_mm512_castsi512_ps(t), scale);
+    }
+  }
+
+  // Two pairs of raw 8-bit codes (0 <= c < 2^12): max(c - base, 0), capped at 127 and negated
   // where neg (m), or capped at 255 (v).
-  static MS_INLINE void store_mcodes_x4(int8_t* p, const I* c, const MF* neg, int32_t base) {
+  template <bool kIl> static MS_INLINE void store_mcodes_x4(int8_t* p, const I* c, const MF* neg, int32_t base) {
     for (int u = 0; u < 4; ++u) {
       const __m512i x = _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(c[u], _mm512_set1_epi32(base)),
                                                           _mm512_setzero_si512()), _mm512_set1_epi32(127));
@@ -45,18 +82,12 @@ struct Vec {
                        _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(x, neg[u], _mm512_setzero_si512(), x)));
     }
   }
-  static MS_INLINE void store_vcodes_x4(uint8_t* p, const I* c, int32_t base) {
+  template <bool kIl> static MS_INLINE void store_vcodes_x4(uint8_t* p, const I* c, int32_t base) {
     for (int u = 0; u < 4; ++u) {
       const __m512i x = _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(c[u], _mm512_set1_epi32(base)),
                                                           _mm512_setzero_si512()), _mm512_set1_epi32(255));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p + u * N), _mm512_cvtepi32_epi8(x));
     }
-  }
-  static MS_INLINE I load_i8(const int8_t* p) {
-    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static MS_INLINE I load_u8(const uint8_t* p) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 
   static MS_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }

@@ -17,28 +17,47 @@ struct Vec {
   static MS_INLINE F loadf(const float* p) { return *p; }
   static MS_INLINE void storef(float* p, F x) { *p = x; }
   static MS_INLINE I load_u16(const uint16_t* p) { return *p; }
-  static MS_INLINE void store_u16x2(uint16_t* p, I a, I b) {  // lanes < 2^16
-    p[0] = static_cast<uint16_t>(a);
-    p[1] = static_cast<uint16_t>(b);
+
+  // Pairs of vectors: here two consecutive elements, in either layout.
+  template <bool kIl> static MS_INLINE I pair_index(int u) { return static_cast<uint32_t>(u); }
+  template <bool kIl> static MS_INLINE void load_f32x2(const float* p, F* x) { x[0] = p[0], x[1] = p[1]; }
+  template <bool kIl> static MS_INLINE void store_f32x2(float* p, const F* x) { p[0] = x[0], p[1] = x[1]; }
+  template <bool kIl> static MS_INLINE void load_bf16x2(const uint16_t* p, F* x) {
+    for (int u = 0; u < 2; ++u) x[u] = fbits(static_cast<uint32_t>(p[u]) << 16);
   }
-  static MS_INLINE void stream_u16x2(uint16_t* p, I a, I b) { store_u16x2(p, a, b); }
-  // Four vectors of raw 8-bit codes (0 <= c < 2^12): max(c - base, 0), capped at 127 and negated
+  template <bool kIl> static MS_INLINE void store_u16x2(uint16_t* p, const I* x) {  // lanes < 2^16
+    for (int u = 0; u < 2; ++u) p[u] = static_cast<uint16_t>(x[u]);
+  }
+  template <bool kIl> static MS_INLINE void stream_u16x2(uint16_t* p, const I* x) { store_u16x2<kIl>(p, x); }
+
+  // The 8-bit codes of a pair, decoded: code c -> magnitude bits (|c| + base) << 20 (0 for c = 0),
+  // with m's sign, times the block's scale (sign before the multiply: the same number, and the same
+  // NaN up to its sign, as negating after).
+  template <bool kIl> static MS_INLINE void load_m8x2(const int8_t* p, F scale, F* x) {
+    for (int u = 0; u < 2; ++u) {
+      const int32_t c = p[u];
+      const uint32_t a = static_cast<uint32_t>(c < 0 ? -c : c);
+      x[u] = fbits((a == 0 ? 0u : (a + megastream_ops::kMBase) << megastream_ops::kMantShift) | (c < 0 ? 0x80000000u : 0u)) * scale;
+    }
+  }
+  template <bool kIl> static MS_INLINE void load_v8x2(const uint8_t* p, F scale, F* x) {
+    for (int u = 0; u < 2; ++u) x[u] = fbits(p[u] == 0 ? 0u : (p[u] + static_cast<uint32_t>(megastream_ops::kVBase)) << megastream_ops::kMantShift) * scale;
+  }
+  // Two pairs of raw 8-bit codes (0 <= c < 2^12): max(c - base, 0), capped at 127 and negated
   // where neg (m), or capped at 255 (v).
-  static MS_INLINE void store_mcodes_x4(int8_t* p, const I* c, const MF* neg, int32_t base) {
+  template <bool kIl> static MS_INLINE void store_mcodes_x4(int8_t* p, const I* c, const MF* neg, int32_t base) {
     for (int u = 0; u < 4; ++u) {
       int32_t x = static_cast<int32_t>(c[u]) - base;
       x = x < 0 ? 0 : x > 127 ? 127 : x;
       p[u] = static_cast<int8_t>(neg[u] ? -x : x);
     }
   }
-  static MS_INLINE void store_vcodes_x4(uint8_t* p, const I* c, int32_t base) {
+  template <bool kIl> static MS_INLINE void store_vcodes_x4(uint8_t* p, const I* c, int32_t base) {
     for (int u = 0; u < 4; ++u) {
       const int32_t x = static_cast<int32_t>(c[u]) - base;
       p[u] = static_cast<uint8_t>(x < 0 ? 0 : x > 255 ? 255 : x);
     }
   }
-  static MS_INLINE I load_i8(const int8_t* p) { return static_cast<uint32_t>(static_cast<int32_t>(*p)); }
-  static MS_INLINE I load_u8(const uint8_t* p) { return *p; }
 
   static MS_INLINE F add(F a, F b) { return a + b; }
   static MS_INLINE F sub(F a, F b) { return a - b; }

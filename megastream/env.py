@@ -29,6 +29,7 @@ def env_lines() -> list[str]:
     ext = ops.have_ext()
     lines.append(f"C++ ops (csrc/adamw.cpp): {'built, in use' if ext else 'NOT built: using the PyTorch fallback'}"
                  f" (cache {cache_dir()})")
+    lines.append(f"  CPU instruction-set path: {ops.describe_cpu_isa()}")
     lines.append(f"CPU: {m.cpu}, {m.cores} cores; torch threads {torch.get_num_threads()}")
     lines.append(f"RAM: {m.ram_total / 1e9:.1f} GB total, {m.ram_available / 1e9:.1f} GB available")
     memlock = "unlimited" if m.memlock_limit is None else f"{m.memlock_limit / 2**20:.0f} MiB"

@@ -336,11 +336,11 @@ def test_cpu_isa_choice():
     for p in paths:
         assert ops.set_cpu_isa(p) == p == ops.cpu_isa()
     assert ops.set_cpu_isa(None) == paths[0]
-    with pytest.raises(ValueError, match="avx512, avx2, scalar"):
+    with pytest.raises(ops.CpuIsaError, match="avx512, avx2, scalar"):
         ops.set_cpu_isa("sse9")
     for p in ops.ISAS:
         if p not in paths:
-            with pytest.raises(RuntimeError, match=p):
+            with pytest.raises(ops.CpuIsaError, match=p):
                 ops.set_cpu_isa(p)
             assert ops.cpu_isa() == paths[0]
 
@@ -362,13 +362,13 @@ def test_env_var_forces_a_path(monkeypatch):
         assert load("scalar") and ops.cpu_isa() == "scalar" and ops.supported_cpu_isas() == ["scalar"]
         assert ops.set_cpu_isa(None) == "scalar"
         if "avx2" in have:
-            with pytest.raises(RuntimeError, match="MEGASTREAM_CPU_ISA=scalar limits"):
+            with pytest.raises(ops.CpuIsaError, match="MEGASTREAM_CPU_ISA=scalar limits"):
                 ops.set_cpu_isa("avx2")
-        with pytest.raises(ValueError, match="MEGASTREAM_CPU_ISA='avx3': expected one of avx512, avx2, scalar"):
+        with pytest.raises(ops.CpuIsaError, match="MEGASTREAM_CPU_ISA='avx3': expected one of avx512, avx2, scalar"):
             load("avx3")
         for p in ops.ISAS:
             if p not in have:
-                with pytest.raises(RuntimeError, match=f"MEGASTREAM_CPU_ISA={p}: this CPU cannot run"):
+                with pytest.raises(ops.CpuIsaError, match=f"MEGASTREAM_CPU_ISA={p}: this CPU cannot run"):
                     load(p)
     finally:
         monkeypatch.undo()

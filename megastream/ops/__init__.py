@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from megastream.errors import MegastreamError
 from megastream.ops import reference
 
 _CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
@@ -31,13 +32,18 @@ ISAS = ("avx512", "avx2", "scalar")  # widest first
 _state: dict = {}
 
 
+class CpuIsaError(MegastreamError, RuntimeError):
+    """MEGASTREAM_CPU_ISA or set_cpu_isa named a path that is unknown or that this CPU cannot run
+    (the CLI prints the message without a traceback)."""
+
+
 def _env_isa() -> str | None:
     """MEGASTREAM_CPU_ISA, checked: None when unset or "auto"."""
     v = os.environ.get("MEGASTREAM_CPU_ISA", "").strip().lower()
     if v in ("", "auto"):
         return None
     if v not in ISAS:
-        raise ValueError(f"MEGASTREAM_CPU_ISA={v!r}: expected one of {', '.join(ISAS)} (or auto)")
+        raise CpuIsaError(f"MEGASTREAM_CPU_ISA={v!r}: expected one of {', '.join(ISAS)} (or auto)")
     return v
 
 
@@ -92,7 +98,7 @@ def _cpu_isas() -> list[str]:
 def _set_ext_isa(isa: str, what: str) -> str:
     have = _cpu_isas()
     if isa not in have:
-        raise RuntimeError(f"{what}={isa}: this CPU cannot run the {isa} path of the C++ optimizer ops "
+        raise CpuIsaError(f"{what}={isa}: this CPU cannot run the {isa} path of the C++ optimizer ops "
                            f"({'AVX-512 F/BW/DQ/VL' if isa == 'avx512' else 'AVX2, FMA and F16C'} missing; "
                            f"it can run: {', '.join(have)})")
     return torch.ops.megastream.set_cpu_isa(isa)
@@ -102,6 +108,15 @@ def cpu_isa() -> str:
     """The instruction-set path the ops run on: "avx512", "avx2", "scalar", or "reference" (the
     pure-PyTorch fallback)."""
     return torch.ops.megastream.cpu_isa() if have_ext() else "reference"
+
+
+def describe_cpu_isa() -> str:
+    """One line for `megastream env`: the path in use, what chose it, what this CPU has."""
+    if not have_ext():
+        return "reference (the pure-PyTorch fallback)"
+    env = _env_isa()
+    why = f"forced by MEGASTREAM_CPU_ISA={env}" if env else "the widest this CPU has"
+    return f"{cpu_isa()} ({why}; this CPU can run: {', '.join(_cpu_isas())})"
 
 
 def supported_cpu_isas() -> list[str]:
@@ -124,10 +139,10 @@ def set_cpu_isa(isa: str | None) -> str:
         env = _env_isa()
         return torch.ops.megastream.set_cpu_isa("auto") if env is None else _set_ext_isa(env, "MEGASTREAM_CPU_ISA")
     if isa not in ISAS:
-        raise ValueError(f"unknown CPU instruction-set path {isa!r}: expected one of {', '.join(ISAS)}")
+        raise CpuIsaError(f"unknown CPU instruction-set path {isa!r}: expected one of {', '.join(ISAS)}")
     allowed = supported_cpu_isas()
     if isa in _cpu_isas() and isa not in allowed:
-        raise RuntimeError(f"MEGASTREAM_CPU_ISA={_env_isa()} limits the C++ optimizer ops to {', '.join(allowed)}")
+        raise CpuIsaError(f"MEGASTREAM_CPU_ISA={_env_isa()} limits the C++ optimizer ops to {', '.join(allowed)}")
     return _set_ext_isa(isa, "set_cpu_isa")
 
 
