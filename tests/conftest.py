@@ -1,5 +1,6 @@
 import os
 import platform
+import time
 
 # As megastream/__init__.py does before torch loads (tests run the CLI in this process too).
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
@@ -34,8 +35,25 @@ def pytest_report_header(config):
     isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "none of avx2/avx512/amx"
     forced = {k: os.environ[k] for k in ("MEGASTREAM_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
               if k in os.environ}
+    from megastream import ops
+
     return [f"cpu: {model}, {os.cpu_count()} cores; {isa}; torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}" + (f"; forced {forced}" if forced else "")]
+            f"{torch.backends.cpu.get_cpu_capability()}" + (f"; forced {forced}" if forced else ""),
+            f"megastream C++ ops: {ops.describe_cpu_isa()}, ready in {_OPS_READY_S:.1f} s"]
+
+
+_OPS_READY_S = 0.0
+
+
+def pytest_sessionstart(session):
+    """Build (or load) the C++ ops once, before any test: a first build takes tens of seconds and
+    would otherwise land on whichever test happens to run first."""
+    global _OPS_READY_S
+    from megastream import ops
+
+    t = time.perf_counter()
+    ops.have_ext()
+    _OPS_READY_S = time.perf_counter() - t
 
 
 def pytest_collection_modifyitems(config, items):
