@@ -15,11 +15,12 @@ copy. Logical bytes per parameter (each input read once, each output written onc
     no master (bf16 + SR), states bf16 2 + 2+2+2 + 2+2+2                          = 14
     no master (bf16 + SR), states int8 2 + 2+1+1 + 2+1+1 (+ 2 fp32 scales / 256)  ~ 10
 
-GB/s is those bytes over the time. Two bandwidths are measured first, each the median of 5 runs
-over 1 GiB fp32 arrays: a plain copy (`dst.copy_(src)`: bytes read + written) and an in-place triad
-(`a.add_(b, alpha=0.5)`: 8 read + 4 written per element, the optimizer's read-modify-write
-pattern). A copy also makes the CPU read each destination line before writing it, traffic that
-it does not count, so a kernel that updates in place can exceed 100% of it.
+GB/s is those bytes over the time. Two bandwidths are measured before and after the timings, each
+the median of 5 runs over 1 GiB fp32 arrays, and the larger of the two measurements counts: a plain
+copy (`dst.copy_(src)`: bytes read + written) and an in-place triad (`a.add_(b, alpha=0.5)`: 8
+read + 4 written per element, the optimizer's read-modify-write pattern). A copy also makes the CPU
+read each destination line before writing it, traffic that it does not count, so a kernel that
+updates in place can exceed 100% of it.
 
 Each mode is timed in --repeats rounds, each round one torch step then one step of the mode on
 buffers that stay allocated (after one warm-up step each), so both see the same machine state;
@@ -190,20 +191,28 @@ def main() -> None:
         raise SystemExit(str(e)) from None
     g = torch.Generator().manual_seed(0)
     cpu, flags = cpu_info()
-    load_start = os.getloadavg()[0]
-    copy_bw, triad_bw = copy_bandwidth(), triad_bandwidth()
     isa, aten = ops.cpu_isa(), torch.backends.cpu.get_cpu_capability()
     print(f"{cpu} ({', '.join(flags) or 'no vector flags'}), {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, ATen {aten}); megastream ops: {isa} path\n"
-          f"memory bandwidth: copy {copy_bw:.1f} GB/s, in-place triad {triad_bw:.1f} GB/s; load average {load_start:.2f}")
+          f"({torch.get_num_threads()} threads, ATen {aten}); megastream ops: {isa} path")
+    load = [os.getloadavg()[0]]
+    bw = [(copy_bandwidth(), triad_bandwidth())]  # again at the end: the larger of the two counts
+    results = []
+    for size in a.sizes:
+        n = int(size)
+        print(f"timing {n / 1e6:.1f}M parameters ...", flush=True)
+        results.append((n, bench_size(n, a.repeats, g)))
+    bw.append((copy_bandwidth(), triad_bandwidth()))
+    load.append(os.getloadavg()[0])
+    copy_bw, triad_bw = max(c for c, _ in bw), max(t for _, t in bw)
+    print(f"memory bandwidth: copy {bw[0][0]:.1f} / {bw[1][0]:.1f} GB/s, in-place triad {bw[0][1]:.1f} / {bw[1][1]:.1f} "
+          f"GB/s (start / end; the fractions use the larger); load average {load[0]:.2f} / {load[1]:.2f}")
     meta = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "cpu_isa": isa, "aten_cpu_capability": aten, "date": time.strftime("%Y-%m-%d"),
             "torch_version": torch.__version__, "copy_gbps": copy_bw, "triad_gbps": triad_bw,
-            "repeats": a.repeats}
+            "copy_gbps_start_end": [c for c, _ in bw], "triad_gbps_start_end": [t for _, t in bw],
+            "loadavg_start_end": load, "repeats": a.repeats}
     rows = []
-    for size in a.sizes:
-        n = int(size)
-        res = bench_size(n, a.repeats, g)
+    for n, res in results:
         t_torch_all = [t for r in res.values() for t in r["torch"]]
         entries = [("torch-pipeline", t_torch_all, [1.0], TORCH_BYTES, TORCH_HOST_BYTES)]
         for name, _, _, bpp, host_bpp in MODES:
@@ -224,12 +233,9 @@ def main() -> None:
             rng = f"{min(ratios):.2f}-{max(ratios):.2f}" if name != "torch-pipeline" else ""
             print(f"{name:<26}{bpp:>8.1f}{ns:>10.3f}{gbps:>7.1f}{row['pct_of_copy_bandwidth']:>7.0f}%"
                   f"{row['pct_of_triad_bandwidth']:>7.0f}%{row['speedup_vs_torch']:>8.2f}x{rng:>13}")
-    load_end = os.getloadavg()[0]
-    print(f"\nload average (1 min) {load_start:.2f} at the start, {load_end:.2f} at the end: other processes on the "
-          "machine slow both sides of each round, the compute-bound modes more")
+    print("\nOther processes on the machine slow both sides of each round, the compute-bound modes more: the load "
+          "average is recorded.")
     if a.json:
-        for row in rows:
-            row["loadavg_start"], row["loadavg_end"] = load_start, load_end
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
 

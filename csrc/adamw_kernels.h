@@ -49,10 +49,12 @@ MS_INLINE I bf16_rne_fast(F x) {
 MS_INLINE I bf16_sr(F x, I h) { return V::srl<16>(V::iadd(V::bits(x), V::srl<16>(fmix32_mul(h)))); }
 
 // ---- 8-bit code (see csrc/adamw.cpp) ----
-// y in [0, 1] (or NaN, with its sign bit clear); r: random bits below the kept mantissa. The raw
-// code is the stochastically rounded top bits (< 2^12); Vec::store_*codes_x4 subtract the base,
-// floor at 0 and cap at the largest code (127 with the sign for m, 255 for v).
-MS_INLINE I raw_code(F y, I r) { return V::srl<megastream_ops::kMantShift>(V::iadd(V::bits(y), r)); }
+// y in [0, 1] (or NaN); r: 16 random bits. The raw code is the top bits of y rounded
+// stochastically at the 20th bit: (bits(y) + (r << 4)) >> 20, computed as ((bits(y) >> 4) + r) >> 16,
+// which is the same number (the low 4 bits of r << 4 are zero) but cannot wrap around 2^32 for a NaN
+// with its sign bit set: a NaN always gets the largest code, whatever its sign and payload, as in
+// the reference's int64 arithmetic. Vec::store_*codes_x4 subtract the base, floor at 0 and cap.
+MS_INLINE I raw_code(F y, I r) { return V::srl<16>(V::iadd(V::srl<4>(V::bits(y)), r)); }
 
 struct HyperV {
   F decay, one, omb1, beta2, omb2, inv_bc2, eps, neg_step, gscale;
@@ -201,7 +203,7 @@ void adamw_full(const G* g, void* wp, void* mp, void* vp, float* ms, float* vs, 
   *ms = mx;
   *vs = vx;
   const F im = V::fset(mx > 0 ? 1.0f / mx : 0.f), iv = V::fset(vx > 0 ? 1.0f / vx : 0.f);
-  const I code_bits = V::iset(0xffff0u);
+  const I low16 = V::iset(0xffffu);
   const F zero = V::fset(0.0f);
   I hs[2];  // the codes' hash inputs
   for (int u = 0; u < 2; ++u) hs[u] = V::iadd(idx[u], V::iset(h.key ^ megastream_ops::kStateKey));
@@ -210,19 +212,13 @@ void adamw_full(const G* g, void* wp, void* mp, void* vp, float* ms, float* vs, 
     V::MF neg[4];
     for (int k = 0; k < 4; ++k) {
       const int jk = j + k * N;
-      // r = fmix32(hs): 16 random bits for each code, shifted to the top of the 20 it drops:
-      // m takes (r >> 16) << 4 = (x >> 16) << 4, v takes (r & 0xffff) << 4.
+      // r = fmix32(hs) = x ^ (x >> 16): m's code takes its top 16 bits (x >> 16), v's its bottom 16.
       const I x = fmix32_mul(hs[k & 1]);
       const I top = V::srl<16>(x);
-      const I rm = V::sll<4>(top);
-      const I rv = V::iand(V::sll<4>(V::ixor(x, top)), code_bits);
       const F m = V::loadf(mb + jk);
-      cm[k] = raw_code(V::mul(V::fbits(V::iand(V::bits(m), abs_mask)), im), rm);
+      cm[k] = raw_code(V::mul(V::fbits(V::iand(V::bits(m), abs_mask)), im), top);
       neg[k] = V::fcmplt(m, zero);
-      // sqrt(v) * iv is >= +0 or NaN; clearing the sign only matters for a NaN, whose code is then
-      // 255 whatever its sign and payload (as in the reference's int64 arithmetic) rather than
-      // depending on whether a negative NaN's bits wrap around 2^32 when r is added.
-      cv[k] = raw_code(V::fbits(V::iand(V::bits(V::mul(V::loadf(sb + jk), iv)), abs_mask)), rv);
+      cv[k] = raw_code(V::mul(V::loadf(sb + jk), iv), V::iand(V::ixor(x, top), low16));
       if (k & 1) {
         hs[0] = V::iadd(hs[0], pair_step);
         hs[1] = V::iadd(hs[1], pair_step);

@@ -4,7 +4,10 @@ every instruction-set path (avx512 / avx2 / scalar) that this machine can run.""
 
 import functools
 import math
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,3 +376,21 @@ def test_env_var_forces_a_path(monkeypatch):
     finally:
         monkeypatch.undo()
         ops.set_cpu_isa(None)
+
+
+@pytest.mark.slow  # ~25 s to compile SIMDe's AVX-512 emulation: over this file's 10 s per-test budget
+def test_avx512_path_emulated(tmp_path):
+    """The AVX-512 kernels, which most CI machines cannot run, built against SIMDe's portable
+    AVX-512 intrinsics and compared with the scalar path on every mode, random and special values
+    (csrc/check_isa.cpp). Skipped without g++ or the SIMDe headers (Debian/Ubuntu: libsimde-dev)."""
+    csrc = Path(ops.__file__).resolve().parent.parent.parent / "csrc"
+    if not shutil.which("g++"):
+        pytest.skip("no g++")
+    exe = tmp_path / "check_isa"
+    build = subprocess.run(["g++", "-O1", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", f"-I{csrc}",
+                            str(csrc / "check_isa.cpp"), "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    if build.returncode and "simde/x86/avx512.h" in build.stderr:
+        pytest.skip("SIMDe headers not installed")
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "passed: 0 failed" in run.stdout, run.stdout[-3000:]

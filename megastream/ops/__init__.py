@@ -142,7 +142,8 @@ def set_cpu_isa(isa: str | None) -> str:
         raise CpuIsaError(f"unknown CPU instruction-set path {isa!r}: expected one of {', '.join(ISAS)}")
     allowed = supported_cpu_isas()
     if isa in _cpu_isas() and isa not in allowed:
-        raise CpuIsaError(f"MEGASTREAM_CPU_ISA={_env_isa()} limits the C++ optimizer ops to {', '.join(allowed)}")
+        raise CpuIsaError(f"set_cpu_isa({isa!r}): MEGASTREAM_CPU_ISA={_env_isa()} limits the C++ optimizer ops to "
+                          f"{', '.join(allowed)}")
     return _set_ext_isa(isa, "set_cpu_isa")
 
 
