@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import warnings
 from pathlib import Path
 
+import psutil
 import torch
 
 from megastream.errors import MegastreamError
@@ -66,10 +68,15 @@ def _build() -> bool:
 
         key = hashlib.sha1(_sources_digest() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
                            + platform.machine().encode()).hexdigest()[:12]
-        cache = Path(os.environ.get("MEGASTREAM_CACHE", Path.home() / ".cache" / "megastream")) / f"ops-{key}"
-        cache.mkdir(parents=True, exist_ok=True)
-        load(name=f"megastream_ops_{key}", sources=[str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-             extra_include_paths=[str(_CSRC)], build_directory=str(cache), is_python_module=False, verbose=False)
+        root = Path(os.environ.get("MEGASTREAM_CACHE", Path.home() / ".cache" / "megastream"))
+        name = f"megastream_ops_{key}"
+        lib = root / f"ops-{key}" / f"{name}.so"
+        if lib.is_file():
+            torch.ops.load_library(str(lib))
+        else:
+            _build_into(root, key, name, lambda d: load(
+                name=name, sources=[str(_SRC)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(_CSRC)], build_directory=str(d), is_python_module=False, verbose=False))
         return hasattr(torch.ops.megastream, "adamw_step")
     except Exception as e:  # no compiler, no ninja, a build error: fall back, once, loudly
         lines = str(e).strip().splitlines()
@@ -77,6 +84,31 @@ def _build() -> bool:
         warnings.warn(f"megastream: could not build the C++ optimizer ops ({type(e).__name__}: {why}); using the "
                       "slower pure-PyTorch fallback", stacklevel=3)
         return False
+
+
+def _build_into(root: Path, key: str, name: str, build) -> None:
+    """Build (and load) in a directory of this process's own, then rename it to ops-<key>/. No lock
+    is shared: torch's build lock is a file that a build killed mid-way (Ctrl-C on a first run)
+    leaves behind, after which every later start waits on it forever. Concurrent first runs each
+    build; the first rename wins; a directory without the library is never taken for a build."""
+    final = root / f"ops-{key}"
+    for old in root.glob(".ops-*.tmp-*"):  # left by builds whose process is gone
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".ops-{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)  # compiles, then loads tmp/<name>.so into this process
+        if final.exists() and not (final / f"{name}.so").is_file():
+            shutil.rmtree(final, ignore_errors=True)  # a half-built directory (older megastream, a crash)
+        try:
+            tmp.rename(final)
+        except OSError:
+            pass  # another process renamed its build first: the same sources and flags
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the loaded library stays mapped
 
 
 def have_ext() -> bool:
