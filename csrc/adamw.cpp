@@ -25,7 +25,10 @@
 // multiply-add (the build has -ffp-contract=off, and the avx2 region does not even enable FMA),
 // IEEE sqrt and division (vsqrtps / vdivps, no reciprocal approximations), bf16 rounding and the
 // int8 code by integer bit arithmetic. AVX512-BF16's conversion instruction is not used: it
-// flushes subnormal inputs to zero, which the reference does not.
+// flushes subnormal inputs to zero, which the reference does not. With NaNs in the inputs every path
+// puts NaNs in the same places and the same int8 codes and scales (a NaN's own sign and payload may
+// differ: IEEE leaves open which NaN operand propagates, and compilers commute operands); the
+// reference differs there (torch's bf16 casts and amax treat NaNs their own way).
 //
 // 8-bit code: a per-block "dynamic exponent" code (the idea of bitsandbytes' dynamic map, computed
 // by bit arithmetic instead of a table): values are divided by the block's absmax, then kept as a
@@ -36,8 +39,14 @@
 // rounding stochastically: with round-to-nearest, per-step changes below half a code step would be
 // lost) down to the floor. Smaller values flush to 0 (code 0).
 //
+// Speed: every element is read and written once, in blocks of kBlock elements spread over OpenMP
+// threads (guided schedule: a thread slowed by other work leaves the rest to the others); an
+// aligned working copy is written with non-temporal stores (no read of the destination first).
+// On a 2-core AVX2 EPYC the fp32 and bf16-state modes run near memory bandwidth and int8 states
+// are compute-bound (README, "Measured"; benchmarks/optimizer.py).
+//
 // Built at first use by torch.utils.cpp_extension (megastream/ops/__init__.py) with -O3 -fopenmp
-// -ffp-contract=off; the work is split over OpenMP threads in blocks of kBlock elements.
+// -ffp-contract=off -fno-math-errno; csrc/check_isa.cpp builds the kernels alone.
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
