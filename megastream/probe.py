@@ -144,6 +144,7 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
         rec["h2d_gbps"], rec["d2h_gbps"] = measure_pcie()
         log(f"  pinned H2D / D2H                        {rec['h2d_gbps']:8.1f} / {rec['d2h_gbps']:.1f} GB/s")
     rec["optimizer_ns_per_param"] = {}
+    rec["optimizer_cpu_isa"] = ops.cpu_isa()  # which path timed the optimizer: avx512, avx2, scalar, reference
     n = optimizer_params
     for mode, (master, states) in MODES.items():
         ns = time_optimizer(n, master == "fp32", states, 5, g) / n * 1e9
