@@ -213,8 +213,8 @@ part1() {
   step build 40 "megastream's C++ ops, once, before the timed rows" \
     "$PY $STEPS/build_megastream.py" "$PY $STEPS/build_megastream.py"
   step env 10 "megastream env" "$PY -m megastream env" "$PY -m megastream env"
-  step pytest-gpu 90 "the GPU tests" "$PY -m pytest -m gpu -q -p no:cacheprovider tests" \
-    "$PY -m pytest -m gpu -q -p no:cacheprovider tests"
+  step pytest-gpu 90 "the GPU tests" "$PY -m pytest -m gpu -q -n 0 -p no:cacheprovider tests" \
+    "$PY -m pytest -m gpu -q -n 0 -p no:cacheprovider tests"
   joinstep ds-join 10 ds-build
   step h2h-3b 180 "qwen2.5-3b head-to-head: $H2H_ROWS" "$CMD_H2H" \
     "$CMD_H2H --check && $TP --dry-run --systems megastream:full deepspeed --json $OUT_DIR/h2h-tiny-dry-run.json --logs $STEPS/h2h-3b"
