@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -331,7 +332,7 @@ def _duration(s: float) -> str:
 
 def plan_main(cfg: Config, as_json: bool) -> int:
     spec = model_spec(cfg)
-    check_model_inputs(cfg, spec)
+    check_model_inputs(cfg, spec, log=lambda msg: print(msg, file=sys.stderr))  # stdout: the plan (or its JSON)
     p = make_plan(cfg, spec)
     print(json.dumps(p.to_json(), indent=2) if as_json else render(p))
     return 0 if p.fits_host and p.fits_gpu else 1
