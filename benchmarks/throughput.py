@@ -101,6 +101,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from megastream.machine import vm_hwm  # noqa: E402  (no torch: the parent creates no CUDA context)
+
 ALL_SYSTEMS = ["megastream:full", "deepspeed", "fsdp2", "megastream:lean", "megastream:compact"]
 HEADLINE = "megastream:full"
 BASELINES = ("deepspeed", "fsdp2")
@@ -232,11 +234,13 @@ def megastream_bounds(a, mode: str, rates) -> dict:
 
 # ---- workers (one per subprocess) ------------------------------------------------------------------
 def _cap_gpu(a) -> None:
+    """The baselines' cap: the same call megastream's rows make (megastream.train)."""
     import torch
 
+    from megastream.train import limit_gpu_memory
+
     if a.device == "cuda" and a.gpu_memory_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_memory_gb * 1e9 / total), 0)
+        limit_gpu_memory(a.gpu_memory_gb, torch.device("cuda", 0))
 
 
 def _batches(a, vocab: int):
@@ -538,17 +542,6 @@ def run_worker(a) -> None:
 
 
 # ---- the harness -----------------------------------------------------------------------------------
-def _vmhwm(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
     """Run one row in its own process, under its own timeout, polling its VmHWM while it runs."""
     name = system.replace(":", "_")
@@ -563,7 +556,7 @@ def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
         # its own process group, so that a timeout also ends what it started (a compiler, ninja)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         while proc.poll() is None:
-            polled = max(polled, _vmhwm(proc.pid) or 0)
+            polled = max(polled, vm_hwm(proc.pid) or 0)
             if time.perf_counter() - t > timeout:
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -89,18 +89,25 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size so far, bytes: VmHWM, the high-water mark of this
-    address space. Not getrusage's ru_maxrss, which Linux carries across exec: a child forked from
-    a large parent reports at least the parent's size."""
+def vm_hwm(pid: int | str = "self") -> int | None:
+    """Peak resident set size of process `pid` (default: this one), bytes: VmHWM from
+    /proc/<pid>/status, the high-water mark of that address space; None where it cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, bytes: VmHWM. Not getrusage's ru_maxrss, which
+    Linux carries across exec: a child forked from a large parent reports at least the parent's size
+    (ru_maxrss only where /proc is missing)."""
+    peak = vm_hwm()
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def fmt_gb(n: float) -> str:

@@ -272,10 +272,14 @@ def refuse_if_too_big(plan: Plan) -> None:
 def cap_gpu_memory(cfg: Config, device: torch.device) -> None:
     """engine.gpu_memory_gb: make the caching allocator refuse beyond the cap, so a large card
     behaves like a smaller one (the CUDA context itself is outside the cap)."""
-    if device.type != "cuda" or not cfg.engine.gpu_memory_gb:
-        return
+    if device.type == "cuda" and cfg.engine.gpu_memory_gb:
+        limit_gpu_memory(cfg.engine.gpu_memory_gb, device)
+
+
+def limit_gpu_memory(gb: float, device: torch.device) -> None:
+    """Cap this process's caching allocator on `device` (which must carry its index) at `gb` GB."""
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.engine.gpu_memory_gb * 1e9 / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total), device)
 
 
 def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device: torch.device, data: Dataset) -> str:
