@@ -6,8 +6,19 @@ terms are exact (they are the sizes HostStore allocates; a test checks it); devi
 the engine's buffers (engine/weights.py, engine/grads.py, engine/loss.py) and the tensors autograd
 keeps while one layer is recomputed; the rest are stated estimates.
 
+The device peak is a maximum over the phases of a step, not a sum of every buffer: persistent
+buffers (weight slots, gradient accumulators, the step's masks) are alive throughout, and on top of
+them exactly one of
+    forward of one layer   boundary checkpoints so far, the layer's outputs, its no-grad transients
+    loss chunk             checkpoints, final hidden states and d(hidden), one chunk's fp32 logits
+    backward of one layer  checkpoints, d(hidden) in and out, the recomputed layer's saved
+                           activations and its weight gradients
+A CUDA caching allocator reuses what a phase frees for the next, so its max_memory_allocated is the
+largest phase. The GPU figure is unverified until GPU_CALIBRATION records a measured peak.
+
 On the CPU the "device" buffers live in host RAM, so they are added to the host total and the GPU
-total is 0.
+total is 0; glibc malloc keeps much of what one phase frees, so there the phases add up (see
+`budget`).
 """
 
 from __future__ import annotations
@@ -33,13 +44,24 @@ ENGINE_RUNTIME = int(0.09e9)
 CUDA_CONTEXT_DEVICE = int(0.6e9)  # device memory outside the caching allocator: context, cuBLAS workspace
 # Data held: 32 B/token (int64 ids, labels, positions, documents); ~4 (json) or ~1.3 (parquet) B/token on disk.
 DATA_BYTES_PER_FILE_BYTE = {".jsonl": 8.0, ".parquet": 24.0}
-LOGITS_TEMPS = 3  # fp32 (chunk, V) tensors alive at once in the chunked loss: logits, softmax/grad, temp
+# fp32 (chunk, V) tensors alive at once in engine/loss.py: the logits z and logsumexp's exp(z - max).
+# Everything else on a chunk is in place (softmax, minus one-hot, scale) or narrower (d(logits) in
+# the compute dtype, one (v_block, H) lm_head gradient block, which never coexists with the second).
+LOGITS_TEMPS = 2
+
+PHASE_FORWARD, PHASE_LOSS, PHASE_BACKWARD = "forward of one layer", "loss chunk", "backward of one layer"
+# Measured calibration of the GPU figure on a CUDA allocator. None: never measured, and `plan` says
+# so. The GPU acceptance run (tests/test_gpu.py::test_plan_predicts_gpu_peak_within_15_percent,
+# scripts/gpu_acceptance.sh) measures torch.cuda.max_memory_allocated against this model; commit
+# its record here, e.g. {"date": "...", "device": "H100 80GB", "torch": "2.x", "config": "...",
+# "planned_bytes": ..., "measured_bytes": ...} (planned_bytes: gpu_total minus CUDA_CONTEXT_DEVICE).
+GPU_CALIBRATION: dict | None = None
 
 
 @dataclass
 class Budget:
     """Bytes by component. `host` is what the process will hold in RAM at its peak; `gpu` what the
-    device will hold (empty on the CPU, where those buffers are part of `host`)."""
+    device will hold at its peak phase (empty on the CPU, where those buffers are part of `host`)."""
     params: int
     device_type: str  # "cuda" | "cpu"
     compute_dtype: torch.dtype
@@ -49,6 +71,11 @@ class Budget:
     gpu: dict[str, int] = field(default_factory=dict)
     pinned: int = 0  # host bytes page-locked (cuda only)
     notes: dict[str, str] = field(default_factory=dict)  # component -> how it was estimated
+    # The device model, on either device type: buffers alive in every phase, and each phase's own
+    # terms. On cuda `gpu` is `device_persistent` plus the terms of `peak_phase`.
+    device_persistent: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+    gpu_calibration: dict | None = None  # GPU_CALIBRATION (cuda budgets only)
 
     @property
     def host_total(self) -> int:
@@ -57,6 +84,21 @@ class Budget:
     @property
     def gpu_total(self) -> int:
         return sum(self.gpu.values())
+
+    @property
+    def phase_totals(self) -> dict[str, int]:
+        """Device bytes at each phase's peak: persistent buffers plus the phase's own terms."""
+        base = sum(self.device_persistent.values())
+        return {k: base + sum(v.values()) for k, v in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        totals = self.phase_totals
+        return max(totals, key=totals.get) if totals else ""
+
+    @property
+    def gpu_verified(self) -> bool:
+        return self.gpu_calibration is not None
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -85,10 +127,40 @@ def layer_activation_bytes(spec: ModelSpec, tokens: int, itemsize: int) -> int:
     H, I = spec.hidden_size, spec.intermediate_size
     qd, kd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     e = itemsize
-    # two RMSNorms (fp32 statistics), rope'd q and k, v, the SDPA output, the MLP's four I-wide tensors
-    saved = H * (8 + 6 * e) + qd * 3 * e + kd * 2 * e + I * 4 * e
-    flowing = 2 * e * (H + I) + 4 * spec.num_heads  # d(activation) temporaries, logsumexp
+    # each RMSNorm: an fp32 copy of its input (none when the input is fp32), the normalised tensor and
+    # the scaled output; the attention residual and the layer's output; rope'd q and k, v, the SDPA
+    # output and its (B, S, nh*hd) copy; the MLP's four I-wide tensors
+    norm = (4 if e != 4 else 0) + 2 * e
+    saved = H * (2 * norm + 2 * e) + qd * 3 * e + kd * 2 * e + I * 4 * e
+    # backward peaks in the MLP: d(silu(gate)) and d(up) beside everything saved; SDPA's logsumexp
+    flowing = 2 * e * I + 4 * spec.num_heads
     return tokens * (saved + flowing)
+
+
+def layer_forward_bytes(spec: ModelSpec, tokens: int, itemsize: int) -> int:
+    """Transient bytes of one layer's no-grad forward for `tokens` tokens, besides its input and
+    output: the larger of the MLP (residual, normed input, silu(gate), up, their product) and the
+    attention block (normed input, q, k, v, rope temporaries)."""
+    H, I = spec.hidden_size, spec.intermediate_size
+    qd, kd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    return tokens * itemsize * max(2 * H + 3 * I, H + 4 * qd + 3 * kd)
+
+
+def loss_chunk_bytes(spec: ModelSpec, chunk: int, itemsize: int) -> tuple[int, str]:
+    """Peak transient bytes of one `chunk`-token step of engine/loss.py:head_loss_and_grad, and
+    which stage sets it. Stages (each chunk runs them in order, so they never coexist):
+      logsumexp   the fp32 logits z and logsumexp's fp32 exp(z - max): LOGITS_TEMPS (chunk, V)
+      cast        z and d(logits) in the compute dtype (compute dtype != fp32; else d(logits) is z)
+      dW block    d(logits), d(normed hidden) and one (v_block, H) lm_head gradient block
+    plus the chunk's final norm (saved for its backward) throughout."""
+    H, V, e = spec.hidden_size, spec.vocab_size, itemsize
+    v_block = min(V, max(1024, _DW_BLOCK_BUDGET // (H * e)))
+    norm = chunk * H * ((4 if e != 4 else 0) + 2 * e)
+    stages = {"logsumexp": LOGITS_TEMPS * chunk * V * 4,
+              "cast": chunk * V * (4 + (e if e != 4 else 0)),
+              "dW block": chunk * V * e + chunk * H * e + v_block * H * e}
+    stage = max(stages, key=stages.get)
+    return norm + stages[stage], stage
 
 
 def _data_bytes(cfg: Config) -> tuple[int, str]:
@@ -122,33 +194,71 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     b = Budget(params=n, device_type=device_type, compute_dtype=compute, grad_dtype=grad, tokens_per_step=T)
 
     # ---- device buffers (engine/weights.py, engine/grads.py, engine/engine.py, engine/loss.py) ----
+    # Persistent: allocated once (weight slots, accumulators) or alive for the whole step (masks).
     max_layer = max(u.numel for u in units[1:-1])
     head = V * H + H
-    dev: dict[str, int] = {}
-    dev["layer weight buffers"] = 2 * max_layer * ec  # double buffer
-    dev["head weight buffer"] = head * ec
-    dev["gradient accumulators"] = 2 * max_layer * 4 + head * 4 + len(units) * 4  # fp32, layers alternate
-    ckpt = L * T * H * ec
-    offload = e.activations == "host" and device_type == "cuda"
-    dev["boundary checkpoints"] = 2 * T * H * ec if offload else ckpt  # offloaded: only the layers in flight
-    dev["hidden states and their gradients"] = 2 * T * H * ec
-    dev["one layer's activations"] = layer_activation_bytes(spec, mb_tokens, ec) + max_layer * ec  # + weight grads
-    chunk = e.loss_chunk_tokens or auto_chunk_tokens(V)
-    v_block = min(V, max(1024, _DW_BLOCK_BUDGET // (H * ec)))
-    dev["loss chunk"] = min(chunk, mb_tokens) * V * 4 * LOGITS_TEMPS + v_block * H * ec
+    keep: dict[str, int] = {}
+    keep["layer weight buffers"] = 2 * max_layer * ec  # double buffer
+    keep["head weight buffer"] = head * ec
+    keep["gradient accumulators"] = 2 * max_layer * 4 + head * 4 + len(units) * 4  # fp32, layers alternate
     if cfg.data.pack:  # packed rows: a (B, 1, S, S) bool mask and (B, S, hd) rope tables per micro-batch
-        dev["attention masks"] = t.grad_accum * t.micro_batch_size * (S * S + 4 * S * spec.head_dim * ec)
+        keep["attention masks"] = t.grad_accum * t.micro_batch_size * (S * S + 4 * S * spec.head_dim * ec)
     if device_type == "cuda":
-        dev["CUDA context and workspace"] = CUDA_CONTEXT_DEVICE
+        keep["CUDA context and workspace"] = CUDA_CONTEXT_DEVICE
         b.notes["CUDA context and workspace"] = "estimate"
-        b.gpu = dev
+
+    # Each phase at its own peak (engine/engine.py:Engine.step), on top of the persistent buffers.
+    offload = e.activations == "host" and device_type == "cuda"
+    ckpt = L * T * H * ec  # every layer's input, all micro-batches (activations: device)
+    th = T * H * ec  # one layer's hidden states, all micro-batches
+    labels = T * 8  # int64, on the device from the loss to the end of the step
+    chunk = min(e.loss_chunk_tokens or auto_chunk_tokens(V), mb_tokens)
+    logits, stage = loss_chunk_bytes(spec, chunk, ec)
+    # Not counted: a gradient's grad-dtype cast (engine/grads.py) or an offloaded checkpoint whose copy
+    # is still in flight. Freed tensors with pending stream uses leave the allocated bytes at once,
+    # and the allocator waits for their copies before it would report out of memory.
+    phases = {
+        # Layer L-1: every layer's input kept so far (offloaded: only the one being copied out).
+        PHASE_FORWARD: {"boundary checkpoints": th if offload else ckpt,
+                        "hidden states and their gradients": th,  # the layer's outputs, being made
+                        "one layer's no-grad activations": layer_forward_bytes(spec, mb_tokens, ec)},
+        PHASE_LOSS: {"boundary checkpoints": 0 if offload else ckpt,
+                     "hidden states and their gradients": 2 * th,  # final hidden states, d(hidden)
+                     "labels": labels,
+                     "logits chunk": logits},
+        # Layer L-1 (offloaded: its inputs and layer L-2's, coming back); d(hidden) in, d(hidden) out
+        # for the micro-batches done, and the last micro-batch's final hidden states, which
+        # engine.step's loop variable still holds.
+        PHASE_BACKWARD: {"boundary checkpoints": 2 * th if offload else ckpt,
+                         "hidden states and their gradients": 2 * th,
+                         "labels": labels,
+                         "recomputed layer's activations": layer_activation_bytes(spec, mb_tokens, ec),
+                         "weight gradients": max_layer * ec},
+    }
+    if cfg.data.pack:  # SDPA turns the boolean mask into a float bias, saved for its backward
+        phases[PHASE_BACKWARD]["attention bias"] = t.micro_batch_size * S * S * ec
+    b.device_persistent, b.phases = keep, phases
+    b.notes["logits chunk"] = (f"{chunk} tokens x {V} vocab; peak at the {stage} stage ("
+                               f"{LOGITS_TEMPS} fp32 (chunk, V) tensors at logsumexp)")
+    if device_type == "cuda":
+        b.gpu = keep | phases[b.peak_phase]
+        b.gpu_calibration = GPU_CALIBRATION
+        b.notes["GPU peak"] = (f"the {b.peak_phase} phase: persistent buffers plus that phase's terms "
+                               "(the largest phase total)")
+    # On the CPU glibc malloc keeps much of what a phase frees (RSS does not fall back between phases),
+    # so there the phases' own transients add up. Measured (2-core EPYC, torch 2.13, 2026-11-29; the
+    # demo, seq 512, 64 x 128 and 8 x 8 x 128 micro-batches, 6 steps): the host total is within 2% of
+    # the peak RSS with this sum (demo +0.4%); with the largest phase alone it would be 6-24% under.
+    shared = ("boundary checkpoints", "hidden states and their gradients", "labels")
+    cpu_compute = (sum(keep.values()) + max(sum(v for k, v in p.items() if k in shared) for p in phases.values())
+                   + sum(v for p in phases.values() for k, v in p.items() if k not in shared))
 
     # ---- host ----------------------------------------------------------------------------------
     host = store_bytes(spec, compute, grad, cfg.optim.master == "fp32", cfg.optim.states)
     if offload:
         host["offloaded checkpoints"] = ckpt  # pinned
     if device_type == "cpu":
-        host["compute buffers (the device is the CPU)"] = sum(dev.values())
+        host["compute buffers (the device is the CPU)"] = cpu_compute
     host["data"], b.notes["data"] = _data_bytes(cfg)
     # Saving streams from the arenas, one cast chunk at a time; resuming reads one tensor at a time
     # (the largest: the embedding's weights or a moment).
@@ -156,8 +266,8 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     if cfg.output.save_every:
         io = max(io, units[0].numel * (4 if cfg.optim.master == "fp32" else ec))
     if device_type == "cpu":  # between steps, when the step's temporaries are gone
-        persistent = dev["layer weight buffers"] + dev["head weight buffer"] + dev["gradient accumulators"]
-        io = max(0, io - (sum(dev.values()) - persistent))
+        persistent = keep["layer weight buffers"] + keep["head weight buffer"] + keep["gradient accumulators"]
+        io = max(0, io - (cpu_compute - persistent))
     host["checkpoint I/O buffer"] = io
     b.notes["checkpoint I/O buffer"] = "one cast chunk while saving; the largest tensor while resuming"
     host["runtime (Python, torch, megastream)"] = runtime_bytes

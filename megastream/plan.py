@@ -148,6 +148,7 @@ class Plan:
             "tokens_per_step": b.tokens_per_step,
             "host_bytes": b.host, "gpu_bytes": b.gpu,
             "host_bytes_total": b.host_total, "gpu_bytes_total": b.gpu_total,
+            **_gpu_json(b),
             "host_bytes_per_param": b.host_total / b.params, "state_bytes_per_param": b.state_bytes_per_param,
             "pinned_bytes": b.pinned,
             "ram_total": self.machine.ram_total, "ram_available": self.machine.ram_available,
@@ -163,6 +164,30 @@ class Plan:
         }
 
 
+
+
+GPU_UNVERIFIED = "unverified (not yet measured on a CUDA allocator)"
+
+
+def gpu_status(b: Budget) -> str:
+    """Whether the GPU figure has met a CUDA allocator (memory.GPU_CALIBRATION), in words."""
+    c = b.gpu_calibration
+    if c is None:
+        return GPU_UNVERIFIED
+    planned, measured = c.get("planned_bytes"), c.get("measured_bytes")
+    ratio = f", planned/measured {planned / measured:.2f}" if planned and measured else ""
+    peak = f"{measured / 1e9:.2f} GB " if measured else ""
+    return f"verified: peak {peak}measured on {c.get('device', 'a GPU')} ({c.get('date', 'undated')}){ratio}"
+
+
+def _gpu_json(b: Budget) -> dict:
+    cuda = b.device_type == "cuda"
+    totals = b.phase_totals
+    return {"gpu_peak_phase": b.peak_phase if cuda else None,
+            "gpu_phases": {k: {"bytes_total": totals[k], "bytes": v} for k, v in b.phases.items()} if cuda else {},
+            "gpu_persistent_bytes": b.device_persistent if cuda else {},
+            "gpu_verified": b.gpu_verified, "gpu_status": gpu_status(b) if cuda else None,
+            "gpu_calibration": b.gpu_calibration}
 
 
 def _with(cfg: Config, **sections) -> Config:
@@ -273,10 +298,17 @@ def render(p: Plan) -> str:
         lines.append(f"  {k:<44}{gb(v)}  {v / b.params:8.2f}")
     lines.append(f"  {'total':<44}{gb(b.host_total)}  {b.host_total / b.params:8.2f}")
     if b.gpu:
-        lines += ["", "GPU memory"]
-        for k, v in b.gpu.items():
-            lines.append(f"  {k:<44}{gb(v)}")
-        lines.append(f"  {'total':<44}{gb(b.gpu_total)}")
+        lines += ["", f"GPU memory, peak in the {b.peak_phase} phase: {gpu_status(b)}",
+                  "  persistent (alive in every phase)"]
+        for k, v in b.device_persistent.items():
+            lines.append(f"    {k:<42}{gb(v)}")
+        lines.append(f"  {b.peak_phase} (the peak phase)")
+        for k, v in b.phases[b.peak_phase].items():
+            lines.append(f"    {k:<42}{gb(v)}")
+        lines.append(f"  {'total (persistent + peak phase)':<44}{gb(b.gpu_total)}")
+        totals = b.phase_totals
+        lines.append("  each phase's total: " + ", ".join(
+            f"{k} {v / 1e9:.2f} GB" + (" (peak)" if k == b.peak_phase else "") for k, v in totals.items()))
     if b.pinned:
         lines.append(f"  (page-locked host memory: {b.pinned / 1e9:.2f} GB)")
     lines += ["", "optimizer modes, host RAM (GB)     working   master   states  staging    other    total  verdict"]
@@ -299,7 +331,8 @@ def render(p: Plan) -> str:
     lines.append(f"  host RAM: {b.host_total / 1e9:.2f} GB of {p.ram_usable / 1e9:.2f} GB usable -> fits: {host_v}")
     if p.device_type == "cuda":
         budget_txt = f"{p.gpu_budget / 1e9:.2f} GB ({p.gpu_budget_source})" if p.gpu_budget else p.gpu_budget_source
-        lines.append(f"  GPU: {b.gpu_total / 1e9:.2f} GB of {budget_txt} -> fits: {'yes' if p.fits_gpu else 'NO'}")
+        lines.append(f"  GPU: {b.gpu_total / 1e9:.2f} GB of {budget_txt} -> fits: {'yes' if p.fits_gpu else 'NO'}"
+                     + ("" if b.gpu_verified else f" ({GPU_UNVERIFIED})"))
 
     lines += ["", f"roofline ({p.rates.source}):",
               f"  compute    {r.flops / 1e12:10.1f} TFLOP at {p.rates.matmul_tflops:g} TFLOP/s  {r.compute_s:9.3f} s",
