@@ -2,6 +2,7 @@
 
     megastream train CONFIG [--set key=value ...] [--resume [PATH]] [--force]
     megastream demo                  train the bundled demo (CPU, about a minute)
+    megastream prepare CONFIG        tokenize the data into its token cache now (train does it when missing)
     megastream plan CONFIG [--json]  memory budget, verdict for this machine, predicted speed
     megastream probe [--quick]       measure this machine's bandwidths and FLOP rate (cached for plan)
     megastream plot RUN_DIR          metrics.jsonl -> RUN_DIR/metrics.png
@@ -40,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     common(t)
     d = sub.add_parser("demo", help="train the built-in demo model on the bundled corpus (CPU, 1-2 min)")
     common(d)
+    pp = sub.add_parser("prepare", help="tokenize the data once into its token cache and print its summary")
+    pp.add_argument("config", help="path to a YAML config")
+    pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    pp.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     pl = sub.add_parser("plan", help="print the memory budget, whether it fits this machine, and the predicted speed")
     pl.add_argument("config", help="path to a YAML config")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             from megastream.plan import plan_main
             return plan_main(cfg, args.json)
+        if args.command == "prepare":
+            from megastream.data.loader import prepare_main
+            return prepare_main(cfg, args.json)
         from megastream.train import train
 
         train(cfg, overwrite=args.overwrite, resume=args.resume, force=args.force)

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from megastream.errors import ConfigError
+from megastream.errors import ConfigError, MegastreamError
 from megastream.presets import PRESETS
 
 
@@ -36,12 +36,18 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: Union[str, tuple[str, ...]] = ""  # .jsonl file, a list of them, or a directory of them
-    overflow: Literal["truncate", "drop", "error"] = "truncate"  # pre-tokenized rows longer than seq_len
-    pack: bool = True  # pack documents into seq_len rows (attention blocked across them); false: pad
+    overflow: Literal["truncate", "drop", "error"] = "truncate"  # pre-tokenized / chat rows longer than seq_len
+    # Packing documents into seq_len rows (attention blocked across them): bfd (best-fit decreasing),
+    # greedy (in order), wrap (raw text cut at seq_len); true = bfd, false = one padded row per document.
+    pack: Union[Literal["bfd", "greedy", "wrap"], bool] = "bfd"
     val_path: Union[str, tuple[str, ...], None] = None  # validation data, same formats; see train.eval_every
     seq_len: int = 512
     shuffle: bool = True
     tokenizer: Optional[str] = None  # tokenizer.json for text rows; default: the model's, else the demo's
+    split: str = "train"  # the split of a `datasets` DatasetDict directory
+    columns: Optional[dict[str, str]] = None  # {megastream field: your field}, e.g. {text: body}
+    cache_dir: Optional[str] = None  # token cache; default: .megastream-cache beside output.dir
+    workers: int = 0  # tokenizing processes; 0 = one per core
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,9 @@ def _coerce(value: Any, tp) -> tuple[bool, Any]:
         return False, None
     if origin is Literal:
         return (value in args, value)
+    if origin is dict:  # a mapping of str -> str
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return ok, dict(value) if ok else None
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: a non-empty list
         if not isinstance(value, (list, tuple)) or not value:
             return False, None
@@ -318,6 +327,8 @@ def _describe(tp) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
+    if origin is dict:
+        return "a mapping of names to names"
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return f"a non-empty list of {_describe(args[0])}s"
     if origin is tuple:
@@ -351,11 +362,16 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
          "a list of such files, or a directory of them")
     for key, value in (("data.path", d.path), ("data.val_path", d.val_path)):
         for p in ([value] if isinstance(value, str) else value) if value else []:
-            if Path(p).is_dir():
-                need(any(f.suffix in (".jsonl", ".parquet") for f in Path(p).iterdir()), key,
-                     f"directory {p} holds no .jsonl or .parquet files")
-            else:
-                need(Path(p).is_file(), key, f"{p} does not exist")
+            if not Path(p).exists():
+                errors.append(f"{key}: {p} does not exist")
+                continue
+            from megastream.data.sources import list_sources  # light: no torch
+
+            try:
+                list_sources(p, d.split)
+            except MegastreamError as err:
+                errors.append(f"{key}: {err}")
+    need(d.workers >= 0, "data.workers", f"must be >= 0 (0 = one per core), got {d.workers}")
     need(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables), got {t.eval_every}")
     need(not t.eval_every or d.val_path is not None, "train.eval_every",
          "needs data.val_path (the validation data to evaluate)")

@@ -24,13 +24,11 @@ total is 0; glibc malloc keeps much of what one phase frees, so there the phases
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from megastream.checkpoint import WRITE_CHUNK
 from megastream.config import Config
-from megastream.data import data_files
 from megastream.engine.loss import _DW_BLOCK_BUDGET, auto_chunk_tokens
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
@@ -42,8 +40,6 @@ CUDA_CONTEXT_HOST = int(1.0e9)  # host RSS of the CUDA runtime and its libraries
 # the CPU (2-core Xeon, torch 2.13, 2026-11-22: demo config, peak RSS minus every planned term).
 ENGINE_RUNTIME = int(0.09e9)
 CUDA_CONTEXT_DEVICE = int(0.6e9)  # device memory outside the caching allocator: context, cuBLAS workspace
-# Data held: 32 B/token (int64 ids, labels, positions, documents); ~4 (json) or ~1.3 (parquet) B/token on disk.
-DATA_BYTES_PER_FILE_BYTE = {".jsonl": 8.0, ".parquet": 24.0}
 # fp32 (chunk, V) tensors alive at once in engine/loss.py: the logits z and logsumexp's exp(z - max).
 # Everything else on a chunk is in place (softmax, minus one-hot, scale) or narrower (d(logits) in
 # the compute dtype, one (v_block, H) lm_head gradient block, which never coexists with the second).
@@ -163,20 +159,10 @@ def loss_chunk_bytes(spec: ModelSpec, chunk: int, itemsize: int) -> tuple[int, s
     return norm + stages[stage], stage
 
 
-def _data_bytes(cfg: Config) -> tuple[int, str]:
-    total, on_disk = 0, 0
-    for path in (cfg.data.path, cfg.data.val_path):
-        if not path:
-            continue
-        try:
-            files = data_files(path)
-        except Exception:  # missing files are reported by the config check / loader
-            continue
-        for f in files:
-            size = Path(f).stat().st_size
-            on_disk += size
-            total += int(size * DATA_BYTES_PER_FILE_BYTE.get(Path(f).suffix, 8.0))
-    return total, f"estimated from {on_disk / 1e6:.1f} MB of data files (int64 ids, labels, positions, documents)"
+def _data_bytes(cfg: Config, spec: ModelSpec) -> tuple[int, str]:
+    from megastream.data.loader import data_memory  # the data package knows its own arrays
+
+    return data_memory(cfg, spec.vocab_size)
 
 
 def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype, grad: torch.dtype,
@@ -259,7 +245,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
         host["offloaded checkpoints"] = ckpt  # pinned
     if device_type == "cpu":
         host["compute buffers (the device is the CPU)"] = cpu_compute
-    host["data"], b.notes["data"] = _data_bytes(cfg)
+    host["data"], b.notes["data"] = _data_bytes(cfg, spec)
     # Saving streams from the arenas, one cast chunk at a time; resuming reads one tensor at a time
     # (the largest: the embedding's weights or a moment).
     io = WRITE_CHUNK * 4

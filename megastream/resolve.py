@@ -65,3 +65,17 @@ def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
     if cfg.data.seq_len > spec.max_position_embeddings:
         log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
             f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
+
+
+def tokenizer_path(cfg: Config):
+    """The tokenizer.json for text and chat rows: data.tokenizer, else the model's, else (for a preset)
+    the demo's; None when there is none (pre-tokenized data needs none)."""
+    from pathlib import Path
+
+    from megastream.tokenizer import DEMO_TOKENIZER
+
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer)
+    if cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
+        return Path(cfg.model.path) / "tokenizer.json"
+    return DEMO_TOKENIZER if cfg.model.preset else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -26,19 +27,21 @@ from tqdm import tqdm
 from megastream import ops
 from megastream.checkpoint import load_hf_weights, save_hf
 from megastream.config import Config
-from megastream.data import Dataset, load_jsonl
-from megastream.engine.engine import Engine, MicroBatch
+from megastream.data.dataset import Dataset
+from megastream.data.loader import load_dataset
+from megastream.engine.engine import Engine
 from megastream.errors import ConfigError, DataError, Interrupted, ResourceError, TrainingError
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
 from megastream.plan import Plan, make_plan
-from megastream.resolve import check_model_inputs, mode_name, model_spec, resolve_device, resolve_dtypes
+from megastream.resolve import (check_model_inputs, mode_name, model_spec, resolve_device, resolve_dtypes,
+                                tokenizer_path)
 from megastream.resume import (latest_checkpoint, prune, read_training_state, training_state_bytes,
                                write_training_state)
 from megastream.store import HostStore
 from megastream.telemetry import Monitor, Scalars
-from megastream.tokenizer import DEMO_TOKENIZER, TextTokenizer, load_tokenizer
+from megastream.tokenizer import TextTokenizer, load_tokenizer
 
 
 
@@ -71,16 +74,13 @@ def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool =
 
 
 def _tokenizer_for(cfg: Config):
+    """A tokenizer factory for the data loader, and the list of tokenizers it loaded (saved beside
+    the model, so that what megastream writes loads with `transformers` as one directory)."""
     used: list[TextTokenizer] = []
 
     def make() -> TextTokenizer:
-        if cfg.data.tokenizer:
-            path = Path(cfg.data.tokenizer)
-        elif cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
-            path = Path(cfg.model.path) / "tokenizer.json"
-        elif cfg.model.preset:
-            path = DEMO_TOKENIZER
-        else:
+        path = tokenizer_path(cfg)
+        if path is None:
             raise DataError(f"data.path has text rows but {cfg.model.path} has no tokenizer.json; "
                             "set data.tokenizer to a tokenizer.json")
         used.append(load_tokenizer(path))
@@ -165,7 +165,7 @@ def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: 
     prune(out, cfg.output.keep_last)
 
 
-_DATA_KEYS = ("data.path", "data.seq_len", "data.shuffle", "train.micro_batch_size", "train.grad_accum",
+_DATA_KEYS = ("data.path", "data.seq_len", "data.pack", "data.shuffle", "train.micro_batch_size", "train.grad_accum",
               "train.seed", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr", "train.steps")
 
 
@@ -204,13 +204,10 @@ def _config_changes(old: dict, new: dict) -> list[str]:
 
 def evaluate(engine: Engine, val: Dataset, micro_batch_size: int, group: int) -> tuple[float, int]:
     """Token-mean loss over the whole validation set, `group` micro-batches per layer-major pass."""
-    mbs = [MicroBatch(val.input_ids[i:i + micro_batch_size], val.labels[i:i + micro_batch_size],
-                      None if val.positions is None else val.positions[i:i + micro_batch_size],
-                      None if val.doc_ids is None else val.doc_ids[i:i + micro_batch_size])
-           for i in range(0, len(val), micro_batch_size)]
     total, n = 0.0, 0
-    for g in range(0, len(mbs), group):
-        loss, k = engine.eval_loss(mbs[g:g + group])
+    batches = val.in_order(micro_batch_size)
+    while mbs := list(itertools.islice(batches, group)):
+        loss, k = engine.eval_loss(mbs)
         total, n = total + loss * k, n + k
     return total / max(n, 1), n
 
@@ -296,9 +293,15 @@ def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device:
             f"megastream: host {b.host_total / 1e9:.2f} GB planned ({parts} GB): "
             f"{store.state_bytes_per_param():.2f} B/param of model state, {b.host_total / b.params:.2f} B/param in all "
             f"| {gpu}\n"
-            f"megastream: {len(data)} sequences of {cfg.data.seq_len}, "
+            f"megastream: {len(data)} sequences of {cfg.data.seq_len} ({_packing(data)}), "
             f"{b.tokens_per_step} tokens/step, {t.steps} steps; roofline "
             f"{plan.roofline.step_s:.3g} s/step ({plan.roofline.bound}-bound, {plan.rates.source.split(' (')[0]})")
+
+
+def _packing(data: Dataset) -> str:
+    lay = data.layout
+    return (f"{lay.tokens:,} tokens of {data.cache.header['docs']:,} documents, packed {lay.mode}, "
+            f"fill {lay.fill:.1%}" if lay.mode != "none" else f"one document per row, fill {lay.fill:.1%}")
 
 
 def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, force: bool = False,
@@ -323,12 +326,12 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
         refuse_if_too_big(plan)
     cap_gpu_memory(cfg, device)
     make_tok, used_toks = _tokenizer_for(cfg)
-    data: Dataset = load_jsonl(cfg.data.path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow,
-                               cfg.data.pack)
+    data: Dataset = load_dataset(cfg, spec.vocab_size, "train", make_tok, log)
     val: Dataset | None = None
     if cfg.data.val_path is not None:
-        val = load_jsonl(cfg.data.val_path, cfg.data.seq_len, spec.vocab_size, make_tok, cfg.data.overflow,
-                         cfg.data.pack)
+        val = load_dataset(cfg, spec.vocab_size, "val", make_tok, log)
+    if not used_toks and any(d is not None and d.cache.header["used_tokenizer"] for d in (data, val)):
+        make_tok()  # the cache was built earlier: the tokenizer still goes beside the model
     if data.n_truncated or data.n_dropped:
         log(f"megastream: warning: {data.n_truncated} row(s) longer than data.seq_len={cfg.data.seq_len} truncated, "
             f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")
@@ -369,13 +372,14 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                 _ProgressBar(t.steps, start_step, disable=not cfg.output.progress) as bar:
             for step in range(start_step, t.steps):
                 lr = lr_at(step, t)
-                mbs = data.micro_batches(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
+                rows = data.step_rows(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
+                mbs = [data.batch(r) for r in rows]  # read from the token cache now
                 t0 = time.perf_counter()
                 with _gpu_oom(plan, f"in step {step + 1}"):
                     stats = engine.step(mbs, lr)  # returns after a device sync (loss, grad norm)
                 dt = time.perf_counter() - t0
                 rec = {"step": step + 1, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                       "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens,
+                       "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens, "fill": round(data.fill(rows), 4),
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
                 if stats.skipped:
                     bad_run, skipped = bad_run + 1, skipped + 1

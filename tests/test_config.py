@@ -182,7 +182,7 @@ def test_data_path_directory_and_list(tmp_path, data_file):
     empty = tmp_path / "empty"
     empty.mkdir()
     msg = _error(_raw(data_file, data={"path": str(empty)}))
-    assert "data.path" in msg and "holds no .jsonl or .parquet files" in msg
+    assert "data.path" in msg and "holds no data files" in msg
     assert build_config(_raw(data_file, data={"path": str(data_file.parent)})).data.path == str(data_file.parent)
     cfg = build_config(_raw(data_file, data={"path": [str(data_file), str(data_file)]}))
     assert cfg.data.path == (str(data_file), str(data_file))

@@ -235,7 +235,7 @@ def test_empty_file(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError) as ei:
         load_jsonl(tmp_path / "nope.jsonl", 8, 10, _no_tokenizer)
-    assert "nope.jsonl" in str(ei.value) and "cannot open" in str(ei.value)
+    assert "nope.jsonl" in str(ei.value) and "does not exist" in str(ei.value)
 
 
 def test_invalid_utf8_is_a_data_error(tmp_path):

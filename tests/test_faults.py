@@ -52,8 +52,9 @@ def _ctrl_c_in_step(n: int) -> str:
 
 
 def _hidden(out) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) + \
-        sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    """Hidden entries (temporaries) beside and in output.dir; the token cache beside it is no temporary."""
+    beside = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".") and p.name != ".megastream-cache")
+    return beside + sorted(p.name for p in out.iterdir() if p.name.startswith("."))
 
 
 def _interrupted(proc, *needles):
