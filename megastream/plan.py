@@ -138,6 +138,7 @@ class Plan:
     warnings: list[str]
     suggestions: list[str]
     modes: dict[str, Budget]
+    data: dict = field(default_factory=dict)  # megastream.data.loader.data_plan: rows and fill from the cache
 
     def to_json(self) -> dict:
         b, r = self.budget, self.roofline
@@ -160,7 +161,7 @@ class Plan:
                          "optimizer_s": r.optimizer_s, "bound": r.bound, "rates": vars(self.rates)},
             "modes": {k: {"host_bytes_total": m.host_total, "state_bytes_per_param": m.state_bytes_per_param,
                           "fits_host": m.host_total <= self.ram_usable} for k, m in self.modes.items()},
-            "warnings": self.warnings, "suggestions": self.suggestions,
+            "data": self.data, "warnings": self.warnings, "suggestions": self.suggestions,
         }
 
 
@@ -292,7 +293,7 @@ def render(p: Plan) -> str:
              f"optim.master {p.cfg.optim.master}, optim.states {p.cfg.optim.states} ({mode} mode), "
              f"activations {p.cfg.engine.activations}",
              f"{b.tokens_per_step} tokens/step = {p.cfg.train.micro_batch_size} x {p.cfg.train.grad_accum} x "
-             f"{p.cfg.data.seq_len}", "",
+             f"{p.cfg.data.seq_len}", _data_line(p.data), "",
              "host RAM" + " " * 40 + "bytes   per param"]
     for k, v in b.host.items():
         lines.append(f"  {k:<44}{gb(v)}  {v / b.params:8.2f}")
@@ -355,6 +356,13 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def _data_line(d: dict) -> str:
+    if "fill" not in d:
+        return f"data: {d.get('note', 'unknown')}"
+    return (f"data: {d['rows']:,} rows from the token cache ({d['tokens']:,} tokens of {d['documents']:,} documents), "
+            f"pack {d['pack']}, fill {d['fill']:.1%}")
+
+
 def _duration(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -367,5 +375,8 @@ def plan_main(cfg: Config, as_json: bool) -> int:
     spec = model_spec(cfg)
     check_model_inputs(cfg, spec, log=lambda msg: print(msg, file=sys.stderr))  # stdout: the plan (or its JSON)
     p = make_plan(cfg, spec)
+    from megastream.data.loader import data_plan
+
+    p.data = data_plan(cfg, spec.vocab_size)
     print(json.dumps(p.to_json(), indent=2) if as_json else render(p))
     return 0 if p.fits_host and p.fits_gpu else 1

@@ -93,3 +93,29 @@ def test_messages_without_a_template_is_a_clear_error(tmp_path):
     tok = load_tokenizer(DEMO_TOKENIZER)
     with pytest.raises(DataError, match="chat.jsonl:1: a messages row needs a chat template"):
         load_jsonl(path, 256, tok.vocab_size, lambda: tok)
+
+
+def test_alpaca_and_sharegpt_rows_train_on_the_answer_only(tmp_path, chat_tok_dir):
+    """Real-shaped rows (an Alpaca row with an input and a system prompt, a ShareGPT conversation)
+    render as the equivalent messages rows: the same ids and the same loss mask."""
+    tok = load_tokenizer(chat_tok_dir / "tokenizer.json")
+    alpaca = {"instruction": "Summarize the text.", "input": "Assert statements insert debugging assertions.",
+              "output": "They add checks.", "system": "You answer briefly."}
+    sharegpt = {"conversations": [{"from": "system", "value": "You answer briefly."},
+                                  {"from": "human", "value": "What does assert do?"},
+                                  {"from": "gpt", "value": "It checks a condition."}]}
+    as_messages = [
+        {"messages": [{"role": "system", "content": "You answer briefly."},
+                      {"role": "user", "content": "Summarize the text.\n\nAssert statements insert debugging assertions."},
+                      {"role": "assistant", "content": "They add checks."}]},
+        {"messages": [{"role": "system", "content": "You answer briefly."},
+                      {"role": "user", "content": "What does assert do?"},
+                      {"role": "assistant", "content": "It checks a condition."}]}]
+    got, want = tmp_path / "shapes.jsonl", tmp_path / "messages.jsonl"
+    got.write_text("".join(json.dumps(r) + "\n" for r in (alpaca, sharegpt)))
+    want.write_text("".join(json.dumps(r) + "\n" for r in as_messages))
+    a = load_jsonl(got, 128, tok.vocab_size, lambda: tok)
+    b = load_jsonl(want, 128, tok.vocab_size, lambda: tok)
+    assert a.input_ids.equal(b.input_ids) and a.labels.equal(b.labels)
+    trained = tok.decode([t for t in a.labels[0].tolist() if t != -100])
+    assert trained.startswith("They add checks.") and "Summarize" not in trained

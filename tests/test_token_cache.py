@@ -257,11 +257,16 @@ def test_prepare_command_then_train_uses_the_cache(tmp_path, capsys):
     cfg.write_text(f"model: {{preset: tiny}}\ndata: {{path: {data}, seq_len: 64}}\n"
                    f"train: {{steps: 2, micro_batch_size: 2, grad_accum: 1}}\n"
                    f"output: {{dir: {tmp_path / 'runs' / 'a'}, progress: false}}\n")
+    before = json.loads(run_cli("plan", str(cfg), "--json", check=False).stdout)["data"]
+    assert before["cache"] is None and "megastream prepare" in before["note"]
     out = run_cli("prepare", str(cfg))
     assert "60 rows" in out.stdout and "pack bfd" in out.stdout and "fill" in out.stdout
     out = run_cli("prepare", str(cfg), "--json")
     s = json.loads(out.stdout)["train"]
     assert s["rows_read"] == 60 and s["pack"] == "bfd" and s["fill"] > 0.9
+    after = json.loads(run_cli("plan", str(cfg), "--json", check=False).stdout)["data"]
+    assert (after["rows"], after["fill"], after["cache"]) == (s["packed_rows"], s["fill"], s["cache"])
+    assert "data: " in run_cli("plan", str(cfg), check=False).stdout
     run = run_cli("train", str(cfg))
     assert "tokenized" not in run.stdout and "fill" in run.stdout
     rec = json.loads((tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()[0])

@@ -144,6 +144,12 @@ class Encoder:
             return chat_document(tok, validate_messages(row["messages"], where), where)
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             raise DataError(f"{where}: prompt and completion must both be strings")
+        system = row.get("system")
+        if isinstance(system, str) and system:  # Alpaca's optional system prompt
+            if tok.chat_template:
+                return chat_document(tok, [{"role": "system", "content": system}, {"role": "user", "content": row["prompt"]},
+                                           {"role": "assistant", "content": row["completion"]}], where)
+            return completion_document(tok, system + "\n\n" + row["prompt"], row["completion"], where)
         return completion_document(tok, row["prompt"], row["completion"], where)
 
 

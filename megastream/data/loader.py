@@ -320,3 +320,28 @@ def _estimate_rows(sources: list[Source]) -> int:
         else:
             n += max(1, size // 1000)
     return n
+
+
+def data_plan(cfg, vocab_size: int) -> dict:
+    """What `plan` says about the training data: the packed rows and their fill when a token cache
+    exists (nothing is built), else how to get them."""
+    from megastream.resolve import tokenizer_path
+
+    try:
+        sources = list_sources(cfg.data.path, cfg.data.split)
+        key = data_key(sources, tokenizer_path(cfg), vocab_size, cfg.data.columns, cfg.data.split)
+        cache = open_cache(cache_root(cfg) / key, key, log=lambda m: None)
+    except (DataError, OSError):
+        cache = None
+    if cache is None:
+        return {"cache": None, "note": "no token cache yet: `megastream prepare` builds it (`train` does when "
+                                       "missing); rows and fill are known then"}
+    try:
+        ds = make_dataset(cache, sources, cfg.data.seq_len, cfg.data.pack, cfg.train.seed, cfg.data.overflow)
+    except DataError as e:
+        return {"cache": str(cache.path), "note": str(e)}
+    finally:
+        cache.close()
+    lay = ds.layout
+    return {"cache": str(cache.path), "documents": cache.header["docs"], "tokens": lay.tokens, "rows": lay.n_rows,
+            "pack": lay.mode, "fill": round(lay.fill, 4), "truncated": lay.n_truncated, "dropped": lay.n_dropped}
