@@ -119,3 +119,24 @@ def test_alpaca_and_sharegpt_rows_train_on_the_answer_only(tmp_path, chat_tok_di
     assert a.input_ids.equal(b.input_ids) and a.labels.equal(b.labels)
     trained = tok.decode([t for t in a.labels[0].tolist() if t != -100])
     assert trained.startswith("They add checks.") and "Summarize" not in trained
+
+
+def test_bfd_fills_chat_rows(tmp_path, chat_tok_dir):
+    """Conversations cannot be split, yet best-fit decreasing packs them to >= 98% real tokens
+    (greedy packing in file order wastes far more)."""
+    import random
+
+    tok = load_tokenizer(chat_tok_dir / "tokenizer.json")
+    words = "the assert statement checks a condition and raises an error when it is false".split()
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        turns = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 60)))},
+                 {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(3, 90)))}]
+        rows.append(json.dumps({"messages": turns}) + "\n")
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(rows))
+    bfd = load_jsonl(path, 512, tok.vocab_size, lambda: tok, pack="bfd")
+    greedy = load_jsonl(path, 512, tok.vocab_size, lambda: tok, pack="greedy")
+    assert bfd.layout.fill >= 0.98 and bfd.layout.fill > greedy.layout.fill
+    assert bfd.layout.tokens == greedy.layout.tokens  # the same tokens, in fewer rows
