@@ -96,6 +96,22 @@ class OutputConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to output.dir/tensorboard (needs `tensorboard`)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Adapters over a frozen base (a `lora:` section, even an empty one, turns them on)."""
+    rank: int = 16
+    alpha: float = 32.0  # scaling = alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.05  # on the input of A, in training only
+    target_modules: Union[Literal["all-linear"], tuple[str, ...]] = LORA_TARGETS
+    rslora: bool = False
+    init: Optional[str] = None  # a PEFT adapter directory to start from
+    base_dtype: Literal["auto", "bf16", "float32", "int8", "nf4"] = "auto"  # auto: the compute dtype
+    merge: bool = False  # also write the merged full model (output.dir/merged) at the end
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -104,13 +120,17 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    lora: Optional[LoraConfig] = None  # None: full fine-tuning
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.lora is None:  # a full fine-tuning run's config.yaml has no lora section, as before
+            del d["lora"]
+        return d
 
 
 # Input paths, resolved against the YAML file's directory.
-_PATH_KEYS = {"model.path", "data.path", "data.val_path", "data.tokenizer"}
+_PATH_KEYS = {"model.path", "data.path", "data.val_path", "data.tokenizer", "lora.init"}
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = (), log=None) -> Config:
@@ -246,7 +266,7 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
     for name in names:
         if name not in raw:
             continue
-        tp = hints[name]
+        tp = _optional_section(hints[name])
         where = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], where + ".", errors)
@@ -261,6 +281,16 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
     except TypeError as e:  # pragma: no cover - guarded by the checks above
         errors.append(f"{prefix}: {e}")
         return cls()
+
+
+def _optional_section(tp):
+    """Optional[SomeSection] -> SomeSection: a section that is off unless present (lora)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        if dataclasses.is_dataclass(inner):
+            return inner
+    return tp
 
 
 def _coerce(value: Any, tp) -> tuple[bool, Any]:
@@ -405,3 +435,28 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     need(out.save_every >= 0, "output.save_every", f"must be >= 0 (0 = only at the end), got {out.save_every}")
     need(out.keep_last >= 0, "output.keep_last", f"must be >= 0 (0 = keep all), got {out.keep_last}")
     need(out.shard_size_gb > 0, "output.shard_size_gb", f"must be > 0, got {out.shard_size_gb}")
+    if cfg.lora is not None:
+        _check_lora(cfg.lora, need, errors)
+
+
+def _check_lora(lo: LoraConfig, need, errors: list[str]) -> None:
+    need(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
+    need(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha:g}")
+    need(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout:g}")
+    if lo.target_modules != "all-linear":
+        unknown = [t for t in lo.target_modules if t not in LORA_TARGETS]
+        need(not unknown, "lora.target_modules",
+             f"unknown module(s) {', '.join(map(repr, unknown))}; allowed: all-linear or a list of "
+             f"{', '.join(LORA_TARGETS)}")
+        dup = sorted({t for t in lo.target_modules if lo.target_modules.count(t) > 1})
+        need(not dup, "lora.target_modules", f"{', '.join(dup)} listed more than once")
+    need(lo.base_dtype not in ("int8", "nf4"), "lora.base_dtype",
+         f"{lo.base_dtype} (a quantized base) is not built yet; use auto, bf16 or float32")
+    if lo.init is not None:
+        p = Path(lo.init)
+        if not p.is_dir():
+            errors.append(f"lora.init: {lo.init} is not a directory; point it at a PEFT adapter directory "
+                          "(adapter_config.json + adapter_model.safetensors)")
+        elif not (p / "adapter_config.json").is_file():
+            errors.append(f"lora.init: {lo.init} has no adapter_config.json; it must be a PEFT adapter directory "
+                          "(written by save_pretrained of a PeftModel, or megastream's final/)")

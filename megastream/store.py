@@ -11,6 +11,8 @@ see model/layout.py) is a contiguous slice of it:
   grad     grad dtype     gradient staging, written by D2H copies (pinned); layers and head only
   embed_grad fp32         the embedding's gradient, accumulated on the host (pinned)
 
+A frozen base (LoRA, trainable=False) holds the working copy only: no master, moments or staging.
+
 Model state in host bytes per parameter (bf16 compute): 2 + 4 + 8 = 14 (full precision),
 2 + 4 = 6 (no master, bf16 states), 2 + 2 + 8/256 = 4.03 (no master, int8 states); gradient
 staging adds 2 (bf16) or 4 (fp32). State slices start on 256-element boundaries (int8 blocks).
@@ -64,11 +66,13 @@ _INIT_PIECE = 1 << 22  # elements per independently seeded piece of a random ini
 
 class HostStore:
     def __init__(self, units: list[UnitLayout], compute_dtype: torch.dtype, grad_dtype: torch.dtype,
-                 pin: bool, master: bool = True, states: str = "fp32"):
+                 pin: bool, master: bool = True, states: str = "fp32", trainable: bool = True):
         self.units = units
         self.compute_dtype = compute_dtype
         self.grad_dtype = grad_dtype
         self.states = states
+        self.trainable = trainable
+        master = master and trainable
         sizes = [u.numel for u in units]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         padded = [-(-n // BLOCK) * BLOCK for n in sizes]
@@ -81,15 +85,15 @@ class HostStore:
         self.working = torch.zeros(n, dtype=compute_dtype)
         self.master = (self.working if aliased else torch.zeros(n, dtype=torch.float32)) if master else None
         m_dtype, v_dtype = STATE_DTYPES[states]
-        ns = self.state_offsets[-1]
+        ns = self.state_offsets[-1] if trainable else 0
         self.m = torch.zeros(ns, dtype=m_dtype)
         self.v = torch.zeros(ns, dtype=v_dtype)
         n_blocks = ns // BLOCK if states == "int8" else 0
         self.m_scale = torch.zeros(n_blocks, dtype=torch.float32)
         self.v_scale = torch.zeros(n_blocks, dtype=torch.float32)
         # Gradient staging for units 1.. (the embedding accumulates separately, in fp32).
-        self.grad = torch.zeros(n - n_embed, dtype=grad_dtype)
-        self.embed_grad = torch.zeros(n_embed, dtype=torch.float32)
+        self.grad = torch.zeros(n - n_embed if trainable else 0, dtype=grad_dtype)
+        self.embed_grad = torch.zeros(n_embed if trainable else 0, dtype=torch.float32)
 
         self._pinned: list[torch.Tensor] = []
         if pin:

@@ -9,6 +9,12 @@ Each layer's weights cross to the device once in forward and once in backward, h
 micro-batches the step has. Updates start once the global norm is known (clipping needs it, and a
 non-finite loss or norm must skip the whole update, never half of it), in order 0..L+1,
 overlapping the next step's forward, which waits only for the unit it needs next.
+
+With LoRA adapters (megastream.adapters.lora) the base is frozen and the step changes shape: the
+same streaming schedule, but the backward recompute computes only input and adapter gradients
+(no weight gradient of the base, no head or embedding gradient, nothing copied back to the host,
+no host optimizer), and the adapters are updated on the device. The base never changes, so
+what is resident on the device stays valid from one step to the next (the head is copied once).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss, head_lo
 from megastream.engine.streams import DONE, Streams
 from megastream.engine.weights import WeightStreamer
 from megastream.model.layout import UnitLayout
-from megastream.model.llama import block, document_mask, rope_tables
+from megastream.model.llama import Adapter, block, document_mask, rope_tables
 from megastream.model.spec import ModelSpec
 from megastream.optim import AdamWHyper, OptimizerWorker, clip_coef, sr_key
 from megastream.store import HostStore
@@ -65,8 +71,25 @@ def layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy
     return grads[0]
 
 
+def lora_layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy: torch.Tensor,
+                        lora: dict[str, Adapter], rope, spec: ModelSpec, mask: torch.Tensor | None = None,
+                        need_dx: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Recompute one layer over a frozen base (its weights do not require grad, so autograd computes
+    no weight gradient for them) and backprop `dy`. `lora` holds leaf A, B tensors that require grad.
+    Returns (d(input), or None without `need_dx` (layer 0: the embedding is frozen), and the adapter
+    gradients [dA, dB, ...] in `lora`'s order)."""
+    x = x.detach().requires_grad_(need_dx)
+    leaves = [t for ad in lora.values() for t in (ad.a, ad.b)]
+    with torch.enable_grad():
+        y = block(x, layout.views(w_flat), rope, spec, mask, lora)
+    grads = torch.autograd.grad(y, ([x] if need_dx else []) + leaves, dy)
+    return (grads[0], list(grads[1:])) if need_dx else (None, list(grads))
+
+
 class Engine:
-    def __init__(self, spec: ModelSpec, store: HostStore, cfg: Config, device: torch.device):
+    def __init__(self, spec: ModelSpec, store: HostStore, cfg: Config, device: torch.device, adapters=None):
+        """`adapters` (megastream.adapters.lora.LoraAdapters): train them over a frozen base instead
+        of the base itself."""
         self.spec = spec
         self.store = store
         self.cfg = cfg
@@ -81,7 +104,9 @@ class Engine:
         self.worker = OptimizerWorker(self._update_unit, threads=cfg.engine.threads)
         tied = spec.tie_word_embeddings
         self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait)
-        self.grads = GradStager(store, device, self.streams, tied=tied)
+        self.adapters = adapters
+        # Frozen base: no weight gradient buffers on the device at all.
+        self.grads = GradStager(store, device, self.streams, tied=tied) if adapters is None else None
         self.ckpts = Checkpoints(device, self.streams, cfg.engine.activations)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -105,6 +130,8 @@ class Engine:
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self, mbs: list[MicroBatch], lr: float) -> StepStats:
+        if self.adapters is not None:
+            return self._lora_step(mbs, lr)
         spec, L, head = self.spec, self.L, self.head_unit
         clip = self.cfg.train.grad_clip
         ropes, masks = self._attention_inputs(mbs)  # per micro-batch: (cos, sin), mask or None
@@ -164,10 +191,78 @@ class Engine:
             self._submit(u, ready.get(u, DONE), lr, coef)
         return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
 
+    def _lora_step(self, mbs: list[MicroBatch], lr: float) -> StepStats:
+        """The step over a frozen base: forward, head (d(hidden) only), backward computing input and
+        adapter gradients only, then the adapters' AdamW on the device. Nothing is copied to the host
+        but the loss and the norm, and nothing is invalidated: the base does not change."""
+        spec, L, head, ad = self.spec, self.L, self.head_unit, self.adapters
+        ropes, masks = self._attention_inputs(mbs)
+        n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))  # host tensors: no sync
+        inv_n = 1.0 / max(n_tok, 1)
+        self.adam_steps += 1  # also keys the dropout masks: the recompute draws the forward's again
+        ad.begin_step()
+
+        xs = self._forward(mbs, ropes, masks, keep=True)
+        labels = [mb.labels.to(self.device, non_blocking=True) for mb in mbs]
+        norm_w, head_w = self._head_views(self.weights.acquire(head))  # resident after the first step
+        self.weights.prefetch(L, keep=head)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        dys = []
+        for x, lab in zip(xs, labels):
+            loss, dy = head_loss_and_grad(x, lab, norm_w, head_w, spec.rms_norm_eps, inv_n, None, None,
+                                          self.chunk_tokens)  # frozen head: d(hidden) only
+            loss_sum += loss
+            dys.append(dy)
+        del xs
+        self.weights.release(head)
+
+        for i in reversed(range(L)):
+            u = i + 1
+            w = self.weights.acquire(u)
+            xs = self.ckpts.take(i)
+            self.ckpts.prefetch(i - 1)
+            new = []
+            for k, (x, dy, r, m) in enumerate(zip(xs, dys, ropes, masks)):
+                dx, g = lora_layer_backward(x, w, self.units[u], dy, self._lora(i, k, x, train=True, grad=True),
+                                            r, spec, m, need_dx=i > 0)
+                ad.add_grads(i, g)  # fp32, summed over the step's micro-batches on the device
+                new.append(dx)
+            dys = new
+            del xs
+            self.weights.release(u)
+            if i > 0:
+                self.weights.prefetch(u - 1, keep=u)
+
+        total = float(ad.grad_norm())  # sync point: waits for all backward work
+        loss = float(loss_sum) * inv_n
+        if not (math.isfinite(loss) and math.isfinite(total)):
+            self.adam_steps -= 1
+            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True)
+        clip = self.cfg.train.grad_clip
+        o = self.cfg.optim
+        ad.adamw(lr=lr, beta1=o.betas[0], beta2=o.betas[1], eps=o.eps, weight_decay=self.cfg.train.weight_decay,
+                 step=self.adam_steps, grad_scale=clip_coef(total, clip) if clip > 0 else 1.0)
+        return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
+
+    def _lora(self, i: int, k: int, x: torch.Tensor, train: bool, grad: bool = False) -> dict[str, Adapter]:
+        """Layer i's adapters for micro-batch k (input x), with its dropout masks when training."""
+        ad = self.adapters
+        drop_for = None
+        if train and ad.dropout > 0:
+            B, S = x.shape[:2]
+
+            def drop_for(s):
+                return ad.dropout_mask(self.adam_steps, i, k, s.key, (B, S, s.a_shape[1]), self.dtype)
+        return ad.layer(i, self.dtype, drop_for=drop_for, grad=grad)
+
+    def _lora_kw(self, i: int, k: int, x: torch.Tensor, train: bool) -> dict:
+        return {} if self.adapters is None else {"lora": self._lora(i, k, x, train)}
+
     @torch.no_grad()
     def _forward(self, mbs: list[MicroBatch], ropes, masks, keep: bool = False) -> list[torch.Tensor]:
         """Embedding rows, then layers 0..L-1 layer-major (every micro-batch passes layer i before
-        layer i+1); with `keep`, each layer's inputs go to self.ckpts. Returns the last hidden states."""
+        layer i+1); with `keep` (training), each layer's inputs go to self.ckpts and adapters apply
+        their dropout. Returns the last hidden states."""
         spec = self.spec
         self.worker.wait(0)  # host wait: the embedding's pending update
         table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
@@ -180,7 +275,8 @@ class Engine:
             views = self.units[u].views(self.weights.acquire(u))
             if keep:
                 self.ckpts.save(i, xs)  # layer-boundary checkpoint: kept on the device, or offloaded
-            xs = [block(x, views, r, spec, m) for x, r, m in zip(xs, ropes, masks)]  # compute stream
+            xs = [block(x, views, r, spec, m, **self._lora_kw(i, k, x, keep))  # compute stream
+                  for k, (x, r, m) in enumerate(zip(xs, ropes, masks))]
             self.weights.release(u)
             # Next layer (or the head) on h2d under this layer's compute. Issued after the compute
             # is queued: the host may block here until the optimizer has updated it.
@@ -189,7 +285,7 @@ class Engine:
 
     def _head_views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(final norm, lm_head (V, H)) views of a device head buffer laid out [lm_head | norm]."""
-        nv = self.grads.n_vocab_w
+        nv = self.weights.n_vocab_w
         return flat[nv:], flat[:nv].view(self.spec.vocab_size, self.spec.hidden_size)
 
     def _attention_inputs(self, mbs: list[MicroBatch]):

@@ -24,11 +24,12 @@ def auto_chunk_tokens(vocab: int) -> int:
 
 
 def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor,
-                       eps: float, inv_n: float, acc_head_w: torch.Tensor, acc_norm_w: torch.Tensor,
+                       eps: float, inv_n: float, acc_head_w: torch.Tensor | None, acc_norm_w: torch.Tensor | None,
                        chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """h (B, S, H) final hidden states, labels (B, S) with IGNORE for no loss.
     Returns (summed loss as an fp32 0-d tensor, d(loss * inv_n)/dh of shape (B, S, H)).
-    Adds d/d(head_w) into acc_head_w (V, H) and d/d(norm_w) into acc_norm_w (H,), both fp32."""
+    Adds d/d(head_w) into acc_head_w (V, H) and d/d(norm_w) into acc_norm_w (H,), both fp32;
+    None for a frozen head (LoRA): those gradients are then not computed at all."""
     H = h.shape[-1]
     V = head_w.shape[0]
     hf, lf = h.reshape(-1, H), labels.reshape(-1)
@@ -37,7 +38,7 @@ def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tens
     v_block = min(V, max(1024, _DW_BLOCK_BUDGET // (H * h.element_size())))
     for s in range(0, hf.shape[0], chunk_tokens):
         hc = hf[s:s + chunk_tokens].detach().requires_grad_()
-        nw = norm_w.detach().requires_grad_()
+        nw = norm_w.detach().requires_grad_(acc_norm_w is not None)
         with torch.enable_grad():
             hn = rms_norm(hc, nw, eps)  # (c, H)
         hn_d = hn.detach()
@@ -54,8 +55,12 @@ def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tens
         dz = z.to(hn_d.dtype)
         del z
         dhn = dz @ head_w  # (c, H)
-        for v0 in range(0, V, v_block):  # lm_head gradient, one vocab block at a time
-            acc_head_w[v0:v0 + v_block].add_(dz[:, v0:v0 + v_block].t() @ hn_d)
+        if acc_head_w is not None:
+            for v0 in range(0, V, v_block):  # lm_head gradient, one vocab block at a time
+                acc_head_w[v0:v0 + v_block].add_(dz[:, v0:v0 + v_block].t() @ hn_d)
+        if acc_norm_w is None:
+            dh[s:s + chunk_tokens] = torch.autograd.grad(hn, hc, dhn)[0]
+            continue
         dhc, dnw = torch.autograd.grad(hn, [hc, nw], dhn)
         dh[s:s + chunk_tokens] = dhc
         acc_norm_w.add_(dnw)

@@ -10,6 +10,7 @@ so that float32 runs agree with it to rounding.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,27 +85,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5, **kw)
 
 
+class Adapter(NamedTuple):
+    """A low-rank adapter on one projection: y = x W^T + scale * (drop * x) A^T B^T (PEFT's LoRA)."""
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scale: float
+    drop: torch.Tensor | None = None  # dropout as a multiplier of x (0 or 1 / (1 - p)), None: no dropout
+
+
+def linear(x: torch.Tensor, w: dict[str, torch.Tensor], key: str,
+           lora: dict[str, Adapter] | None = None) -> torch.Tensor:
+    """Projection `key` of the layer (with its bias, if any), plus its adapter when it has one."""
+    y = F.linear(x, w[key], w.get(key + "_b"))
+    ad = lora.get(key) if lora else None
+    if ad is None:
+        return y
+    xa = x if ad.drop is None else x * ad.drop
+    return y + F.linear(F.linear(xa, ad.a), ad.b) * ad.scale  # (.., r) then (.., out): never a (out, in) delta
+
+
 def block(x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
-          spec: ModelSpec, mask: torch.Tensor | None = None) -> torch.Tensor:
+          spec: ModelSpec, mask: torch.Tensor | None = None,
+          lora: dict[str, Adapter] | None = None) -> torch.Tensor:
     """One transformer layer: x (B, S, H) -> (B, S, H). `w` holds views of the layer's buffer;
-    `mask` (packed documents) as in `attention`."""
+    `mask` (packed documents) as in `attention`; `lora` maps projection keys (q, k, v, o, gate, up,
+    down) to their adapters."""
     B, S, _ = x.shape
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     cos, sin = rope
 
     h = rms_norm(x, w["ln1"], spec.rms_norm_eps)
-    q = F.linear(h, w["q"], w.get("q_b")).view(B, S, nh, hd)  # (B, S, nh, hd)
-    k = F.linear(h, w["k"], w.get("k_b")).view(B, S, nkv, hd)  # (B, S, nkv, hd)
+    q = linear(h, w, "q", lora).view(B, S, nh, hd)  # (B, S, nh, hd)
+    k = linear(h, w, "k", lora).view(B, S, nkv, hd)  # (B, S, nkv, hd)
     if "q_norm" in w:  # Qwen3: per-head RMSNorm of q and k
         q, k = rms_norm(q, w["q_norm"], spec.rms_norm_eps), rms_norm(k, w["k_norm"], spec.rms_norm_eps)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, S, hd), (B, nkv, S, hd)
-    v = F.linear(h, w["v"], w.get("v_b")).view(B, S, nkv, hd).transpose(1, 2)  # (B, nkv, S, hd)
+    v = linear(h, w, "v", lora).view(B, S, nkv, hd).transpose(1, 2)  # (B, nkv, S, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     a = attention(q, k, v, mask).transpose(1, 2).reshape(B, S, nh * hd)  # (B, S, nh*hd)
-    x = x + F.linear(a, w["o"], w.get("o_b"))
+    x = x + linear(a, w, "o", lora)
 
     h = rms_norm(x, w["ln2"], spec.rms_norm_eps)
-    return x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+    return x + linear(F.silu(linear(h, w, "gate", lora)) * linear(h, w, "up", lora), w, "down", lora)
 
 
 def embed(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,220 @@
+"""LoRA adapters over a frozen, streamed base: their parameters, gradients and AdamW, on the device.
+
+Each targeted projection W (out, in) of each layer gets A (r, in) and B (out, r); the layer computes
+y = x W^T + scale * (drop(x) A^T) B^T (megastream.model.llama.linear), scale = alpha / r (or
+alpha / sqrt(r) with rslora). Every A and B lives in one flat fp32 device buffer, in layer order
+(layer 0's targets in layout order, A then B, then layer 1's, ...), beside flat fp32 buffers of the
+same size for the gradient and the two AdamW moments: 16 B per adapter parameter on the device,
+nothing on the host, nothing over PCIe. The engine binds each layer's slices into the model
+function (cast to the compute dtype) and adds their gradients into `grad`, fp32, across the
+micro-batches of a step; the update is one AdamW pass over the flat buffers, done on the device
+after the global norm is known (clipping needs it), exactly as torch.optim.AdamW (single-tensor
+path) with decoupled weight decay on every adapter parameter (all are matrices).
+
+Dropout (training only) is a mask on the input of A, one per (step, layer, micro-batch, target),
+drawn from a generator seeded by those numbers: the backward recompute draws the same mask again
+instead of keeping it, and a resumed run draws what the straight run drew.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from megastream.errors import CheckpointError
+from megastream.model.layout import layer_layout
+from megastream.model.llama import Adapter
+from megastream.model.spec import ModelSpec
+
+_CHUNK = 1 << 24  # elements per AdamW pass: bounds the temporaries of a large adapter set
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One adapted projection: where its A and B sit in the flat buffers."""
+    layer: int
+    key: str  # the model function's name of the projection ("q", ..., "down")
+    module: str  # Hugging Face module path, "model.layers.0.self_attn.q_proj"
+    a_shape: tuple[int, int]  # (r, in)
+    b_shape: tuple[int, int]  # (out, r)
+    offset: int  # A at [offset, offset + r*in), B right after
+
+    @property
+    def a_numel(self) -> int:
+        return self.a_shape[0] * self.a_shape[1]
+
+    @property
+    def numel(self) -> int:
+        return self.a_numel + self.b_shape[0] * self.b_shape[1]
+
+
+def lora_slots(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> list[Slot]:
+    """The adapted projections of every layer, from the one weight-name map (model/layout.py):
+    a target is a projection whose HF module name ends in it ("q_proj", ...)."""
+    slots, offset = [], 0
+    for i in range(spec.num_layers):
+        for e in layer_layout(spec, i).entries:
+            module = e.hf_name.removesuffix(".weight")
+            if e.decay and module.rpartition(".")[2] in targets:
+                out_f, in_f = e.shape
+                slots.append(Slot(i, e.key, module, (rank, in_f), (out_f, rank), offset))
+                offset += slots[-1].numel
+    return slots
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class LoraAdapters:
+    def __init__(self, spec: ModelSpec, targets: tuple[str, ...], *, rank: int, alpha: float, dropout: float,
+                 rslora: bool, device: torch.device, seed: int):
+        self.spec = spec
+        self.targets = tuple(targets)
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.rslora = rslora
+        self.scale = lora_scale(alpha, rank, rslora)
+        self.device = device
+        self.seed = seed
+        self.slots = lora_slots(spec, self.targets, rank)
+        if not self.slots:
+            raise ValueError(f"LoraAdapters: no projection of {spec.architecture} matches targets {self.targets}")
+        self.by_layer: dict[int, list[Slot]] = {}
+        for s in self.slots:
+            self.by_layer.setdefault(s.layer, []).append(s)
+        self.numel = self.slots[-1].offset + self.slots[-1].numel
+        # 4 x 4 B per adapter parameter, on the device.
+        self.params = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.grad = torch.zeros_like(self.params)
+        self.exp_avg = torch.zeros_like(self.params)
+        self.exp_avg_sq = torch.zeros_like(self.params)
+
+    # ---- views -----------------------------------------------------------------------------------
+    def _ab(self, flat: torch.Tensor, s: Slot) -> tuple[torch.Tensor, torch.Tensor]:
+        a = flat[s.offset:s.offset + s.a_numel].view(s.a_shape)
+        b = flat[s.offset + s.a_numel:s.offset + s.numel].view(s.b_shape)
+        return a, b
+
+    def nbytes(self) -> int:
+        """Device bytes of parameters, gradients and moments."""
+        return 4 * 4 * self.numel
+
+    # ---- initialisation and I/O ------------------------------------------------------------------
+    def init_default(self) -> None:
+        """PEFT's default init: A kaiming-uniform (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B zero.
+        Drawn on the host from one generator seeded by train.seed, in slot order: the same values on
+        every device."""
+        g = torch.Generator().manual_seed(self.seed)
+        host = torch.zeros(self.numel, dtype=torch.float32)
+        for s in self.slots:
+            a, _ = self._ab(host, s)
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        self.params.copy_(host)  # H2D: 4 B per adapter parameter, once
+
+    def load(self, tensors: dict[str, torch.Tensor], source: str = "lora.init") -> None:
+        """Fill from tensors keyed "<module path>.lora_A" / ".lora_B" (peft_io.load_adapter's output)."""
+        host = torch.zeros(self.numel, dtype=torch.float32)
+        want = set()
+        for s in self.slots:
+            for name, view in zip((".lora_A", ".lora_B"), self._ab(host, s)):
+                key = s.module + name
+                want.add(key)
+                t = tensors.get(key)
+                if t is None:
+                    raise CheckpointError(f"{source}: no tensor for {key}; the adapter does not match lora.rank / "
+                                          "lora.target_modules and the model")
+                if tuple(t.shape) != tuple(view.shape):
+                    raise CheckpointError(f"{source}: {key} has shape {tuple(t.shape)}, this model and lora.rank "
+                                          f"need {tuple(view.shape)}")
+                view.copy_(t)
+        extra = sorted(k for k in tensors if k not in want and (k.endswith(".lora_A") or k.endswith(".lora_B")))
+        if extra:
+            raise CheckpointError(f"{source}: adapts {extra[0]}, which lora.target_modules does not name")
+        self.params.copy_(host)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Host copies keyed as peft_io.save_adapter takes them: "<module path>.lora_A" / ".lora_B"."""
+        host = self.params.cpu()  # D2H: 4 B per adapter parameter (sync point)
+        out = {}
+        for s in self.slots:
+            a, b = self._ab(host, s)
+            out[s.module + ".lora_A"], out[s.module + ".lora_B"] = a, b
+        return out
+
+    def delta(self, s: Slot) -> torch.Tensor:
+        """scale * B @ A (out, in) in fp32 on the host: what merging adds to the base weight."""
+        a, b = self._ab(self.params, s)
+        return (b @ a).mul_(self.scale).cpu()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The exact training state (host copies): parameters and AdamW moments, flat fp32."""
+        return {"params": self.params.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        for name in ("params", "exp_avg", "exp_avg_sq"):
+            t, dst = state.get(name), getattr(self, name)
+            if t is None or t.shape != dst.shape or t.dtype != dst.dtype:
+                got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise CheckpointError(f"{source}: {name} is {got}, expected {dst.dtype} {tuple(dst.shape)}; the "
+                                      "checkpoint was written with another lora.rank / lora.target_modules or model")
+            dst.copy_(t)
+
+    # ---- the step --------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self.grad.zero_()
+
+    def dropout_mask(self, step: int, layer: int, mb: int, key: str, shape: tuple[int, ...],
+                     dtype: torch.dtype) -> torch.Tensor:
+        """The dropout multiplier (0 or 1 / (1 - p)) on the input of A for one (step, layer,
+        micro-batch, projection), the same every time it is asked for. `shape` is the input's."""
+        p = self.dropout
+        g = torch.Generator(device=self.device).manual_seed(
+            zlib.crc32(f"{self.seed}:{step}:{layer}:{mb}:{key}".encode()))
+        keep = torch.rand(shape, generator=g, device=self.device) >= p  # (B, S, in)
+        return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+    def layer(self, i: int, dtype: torch.dtype, *, drop_for=None, grad: bool = False) -> dict[str, Adapter]:
+        """Layer i's adapters for the model function, in the compute dtype. With `grad`, A and B are
+        fresh leaves that require grad (for the backward recompute). `drop_for(slot)` gives the slot's
+        dropout multiplier (None: no dropout)."""
+        out = {}
+        for s in self.by_layer.get(i, ()):
+            a, b = (t.to(dtype) for t in self._ab(self.params, s))  # no copy in fp32
+            if grad:
+                a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+            out[s.key] = Adapter(a, b, self.scale, drop_for(s) if drop_for is not None else None)
+        return out
+
+    def add_grads(self, i: int, grads: list[torch.Tensor]) -> None:
+        """Add layer i's (dA, dB, dA, dB, ...) in `layer` order into the fp32 gradient."""
+        for s, ga, gb in zip(self.by_layer.get(i, ()), grads[0::2], grads[1::2]):
+            a, b = self._ab(self.grad, s)
+            a.add_(ga)
+            b.add_(gb)
+
+    def grad_norm(self) -> torch.Tensor:
+        """L2 norm of every adapter gradient (a device scalar, no sync)."""
+        return torch.linalg.vector_norm(self.grad)
+
+    @torch.no_grad()
+    def adamw(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+              grad_scale: float = 1.0) -> None:
+        """One AdamW update of every adapter, as torch.optim.AdamW computes it (clipping first, as
+        clip_grad_norm_ scales the gradients). `step` is the 1-based update count."""
+        if grad_scale != 1.0:
+            self.grad.mul_(grad_scale)
+        bc1 = 1 - beta1 ** step
+        bc2_sqrt = math.sqrt(1 - beta2 ** step)
+        for lo in range(0, self.numel, _CHUNK):
+            p, g = self.params[lo:lo + _CHUNK], self.grad[lo:lo + _CHUNK]
+            m, v = self.exp_avg[lo:lo + _CHUNK], self.exp_avg_sq[lo:lo + _CHUNK]
+            p.mul_(1 - lr * weight_decay)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+            p.addcdiv_(m, denom, value=-(lr / bc1))
