@@ -266,17 +266,17 @@ def prepare_main(cfg, as_json: bool = False) -> int:
 # ---- memory (megastream.memory's data term) ----------------------------------------------------
 DOC_BYTES = 13  # offsets (int64), kind (uint8), line (uint32)
 PIECE_BYTES = 28  # layout: document, start (int64), length (int32), row order (int64)
-ROW_BYTES = 20  # layout row pointer (int64), permutation (int32), the epoch's randperm (int64, transient)
-LAYOUT_TEMP = 2.6  # packing's temporaries peak at ~2.6x the layout it builds (numpy sorts and gathers)
-BUILD_CHUNK_COPIES = 3  # per chunk in flight while building: its rows, the worker's arrays, the pickled result
+ROW_BYTES = 20  # layout row pointer (int64), permutation (int32) and the epoch's randperm it is cast from (int64)
+# Building the cache (<= 2 chunks per worker in flight) and packing (numpy sorts and gathers, ~2.6x
+# the layout) take more for a moment, but before the model's memory exists: they do not add to the
+# training peak, which is what the plan predicts.
 
 
 def data_memory(cfg, vocab_size: int) -> tuple[int, str]:
-    """Host bytes the data takes in a training process, and how they were found: from the token
-    cache's own sizes when it exists, else estimated from the files (and the build's chunks in flight)."""
+    """Host bytes the data holds while training (it adds to the peak), and how they were found: from
+    the token cache's own sizes when it exists, else estimated from the files."""
     S, t = cfg.data.seq_len, cfg.train
     total, how = 4 * t.grad_accum * t.micro_batch_size * S * 8, []  # a step's micro-batches (int64)
-    build = 0
     for which, path in (("train", cfg.data.path), ("val", cfg.data.val_path)):
         if not path:
             continue
@@ -300,12 +300,10 @@ def data_memory(cfg, vocab_size: int) -> tuple[int, str]:
             docs = _estimate_rows(sources)
             tokens = size // 4  # ~4 bytes of JSON per token of text
             pieces = docs + tokens // S
-            workers = cfg.data.workers or default_workers()
-            build = max(build, 2 * workers * BUILD_CHUNK_COPIES * min(CHUNK_BYTES, size))
             how.append(f"{which}: estimated from {size / 1e6:.1f} MB of files (no token cache yet)")
         rows = pieces if pack_mode(cfg.data.pack) == "none" else min(pieces, -(-tokens // S) + 1)
-        total += DOC_BYTES * docs + int(LAYOUT_TEMP * PIECE_BYTES * pieces) + ROW_BYTES * rows
-    return max(total, build), "; ".join(how) or "no data files found"
+        total += DOC_BYTES * docs + PIECE_BYTES * pieces + ROW_BYTES * rows
+    return total, "; ".join(how) or "no data files found"
 
 
 def _estimate_rows(sources: list[Source]) -> int:
