@@ -2,6 +2,10 @@
 
     build the model in host RAM -> read the data -> for each step: lr, micro-batches,
     engine.step (forward/backward/update), log, maybe save -> wait for the last updates -> save.
+
+With a `lora:` section the base is frozen (held once, in its compute dtype, with no optimizer
+state) and adapters are trained on the device: final/ and the checkpoints are PEFT adapter
+directories, and lora.merge also writes the merged model to merged/.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import yaml
 from tqdm import tqdm
 
 from megastream import ops
-from megastream.checkpoint import load_hf_weights, save_hf
+from megastream.adapters.lora import LoraAdapters, lora_state_bytes, read_lora_state, write_lora_state
+from megastream.adapters.peft_io import load_adapter, resolve_targets, save_adapter
+from megastream.checkpoint import COPIED_FILES, load_hf_weights, save_hf
 from megastream.config import Config
 from megastream.data.dataset import Dataset
 from megastream.data.loader import load_dataset
@@ -59,10 +65,13 @@ class Model:
 
 def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool = True) -> Model:
     """Allocate the host store and fill it from the checkpoint or a seeded random init
-    (init=False when a training checkpoint will fill it instead)."""
+    (init=False when a training checkpoint will fill it instead). A LoRA run's base is frozen:
+    its store holds the weights alone, and a LoRA checkpoint does not hold them (always init)."""
     compute, grad = resolve_dtypes(cfg, device)
+    if cfg.lora is not None:
+        compute, init = base_dtype(cfg, compute), True
     store = HostStore(model_layout(spec), compute, grad, pin=device.type == "cuda",
-                      master=cfg.optim.master == "fp32", states=cfg.optim.states)
+                      master=cfg.optim.master == "fp32", states=cfg.optim.states, trainable=cfg.lora is None)
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
         if init:
@@ -71,6 +80,56 @@ def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool =
     if init:
         store.init_random(spec.initializer_range, cfg.model.seed)
     return Model(spec, store, None, None)
+
+
+_BASE_DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
+
+
+def base_dtype(cfg: Config, compute: torch.dtype) -> torch.dtype:
+    """lora.base_dtype: the dtype the frozen base is held, streamed and computed in."""
+    want = cfg.lora.base_dtype
+    if want == "auto":
+        return compute
+    dtype = _BASE_DTYPES[want]
+    if cfg.engine.dtype != "auto" and dtype != compute:
+        raise ConfigError(f"lora.base_dtype: {want} contradicts engine.dtype: {cfg.engine.dtype} (the base is computed "
+                          "in the dtype it is held in); set one of them to auto, or both alike")
+    return dtype
+
+
+def lora_start(cfg: Config, spec: ModelSpec, log, load_init: bool = True) -> tuple[tuple[str, ...], dict | None]:
+    """lora.target_modules resolved for this model, and lora.init's tensors (checked against the
+    model, rank and targets) or None (also when resuming: the checkpoint holds the adapter). Cheap:
+    runs before anything is written."""
+    lo = cfg.lora
+    targets = resolve_targets(lo.target_modules, spec)
+    if lo.init is None or not load_init:
+        return targets, None
+    tensors, acfg = load_adapter(lo.init, spec, rank=lo.rank, targets=targets,
+                                 base_model_name_or_path=cfg.model.path, log=lambda m: log(f"megastream: {m}"))
+    if acfg.get("modules_to_save"):
+        raise ConfigError(f"lora.init: {lo.init} also trains {', '.join(acfg['modules_to_save'])} in full "
+                          "(modules_to_save), which this version does not train; point lora.init at a plain LoRA "
+                          "adapter, or set lora.init: null")
+    for key, ours, theirs in (("lora.alpha", lo.alpha, acfg.get("lora_alpha")),
+                              ("lora.rslora", lo.rslora, bool(acfg.get("use_rslora", False)))):
+        if theirs != ours:
+            log(f"megastream: warning: lora.init: {lo.init} was trained with {key}={theirs}, and the config says "
+                f"{ours}: the config's value is used, so the adapter's output scale changes")
+    return targets, tensors
+
+
+def make_adapters(cfg: Config, spec: ModelSpec, targets: tuple[str, ...], init: dict | None,
+                  device: torch.device) -> LoraAdapters:
+    """The adapters on the device: from lora.init, else PEFT's default init seeded by train.seed."""
+    lo = cfg.lora
+    ad = LoraAdapters(spec, targets, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora,
+                      device=device, seed=cfg.train.seed)
+    if init is not None:
+        ad.load(init, f"lora.init ({lo.init})")
+    else:
+        ad.init_default()
+    return ad
 
 
 def _tokenizer_for(cfg: Config):
@@ -91,7 +150,7 @@ def _tokenizer_for(cfg: Config):
 
 # What a run writes into output.dir (with `megastream plot`'s PNG and the temporary names of saves):
 # --overwrite deletes a directory holding only these, never one holding anything else.
-_RUN_FILE = re.compile(r"^(metrics\.jsonl|config\.yaml|final|checkpoint-\d+|metrics\.png|tensorboard"
+_RUN_FILE = re.compile(r"^(metrics\.jsonl|config\.yaml|final|merged|checkpoint-\d+|metrics\.png|tensorboard"
                        r"|\..+\.(tmp|old)-\d+)$")
 
 
@@ -105,7 +164,7 @@ def _inputs(cfg: Config) -> list[tuple[str, Path]]:
 def _prepare_output(out: Path, cfg: Config, overwrite: bool, resuming: bool, create: bool) -> None:
     """Check output.dir (create=False, before any work), then make it (create=True, once the inputs
     are valid). --overwrite (not resuming) replaces the run there as a whole: renamed aside, then deleted."""
-    existing = [p.name for p in (out / "metrics.jsonl", out / "final", *sorted(out.glob("checkpoint-*")))
+    existing = [p.name for p in (out / "metrics.jsonl", out / "final", out / "merged", *sorted(out.glob("checkpoint-*")))
                 if p.exists()]
     if existing and not (overwrite or resuming):
         raise ConfigError(f"output.dir: {out} already holds a run ({', '.join(existing[:4])}); choose a new directory "
@@ -165,8 +224,58 @@ def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: 
     prune(out, cfg.output.keep_last)
 
 
+def _save_adapter(path: Path, cfg: Config, model: Model, adapters: LoraAdapters, tokenizers: list[TextTokenizer],
+                  extra=None) -> None:
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) with the
+    tokenizer's files beside it, written atomically; `extra(tmp)` may add files first."""
+    def add(tmp: Path) -> None:
+        copied = set()
+        for src in ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]:
+            for name in COPIED_FILES:
+                if name != "generation_config.json" and name not in copied and (Path(src) / name).is_file():
+                    shutil.copy2(Path(src) / name, tmp / name)
+                    copied.add(name)
+        if extra is not None:
+            extra(tmp)
+
+    lo = cfg.lora
+    save_adapter(path, adapters.tensors(), rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=adapters.targets,
+                 rslora=lo.rslora, base_model_name_or_path=cfg.model.path, extra=add)
+
+
+def _save_lora_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: Model, adapters: LoraAdapters,
+                          tokenizers: list[TextTokenizer]) -> None:
+    """checkpoint-<step>/ of a LoRA run: the adapter (PEFT format) plus its exact training state."""
+    def extra(tmp: Path) -> None:
+        need, free = lora_state_bytes(adapters), shutil.disk_usage(tmp).free
+        if need > free:
+            raise ResourceError(f"not enough disk space to write {out / f'checkpoint-{step}'}: its training state "
+                                f"needs {need:,} bytes and {out} has {free:,} free. Free some space "
+                                "(output.keep_last deletes old checkpoints), then continue with --resume")
+        write_lora_state(tmp, adapters, step=step, adam_steps=adam_steps, config=cfg.to_dict())
+        if os.environ.get("MEGASTREAM_TEST_CRASH_DURING_SAVE") == str(step):  # fault injection for tests
+            os._exit(3)
+
+    _save_adapter(out / f"checkpoint-{step}", cfg, model, adapters, tokenizers, extra=extra)
+    prune(out, cfg.output.keep_last)
+
+
+def _save_final(out: Path, cfg: Config, model: Model, adapters: LoraAdapters | None,
+                tokenizers: list[TextTokenizer], log) -> None:
+    """final/: the model, or for LoRA the adapter (and, with lora.merge, merged/: base + adapter)."""
+    if adapters is None:
+        _save(out / "final", cfg, model, tokenizers)
+        return
+    _save_adapter(out / "final", cfg, model, adapters, tokenizers)
+    if cfg.lora.merge:
+        adapters.merge_into(model.store)  # the base is no longer needed as it was
+        _save(out / "merged", cfg, model, tokenizers)
+        log(f"megastream: merged model (base + adapter) saved to {out / 'merged'}")
+
+
 _DATA_KEYS = ("data.path", "data.seq_len", "data.pack", "data.shuffle", "train.micro_batch_size", "train.grad_accum",
-              "train.seed", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr", "train.steps")
+              "train.seed", "train.lr", "train.warmup_steps", "train.schedule", "train.min_lr", "train.steps",
+              "lora.alpha", "lora.dropout", "lora.rslora")
 
 
 def _resume_point(cfg: Config, out: Path, resume: str) -> Path:
@@ -196,7 +305,7 @@ def _config_changes(old: dict, new: dict) -> list[str]:
     changed = []
     for key in _DATA_KEYS:
         section, name = key.split(".")
-        a, b = old.get(section, {}).get(name), new.get(section, {}).get(name)
+        a, b = (old.get(section) or {}).get(name), (new.get(section) or {}).get(name)
         if a != b and not (isinstance(a, list) and tuple(a) == b):
             changed.append(f"{key}: {a!r} -> {b!r}")
     return changed
@@ -279,16 +388,21 @@ def limit_gpu_memory(gb: float, device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total), device)
 
 
-def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device: torch.device, data: Dataset) -> str:
+def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device: torch.device, data: Dataset,
+             adapters: LoraAdapters | None = None) -> str:
     b, t = plan.budget, cfg.train
     mode = mode_name(cfg) or "custom"
+    optim = f"master {cfg.optim.master}, states {cfg.optim.states} ({mode} mode)"
+    if adapters is not None:
+        optim = (f"LoRA r={adapters.rank} on {', '.join(adapters.targets)}: {adapters.numel / 1e6:.2f}M adapter params "
+                 f"({adapters.nbytes() / 1e6:.1f} MB with gradients and moments, on the device), base frozen")
     parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in b.host.items())
     gpu = (f"GPU {b.gpu_total / 1e9:.2f} GB planned"
            + (f" of {plan.gpu_budget / 1e9:.1f} GB ({plan.gpu_budget_source})" if plan.gpu_budget else "")
            if device.type == "cuda" else "no GPU")
     return (f"megastream: {cfg.model.preset or cfg.model.path} ({spec.architecture}), {b.params / 1e6:.1f}M params, "
             f"{spec.num_layers} layers | device {device}, compute {str(store.compute_dtype)[6:]}, "
-            f"master {cfg.optim.master}, states {cfg.optim.states} ({mode} mode), activations "
+            f"{optim}, activations "
             f"{cfg.engine.activations}, C++ ops {'on' if ops.have_ext() else 'off'}\n"
             f"megastream: host {b.host_total / 1e9:.2f} GB planned ({parts} GB): "
             f"{store.state_bytes_per_param():.2f} B/param of model state, {b.host_total / b.params:.2f} B/param in all "
@@ -321,6 +435,8 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
     # Shape checks and the memory plan first (cheap), so nothing big is allocated for a run that cannot fit.
     spec = model_spec(cfg)
     check_model_inputs(cfg, spec, log)
+    if cfg.lora is not None:  # targets and lora.init checked against the model before anything is written
+        lora_targets, lora_init = lora_start(cfg, spec, log, load_init=resume_from is None)
     plan = make_plan(cfg, spec)
     if not force:
         refuse_if_too_big(plan)
@@ -337,9 +453,12 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
             f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")
     model = build_model(cfg, spec, device, init=resume_from is None)
     store = model.store
+    adapters = make_adapters(cfg, spec, lora_targets, lora_init, device) if cfg.lora is not None else None
     start_step, adam_steps = 0, 0
     if resume_from is not None:
-        state = read_training_state(resume_from, store)
+        if adapters is None and (resume_from / "adapter_config.json").is_file():
+            raise ConfigError(f"--resume: {resume_from} is a LoRA checkpoint; resume it with the run's lora: section")
+        state = read_lora_state(resume_from, adapters) if adapters else read_training_state(resume_from, store)
         start_step, adam_steps = state["step"], state["adam_steps"]
         if start_step > cfg.train.steps or (start_step == cfg.train.steps and (out / "final").is_dir()):
             done = f"; the run is complete ({out / 'final'} holds its model)" if (out / "final").is_dir() else ""
@@ -353,11 +472,11 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
 
     t = cfg.train
     tokens_per_step = plan.budget.tokens_per_step
-    log(_summary(cfg, spec, plan, store, device, data))
+    log(_summary(cfg, spec, plan, store, device, data, adapters))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     with _gpu_oom(plan, "while allocating the device buffers"):
-        engine = Engine(spec, store, cfg, device)
+        engine = Engine(spec, store, cfg, device, adapters=adapters)
     engine.adam_steps = adam_steps
     history = []
     metrics_path = out / "metrics.jsonl"
@@ -410,7 +529,10 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                 # yet (final/ follows), so that a second Ctrl-C during final/ still leaves one to --resume.
                 if saving or (stop.signum is not None and not (last and latest_checkpoint(out))):
                     engine.worker.wait_all()  # the step's updates must have landed
-                    _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks)
+                    if adapters is not None:
+                        _save_lora_checkpoint(out, step + 1, engine.adam_steps, cfg, model, adapters, used_toks)
+                    else:
+                        _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks)
                 if stop.signum is not None and not last:
                     bar.close()
                     saved = out / f"checkpoint-{step + 1}"
@@ -420,7 +542,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
             stop.doing = "finishing the save of final/"
             stop.abortable = latest_checkpoint(out) is not None
             engine.worker.wait_all()
-            _save(out / "final", cfg, model, used_toks)
+            _save_final(out, cfg, model, adapters, used_toks, log)
             if stop.signum is not None:
                 raise Interrupted(f"all {t.steps} steps were done; the save of {out / 'final'} was let finish and "
                                   "is complete, so there is nothing to resume", stop.signum)
@@ -444,7 +566,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
             msg += f"resumed at step {start_step}; "
         if skipped:
             msg += f"{skipped} step(s) skipped for non-finite values; "
-        log(msg + f"model saved to {out / 'final'}")
+        log(msg + f"{'adapter' if adapters is not None else 'model'} saved to {out / 'final'}")
     return history
 
 

@@ -197,3 +197,152 @@ def test_default_init_is_peft_kaiming_a_and_zero_b():
     assert ad.scale == pytest.approx(ALPHA / math.sqrt(RANK))
     assert [s.module for s in lora_slots(spec, ("o_proj",), 2)] == [f"model.layers.{i}.self_attn.o_proj"
                                                                      for i in range(spec.num_layers)]
+
+
+# ---- the run against transformers + peft + torch.optim.AdamW ---------------------------------------
+from pathlib import Path  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+from helpers import make_hf_model, read_metrics, rel_err, run_cli, write_config, write_ids  # noqa: E402
+from test_parity import ACCUM, LR, MB, MIN_LR, SEQ, STEPS, WARMUP, WD, _lr, _rows  # noqa: E402
+
+CLIP = 0.2
+
+
+def _peft_model(kind: str, tmp_path: Path, dropout: float = 0.0):
+    """A tiny random HF model (saved in fp32) under a peft LoRA adapter with non-zero A and B
+    (init_lora_weights=False), the adapter saved with save_pretrained."""
+    import peft
+
+    base = make_hf_model(kind, tmp_path / "model")
+    torch.manual_seed(11)
+    pcfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
+                           init_lora_weights=False, task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(base, pcfg)
+    pm.save_pretrained(tmp_path / "init")
+    return pm
+
+
+def _lora_run(tmp_path: Path, vocab: int, rows, dropout: float = 0.0, **extra) -> Path:
+    data = write_ids(tmp_path / "train.jsonl", rows)
+    cfg = write_config(tmp_path / "run.yaml", {
+        "model": {"path": str(tmp_path / "model")},
+        "data": {"path": str(data), "seq_len": SEQ, "shuffle": False, "pack": False},
+        "train": {"steps": STEPS, "micro_batch_size": MB, "grad_accum": ACCUM, "lr": LR, "warmup_steps": WARMUP,
+                  "schedule": "cosine", "min_lr": MIN_LR, "weight_decay": WD, "grad_clip": CLIP, "seed": 0},
+        "optim": {"betas": [0.9, 0.95], "eps": 1e-8},
+        "engine": {"device": "cpu", "dtype": "float32", "loss_chunk_tokens": 7},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+        "lora": {"rank": RANK, "alpha": ALPHA, "dropout": dropout, "init": str(tmp_path / "init"), **extra},
+    })
+    run_cli("train", str(cfg))
+    return tmp_path / "run"
+
+
+def _peft_reference(pm, rows, step_hook=None):
+    """Plain training of the peft model: trainable parameters only, all weight-decayed, clip_grad_norm_
+    over them, token-mean loss over the step, the same rows in file order."""
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=WD)
+    pm.train()
+    losses, norms = [], []
+    for step in range(STEPS):
+        mbs = [rows[(step * ACCUM + k) * MB:(step * ACCUM + k + 1) * MB] for k in range(ACCUM)]
+        n_tok = sum(len(r) - 1 for mb in mbs for r in mb)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for k, mb in enumerate(mbs):
+            if step_hook is not None:
+                step_hook(step + 1, k)
+            ids = torch.zeros(len(mb), SEQ, dtype=torch.long)
+            labels = torch.full((len(mb), SEQ), -100, dtype=torch.long)
+            for j, r in enumerate(mb):
+                ids[j, :len(r)] = torch.tensor(r)
+                labels[j, :len(r) - 1] = torch.tensor(r[1:])
+            logits = pm(input_ids=ids).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum") / n_tok
+            loss.backward()
+            total += loss.item()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, CLIP)))
+        for g in opt.param_groups:
+            g["lr"] = _lr(step)
+        opt.step()
+        losses.append(total)
+    return losses, norms
+
+
+def _adapter_params(pm) -> dict[str, torch.Tensor]:
+    """peft's trainable tensors under their saved names (no adapter name)."""
+    return {n.replace(".default", ""): p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def _check_against_reference(run: Path, pm, init: dict, ref_losses, ref_norms):
+    got = read_metrics(run)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for m, loss, norm in zip(got, ref_losses, ref_norms):
+        assert abs(m["loss"] - loss) <= 1e-4 * abs(loss), (m["loss"], loss)
+        assert abs(m["grad_norm"] - norm) <= 1e-4 * norm, (m["grad_norm"], norm)
+    assert all(n > CLIP for n in ref_norms), "clipping must be active in this test"
+    saved = load_file(run / "final" / "adapter_model.safetensors")
+    ref = _adapter_params(pm)
+    assert set(saved) == set(ref) == set(init)
+    upd = torch.cat([(saved[k] - init[k]).reshape(-1) for k in sorted(ref)])
+    ref_upd = torch.cat([(ref[k] - init[k]).reshape(-1) for k in sorted(ref)])
+    assert ref_upd.norm() > 1e-3 * torch.cat([t.reshape(-1) for t in init.values()]).norm(), "training must move"
+    assert rel_err(upd, ref_upd) <= 5e-3, rel_err(upd, ref_upd)
+    for k in ref:
+        assert rel_err(saved[k] - init[k], ref[k] - init[k]) <= 5e-2, k  # every tensor moved the same way
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"], ids=["llama", "qwen2-tied-bias"])
+def test_lora_run_matches_transformers_peft_adamw(tmp_path, kind):
+    pm = _peft_model(kind, tmp_path)
+    init = _adapter_params(pm)
+    rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    run = _lora_run(tmp_path, pm.config.vocab_size, rows)
+    _check_against_reference(run, pm, init, *_peft_reference(pm, rows))
+
+
+def _mask(step: int, layer: int, mb: int, key: str, shape, dtype=torch.float32) -> torch.Tensor:
+    """An injected dropout mask: a function of where it applies, p = 0.25."""
+    g = torch.Generator().manual_seed(hash((step, layer, mb, key)) % (1 << 31))
+    return ((torch.rand(shape, generator=g) >= 0.25).to(dtype) / 0.75)
+
+
+def test_lora_dropout_with_an_injected_mask_matches_peft(tmp_path, monkeypatch):
+    """Dropout applies to the input of A, per target, in training only: with the same masks
+    injected on both sides (peft's lora_dropout modules replaced), the runs agree."""
+    pm = _peft_model("llama", tmp_path, dropout=0.25)
+    init = _adapter_params(pm)
+    rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    calls = []
+
+    def engine_mask(self, step, layer, mb, key, shape, dtype):
+        calls.append((step, layer, mb, key))
+        return _mask(step, layer, mb, key, shape, dtype)
+
+    monkeypatch.setattr(LoraAdapters, "dropout_mask", engine_mask)
+    run = _lora_run(tmp_path, pm.config.vocab_size, rows, dropout=0.25)
+    # forward and backward recompute each ask for every (step, layer, micro-batch, target) once
+    assert len(calls) == 2 * STEPS * pm.config.num_hidden_layers * ACCUM * len(LORA_TARGETS)
+
+    where = {}
+
+    class Injected(torch.nn.Module):
+        def __init__(self, layer, key):
+            super().__init__()
+            self.layer, self.key = layer, key
+
+        def forward(self, x):
+            step, mb = where["now"]
+            return x * _mask(step, self.layer, mb, self.key, tuple(x.shape))
+
+    for i, layer in enumerate(pm.base_model.model.model.layers):
+        for mod in (*[getattr(layer.self_attn, t) for t in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                    *[getattr(layer.mlp, t) for t in ("gate_proj", "up_proj", "down_proj")]):
+            key = next(n for n, m in layer.named_modules() if m is mod).rpartition(".")[2].split("_")[0]
+            mod.lora_dropout["default"] = Injected(i, key)
+    ref = _peft_reference(pm, rows, step_hook=lambda step, mb: where.__setitem__("now", (step, mb)))
+    _check_against_reference(run, pm, init, *ref)

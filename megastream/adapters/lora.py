@@ -14,16 +14,27 @@ path) with decoupled weight decay on every adapter parameter (all are matrices).
 Dropout (training only) is a mask on the input of A, one per (step, layer, micro-batch, target),
 drawn from a generator seeded by those numbers: the backward recompute draws the same mask again
 instead of keeping it, and a resumed run draws what the straight run drew.
+
+A LoRA training checkpoint (output.dir/checkpoint-<step>/) is a PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors, loadable as is) plus
+  lora_state.safetensors  the flat fp32 parameters and AdamW moments, exactly
+  rng_state.safetensors   the torch RNG state
+  trainer_state.json      completed steps, AdamW step count, the adapter's shape, the config
 """
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from megastream.checkpoint import check_finite, write_safetensors
 from megastream.errors import CheckpointError
 from megastream.model.layout import layer_layout
 from megastream.model.llama import Adapter
@@ -151,6 +162,16 @@ class LoraAdapters:
         a, b = self._ab(self.params, s)
         return (b @ a).mul_(self.scale).cpu()
 
+    @torch.no_grad()
+    def merge_into(self, store) -> None:
+        """W += scale * B @ A for every adapted projection, in the host store's weights (fp32 sum,
+        rounded once to the store's dtype): the base becomes the merged model. Ends training."""
+        for s in self.slots:
+            e = next(e for e in store.units[s.layer + 1].entries if e.key == s.key)
+            w = store.weights_of(s.layer + 1)[e.offset:e.offset + e.numel].view(e.shape)
+            w.copy_(w.float() + self.delta(s))
+        store.sync_working()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The exact training state (host copies): parameters and AdamW moments, flat fp32."""
         return {"params": self.params.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu()}
@@ -218,3 +239,60 @@ class LoraAdapters:
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-(lr / bc1))
+
+
+# ---- training checkpoints ------------------------------------------------------------------------
+STATE_FILE = "trainer_state.json"  # the name megastream.resume looks for
+LORA_STATE_FILE = "lora_state.safetensors"
+RNG_FILE = "rng_state.safetensors"
+
+
+def _shape(ad: LoraAdapters) -> dict:
+    return {"rank": ad.rank, "targets": list(ad.targets), "numel": ad.numel}
+
+
+def lora_state_bytes(ad: LoraAdapters) -> int:
+    """Bytes write_lora_state adds to a checkpoint beside the adapter itself."""
+    return 3 * 4 * ad.numel + (1 << 16)
+
+
+def write_lora_state(tmp: Path, ad: LoraAdapters, *, step: int, adam_steps: int, config: dict) -> None:
+    """Add the exact training state to a checkpoint directory being written (the adapter is there)."""
+    st = ad.state_dict()  # D2H: 12 B per adapter parameter (sync point)
+    write_safetensors(tmp / LORA_STATE_FILE, [(k, t, tuple(t.shape)) for k, t in st.items()], finite=True)
+    save_file({"rng_state": torch.get_rng_state()}, str(tmp / RNG_FILE))
+    state = {"step": step, "adam_steps": adam_steps, "lora": _shape(ad), "config": config}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def read_lora_state(path: Path, ad: LoraAdapters) -> dict:
+    """Load a LoRA checkpoint's exact state into `ad` (and the torch RNG); returns trainer_state.json."""
+    state_path, f = path / STATE_FILE, path / LORA_STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a resumable checkpoint (it needs {STATE_FILE}); pass a "
+                              "checkpoint-<step> directory written by megastream train") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{state_path}: not valid JSON ({e}); the checkpoint is damaged, resume from an "
+                              "earlier one") from None
+    if "lora" not in state:
+        raise CheckpointError(f"{path} was written by a full fine-tuning run (no lora section in {STATE_FILE}); "
+                              "resume it without a lora: section, or start the LoRA run in a new output.dir")
+    if state["lora"] != _shape(ad):
+        raise CheckpointError(f"{path} holds an adapter of {state['lora']}, but the config asks for {_shape(ad)}; "
+                              "set lora.rank / lora.target_modules as the checkpoint has them to resume it")
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            tensors = {}
+            for k in sf.keys():
+                tensors[k] = sf.get_tensor(k)
+                check_finite(tensors[k], k, f)
+    except (SafetensorError, FileNotFoundError) as e:
+        raise CheckpointError(f"{f}: cannot read ({e}); the checkpoint is incomplete or corrupt, resume from an "
+                              "earlier one") from None
+    ad.load_state_dict(tensors, str(f))
+    if (path / RNG_FILE).is_file():
+        with safe_open(str(path / RNG_FILE), framework="pt") as sf:
+            torch.set_rng_state(sf.get_tensor("rng_state"))
+    return state
