@@ -20,7 +20,7 @@ from megastream.machine import Machine, machine, rss
 from megastream.memory import Budget, budget
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
-from megastream.probe import cached_probe
+from megastream.probe import attention_rate, cached_probe, gemm_rate
 from megastream.resolve import MODES, check_model_inputs, mode_name, model_spec, plan_device, resolve_dtypes
 
 # Stated defaults when `megastream probe` has not been run on this machine. GPU: a PCIe Gen4 x16
@@ -44,6 +44,8 @@ class Rates:
     matmul_tflops: float
     host_gbps: float
     attention_tflops: dict[str, float] = field(default_factory=dict)  # "masked" / "causal" (see DEFAULT_RATES)
+    matmul_by_width: dict = field(default_factory=dict)  # probe's matmul_tflops_by_width
+    attention_by_shape: dict = field(default_factory=dict)  # probe's attention_tflops_by_shape
     optimizer_ns_per_param: dict[str, float] = field(default_factory=dict)
     source: str = "defaults"
 
@@ -57,6 +59,8 @@ def rates_for(device_type: str) -> Rates:
                  matmul_tflops=rec["matmul_tflops"], host_gbps=rec["host_gbps"],
                  attention_tflops=dict(d["attention_tflops"]) | rec.get("attention_tflops", {}),
                  optimizer_ns_per_param=dict(rec.get("optimizer_ns_per_param", {})),
+                 matmul_by_width=dict(rec.get("matmul_tflops_by_width", {})),
+                 attention_by_shape=dict(rec.get("attention_tflops_by_shape", {})),
                  source=f"`megastream probe` of {rec['date']} ({rec['device']})")
 
 
@@ -82,11 +86,19 @@ class Roofline:
     optimizer_s: float
     step_s: float
     bound: str  # which term sets step_s
+    attention_s: float = 0.0  # of compute_s
 
 
 def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     """Step time >= max(GPU compute, H2D bytes / H2D bw, D2H bytes / D2H bw, optimizer) on a GPU;
-    on the CPU the same cores do compute and optimizer, so the terms add up."""
+    on the CPU the same cores do compute and optimizer, so the terms add up.
+
+    LoRA (b.lora): the frozen base computes no weight gradients, so a layer costs forward + recompute +
+    input gradients = 6 FLOPs per weight per token instead of 8 (3/4 of full fine-tuning's; the head 4
+    instead of 6), plus 8 per adapter parameter (forward, recompute, input and adapter gradients);
+    attention's backward is unchanged. H2D is b.lora's (the layers twice, in the streamed format), D2H
+    nothing, and there is no host optimizer: the adapters' AdamW runs where they live (on a GPU a few
+    ms, not counted; on the CPU 28 B of traffic per adapter parameter)."""
     units = model_layout(spec)
     n_layers = sum(u.numel for u in units[1:-1])
     T, S = b.tokens_per_step, cfg.data.seq_len
@@ -96,17 +108,33 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     # (QK^T and PV, half the square) 2*S*qd per token per layer, same 4 passes; the head: 6 per weight.
     # Attention runs at its own measured rate: masked (packed rows) or plain causal.
     attn_flops = 8 * spec.num_layers * T * S * qd
-    flops = 8 * n_layers * T + attn_flops + 6 * head * T
+    matmuls = _matmuls(spec, T)  # the projections' weights; norms are elementwise, not counted
+    flops = sum(f for f, _ in matmuls) + attn_flops
+    model_flops = 6 * b.params * T
     ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
     h2d = 2 * n_layers * ec + head * ec  # each layer in forward and backward, the head once
     d2h = n_layers * eg + head * (4 if spec.tie_word_embeddings else eg)
     mode = mode_name(cfg)
-    if mode in rates.optimizer_ns_per_param and b.compute_dtype == torch.bfloat16:
+    if b.lora:
+        n_ad = b.lora["adapter_params"]
+        flops = 6 * n_layers * T + 8 * n_ad * T + attn_flops + 4 * head * T
+        model_flops = 4 * b.params * T + 6 * n_ad * T  # forward and input gradients; adapters in full
+        h2d, d2h = b.lora["h2d_bytes_per_step"], b.lora["d2h_bytes_per_step"]
+        opt = 0.0 if b.device_type == "cuda" else n_ad * 28 / (rates.host_gbps * 1e9)
+    elif mode in rates.optimizer_ns_per_param and b.compute_dtype == torch.bfloat16:
         opt = b.params * rates.optimizer_ns_per_param[mode] * 1e-9
     else:
         opt = b.params * optimizer_bytes_per_param(cfg, b.compute_dtype, b.grad_dtype) / (rates.host_gbps * 1e9)
-    attn_rate = rates.attention_tflops.get("masked" if cfg.data.pack else "causal") or rates.matmul_tflops
-    compute = (flops - attn_flops) / (rates.matmul_tflops * 1e12) + attn_flops / (attn_rate * 1e12)
+    kind = "masked" if cfg.data.pack else "causal"
+    attn_rate = attention_rate(rates.attention_by_shape, kind, S, spec.head_dim,
+                               rates.attention_tflops.get(kind) or rates.matmul_tflops)
+    attention_s = attn_flops / (attn_rate * 1e12)
+    mms = _matmuls(spec, T)
+    if b.lora:  # no weight gradients: layers 6 of 8, the head 4 of 6; the adapters' matmuls are rank-wide
+        mms = ([(f * 6 / 8, w) for f, w in mms[:-1]] + [(mms[-1][0] * 4 / 6, mms[-1][1])]
+               + [(8.0 * b.lora["adapter_params"] * T, b.lora["rank"])])
+    compute = sum(f / (gemm_rate(rates.matmul_by_width, w, rates.matmul_tflops) * 1e12)
+                  for f, w in mms) + attention_s
     if b.device_type == "cuda":
         terms = {"compute": compute, "H2D": h2d / (rates.h2d_gbps * 1e9), "D2H": d2h / (rates.d2h_gbps * 1e9),
                  "optimizer": opt}
@@ -117,8 +145,19 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
         terms = {"compute": compute, "H2D": 0.0, "D2H": 0.0, "optimizer": opt}
         step = compute + opt + copies
         bound = "compute" if compute >= opt else "optimizer"
-    return Roofline(flops=flops, attention_flops=attn_flops, model_flops=6 * b.params * T, compute_s=compute, h2d_s=terms["H2D"],
-                    d2h_s=terms["D2H"], optimizer_s=opt, step_s=step, bound=bound)
+    return Roofline(flops=flops, attention_flops=attn_flops, model_flops=model_flops, compute_s=compute, h2d_s=terms["H2D"],
+                    d2h_s=terms["D2H"], optimizer_s=opt, step_s=step, bound=bound, attention_s=attention_s)
+
+
+def _matmuls(spec: ModelSpec, tokens: int) -> list[tuple[float, int]]:
+    """(FLOPs per step, narrowest dimension) of each matmul of a step: every layer projection in
+    forward, recompute and backward (4 x 2 FLOPs per weight per token), the head in forward and
+    backward (3 x 2). A matmul runs as fast as its narrowest dimension allows (probe's by-width rate)."""
+    H, I, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
+    qd, kd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes = [(H, qd), (H, kd), (H, kd), (qd, H), (H, I), (H, I), (I, H)]
+    out = [(8.0 * L * tokens * k * n, min(k, n)) for k, n in shapes]
+    return out + [(6.0 * tokens * H * spec.vocab_size, min(H, spec.vocab_size))]
 
 
 @dataclass
@@ -139,6 +178,23 @@ class Plan:
     suggestions: list[str]
     modes: dict[str, Budget]
     data: dict = field(default_factory=dict)  # megastream.data.loader.data_plan: rows and fill from the cache
+    lora_bases: dict[str, Budget] = field(default_factory=dict)  # LoRA: lora.base_dtype -> its budget
+
+    def lora_json(self) -> dict | None:
+        """The LoRA block of `plan --json` (None for full fine-tuning)."""
+        lo, b = self.budget.lora, self.budget
+        if not lo:
+            return None
+        return {"rank": lo["rank"], "alpha": self.cfg.lora.alpha, "targets": lo["targets"],
+                "adapter_params": lo["adapter_params"], "adapter_fraction": lo["adapter_params"] / b.params,
+                "adapter_state_bytes_gpu": lo["adapter_bytes"], "adapter_state_gb_gpu": lo["adapter_bytes"] / 1e9,
+                "base_dtype": lo["base_dtype"], "base_bytes_host": lo["base_bytes"],
+                "base_bytes_per_param_host": lo["base_bytes"] / b.params,
+                "h2d_bytes_per_step": lo["h2d_bytes_per_step"], "d2h_bytes_per_step": lo["d2h_bytes_per_step"],
+                "pcie_gb_per_step": (lo["h2d_bytes_per_step"] + lo["d2h_bytes_per_step"]) / 1e9,
+                "base_dtypes": {k: {"host_bytes_total": m.host_total, "gpu_bytes_total": m.gpu_total,
+                                    "fits_host": m.host_total <= self.ram_usable}
+                                for k, m in self.lora_bases.items()}}
 
     def to_json(self) -> dict:
         b, r = self.budget, self.roofline
@@ -161,6 +217,7 @@ class Plan:
                          "optimizer_s": r.optimizer_s, "bound": r.bound, "rates": vars(self.rates)},
             "modes": {k: {"host_bytes_total": m.host_total, "state_bytes_per_param": m.state_bytes_per_param,
                           "fits_host": m.host_total <= self.ram_usable} for k, m in self.modes.items()},
+            "lora": self.lora_json(),
             "data": self.data, "warnings": self.warnings, "suggestions": self.suggestions,
         }
 
@@ -236,16 +293,33 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         warnings.append(f"the run takes {b.host_total / m.ram_total:.0%} of this machine's RAM; other programs "
                         "may push it into swap")
 
-    modes = {k: budget_of(_with(cfg, optim={"master": ms, "states": st})) for k, (ms, st) in MODES.items()}
-    suggestions = _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type)
+    if cfg.lora is None:
+        modes = {k: budget_of(_with(cfg, optim={"master": ms, "states": st})) for k, (ms, st) in MODES.items()}
+        bases = {}
+    else:  # the optimizer modes do not apply to a frozen base; the base's format does
+        modes = {}
+        bases = {k: b if k == cfg.lora.base_dtype else budget_of(_with(cfg, lora={"base_dtype": k}))
+                 for k in LORA_BASES}
+    suggestions = _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type, bases)
     return Plan(cfg, spec, device_type, b, m, rates, roof, ram_usable, gpu_budget, source, fits_host, fits_gpu,
-                warnings, suggestions, modes)
+                warnings, suggestions, modes, lora_bases=bases)
 
 
-def _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type) -> list[str]:
+LORA_BASES = ("bf16", "int8", "nf4")  # lora.base_dtype choices `plan` compares
+
+
+def _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type,
+             bases=None) -> list[str]:
     out = []
     gb = lambda n: f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"  # noqa: E731
-    if not fits_host:
+    if not fits_host and cfg.lora is not None:
+        fitting = [(k, m) for k, m in (bases or {}).items() if m.host_total <= ram_usable and k != cfg.lora.base_dtype]
+        for k, m in fitting:
+            out.append(f"lora.base_dtype: {k} brings host RAM to {gb(m.host_total)} (of {gb(ram_usable)} usable)")
+        if not fitting:
+            out.append(f"even an nf4 base needs {gb(min(m.host_total for m in bases.values()))} of host RAM and "
+                       f"{gb(ram_usable)} is usable here: use a machine with more RAM or a smaller model")
+    elif not fits_host:
         fitting = [(k, m) for k, m in modes.items() if m.host_total <= ram_usable]
         for k, m in fitting:
             ms, st = MODES[k]
@@ -288,9 +362,13 @@ def render(p: Plan) -> str:
     name = p.cfg.model.preset or p.cfg.model.path
     mode = mode_name(p.cfg) or "custom"
     size = f"{b.params / 1e9:.2f}B" if b.params >= 1e9 else f"{b.params / 1e6:.1f}M"
+    if b.lora:
+        training = f"LoRA rank {b.lora['rank']} over a frozen {b.lora['base_dtype']} base"
+    else:
+        training = (f"gradients {str(b.grad_dtype)[6:]}, optim.master {p.cfg.optim.master}, "
+                    f"optim.states {p.cfg.optim.states} ({mode} mode)")
     lines = [f"{name} ({p.spec.architecture}): {size} parameters, {p.spec.num_layers} layers",
-             f"device {p.device_type}, compute {str(b.compute_dtype)[6:]}, gradients {str(b.grad_dtype)[6:]}, "
-             f"optim.master {p.cfg.optim.master}, optim.states {p.cfg.optim.states} ({mode} mode), "
+             f"device {p.device_type}, compute {str(b.compute_dtype)[6:]}, {training}, "
              f"activations {p.cfg.engine.activations}",
              f"{b.tokens_per_step} tokens/step = {p.cfg.train.micro_batch_size} x {p.cfg.train.grad_accum} x "
              f"{p.cfg.data.seq_len}", _data_line(p.data), "",
@@ -312,7 +390,10 @@ def render(p: Plan) -> str:
             f"{k} {v / 1e9:.2f} GB" + (" (peak)" if k == b.peak_phase else "") for k, v in totals.items()))
     if b.pinned:
         lines.append(f"  (page-locked host memory: {b.pinned / 1e9:.2f} GB)")
-    lines += ["", "optimizer modes, host RAM (GB)     working   master   states  staging    other    total  verdict"]
+    if b.lora:
+        lines += [""] + _lora_lines(p)
+    else:
+        lines += ["", "optimizer modes, host RAM (GB)     working   master   states  staging    other    total  verdict"]
     for k, mb in p.modes.items():
         ms, st = MODES[k]
         h = mb.host
@@ -335,15 +416,23 @@ def render(p: Plan) -> str:
         lines.append(f"  GPU: {b.gpu_total / 1e9:.2f} GB of {budget_txt} -> fits: {'yes' if p.fits_gpu else 'NO'}"
                      + ("" if b.gpu_verified else f" ({GPU_UNVERIFIED})"))
 
+    mm_rate = (r.flops - r.attention_flops) / max(r.compute_s - r.attention_s, 1e-12) / 1e12
+    at_rate = r.attention_flops / max(r.attention_s, 1e-12) / 1e12
     lines += ["", f"roofline ({p.rates.source}):",
-              f"  compute    {r.flops / 1e12:10.1f} TFLOP at {p.rates.matmul_tflops:g} TFLOP/s  {r.compute_s:9.3f} s",
-              f"    of which attention {r.attention_flops / 1e12:.1f} TFLOP at "
-              f"{p.rates.attention_tflops.get('masked' if p.cfg.data.pack else 'causal', p.rates.matmul_tflops):g} "
-              f"TFLOP/s ({'document-masked, packed rows' if p.cfg.data.pack else 'causal'})"]
+              f"  {'compute':<46}{r.compute_s:9.3f} s",
+              f"    {f'matmuls {(r.flops - r.attention_flops) / 1e12:.3g} TFLOP at {mm_rate:.3g} TFLOP/s':<44}"
+              f"{r.compute_s - r.attention_s:9.3f} s   (each at the rate of its narrowest dimension)",
+              f"    {f'attention {r.attention_flops / 1e12:.3g} TFLOP at {at_rate:.3g} TFLOP/s':<44}{r.attention_s:9.3f} s"
+              f"   ({'document-masked' if p.cfg.data.pack else 'causal'}, seq {p.cfg.data.seq_len}, "
+              f"head_dim {p.spec.head_dim})"]
     if p.device_type == "cuda":
         lines.append(f"  H2D        at {p.rates.h2d_gbps:g} GB/s{'':22}{r.h2d_s:9.3f} s")
         lines.append(f"  D2H        at {p.rates.d2h_gbps:g} GB/s{'':22}{r.d2h_s:9.3f} s")
-    lines.append(f"  optimizer  ({mode} mode){'':24}{r.optimizer_s:9.3f} s")
+    if b.lora:
+        where = "the adapters' AdamW, on the device" if p.device_type == "cuda" else "the adapters' AdamW"
+        lines.append(f"  optimizer  ({where}){'':4}{r.optimizer_s:9.3f} s")
+    else:
+        lines.append(f"  optimizer  ({mode} mode){'':24}{r.optimizer_s:9.3f} s")
     tps = b.tokens_per_step / r.step_s
     lines.append(f"  predicted step {r.step_s:.3f} s ({r.bound}-bound), {tps:,.0f} tokens/s; "
                  f"{p.cfg.train.steps} steps in {_duration(r.step_s * p.cfg.train.steps)}")
@@ -354,6 +443,24 @@ def render(p: Plan) -> str:
     for s in p.suggestions:
         lines.append(f"  suggestion: {s}")
     return "\n".join(lines)
+
+
+def _lora_lines(p: Plan) -> list[str]:
+    b, lo = p.budget, p.budget.lora
+    targets = lo["targets"]
+    what = "all-linear" if len(targets) == 7 else ", ".join(targets)
+    lines = [f"LoRA: rank {lo['rank']} on {what} ({len(targets)} targets x {p.spec.num_layers} layers), "
+             f"{lo['adapter_params'] / 1e6:.1f}M adapter parameters ({lo['adapter_params'] / b.params:.2%} of the base)",
+             f"  GPU   adapters + gradients + AdamW moments, fp32 (16 B/param)  {lo['adapter_bytes'] / 1e9:8.2f} GB",
+             f"  host  frozen base in {lo['base_dtype']:<6} ({lo['base_bytes'] / b.params:.2f} B/param){'':17}"
+             f"{lo['base_bytes'] / 1e9:8.2f} GB   (no master, optimizer states or gradient staging)",
+             f"  PCIe  per step: H2D {lo['h2d_bytes_per_step'] / 1e9:.2f} GB (the layers twice), "
+             f"D2H {lo['d2h_bytes_per_step'] / 1e9:.2f} GB",
+             "  lora.base_dtype, host RAM / GPU (GB): " + ", ".join(
+                 f"{k} {m.host_total / 1e9:.1f} / {m.gpu_total / 1e9:.1f}"
+                 + ("" if m.host_total <= p.ram_usable else " (does not fit)")
+                 + (" <- configured" if k == lo["base_dtype"] else "") for k, m in p.lora_bases.items())]
+    return lines
 
 
 def _data_line(d: dict) -> str:

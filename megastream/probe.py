@@ -5,6 +5,11 @@
     matmul_tflops  dense matmul in the compute dtype (bf16 on a GPU; fp32 on the CPU)
     attention_tflops  the engine's attention forward + backward at 1024 tokens, with the document mask
                    of packed rows ("masked") and plain causal, counted as the roofline counts it
+    matmul_tflops_by_width  (M x w) @ (w x w) at a few widths w: a layer's matmuls are as fast as their
+                   narrowest dimension allows (on a CPU a 128-wide one runs ~3x below a 2048-wide one)
+    attention_tflops_by_shape  the attention rate at two sequence lengths x two head sizes (per-FLOP
+                   speed depends on both: the masked path's softmax and mask work grow with S^2,
+                   not with the head size); `plan` interpolates at the model's own shape
     h2d_gbps       pinned host -> GPU copy of 1 GiB (GPU only)
     d2h_gbps       GPU -> pinned host copy of 1 GiB (GPU only)
     optimizer_ns_per_param   the fused AdamW op per mode (full / lean / compact), 16M parameters
@@ -80,6 +85,55 @@ def measure_attention(device: torch.device, dtype: torch.dtype, masked: bool, se
     return 3 * 2 * seq * seq * heads * head_dim / t / 1e12
 
 
+# The shapes measured for the shape-aware rates (quick: the first of each only).
+GEMM_WIDTHS = {"cpu": (128, 512, 2048), "cuda": (1024, 4096, 8192)}
+GEMM_ROWS = {"cpu": 4096, "cuda": 8192}
+ATTN_SEQS = {"cpu": (512, 2048), "cuda": (1024, 8192)}
+ATTN_HEAD_DIMS = (32, 128)
+
+
+def measure_gemm(device: torch.device, dtype: torch.dtype, rows: int, width: int, repeats: int = 3) -> float:
+    """TFLOP/s of (rows x width) @ (width x width), forward only."""
+    a = torch.randn(rows, width, device=device).to(dtype)
+    b = torch.randn(width, width, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reps = max(1, int(2e9 // (2 * rows * width * width)) if device.type == "cpu" else 8)
+    t = timeit(lambda: [a @ b for _ in range(reps)], repeats, sync)
+    return 2 * rows * width * width * reps / t / 1e12
+
+
+def interp_loglog(points: dict, x: float) -> float:
+    """Piecewise-linear interpolation of log(y) over log(x) through `points` {x: y}, held constant
+    beyond the ends."""
+    import math
+
+    xs = sorted(points)
+    ys = [float(points[k]) for k in xs]
+    if x <= xs[0] or len(xs) == 1:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = next(i for i in range(1, len(xs)) if xs[i] >= x)
+    f = (math.log(x) - math.log(xs[i - 1])) / (math.log(xs[i]) - math.log(xs[i - 1]))
+    return math.exp(math.log(ys[i - 1]) + f * (math.log(ys[i]) - math.log(ys[i - 1])))
+
+
+def gemm_rate(by_width: dict, width: int, default: float) -> float:
+    """TFLOP/s of a matmul whose narrowest dimension is `width` (from matmul_tflops_by_width)."""
+    return interp_loglog({int(k): v for k, v in by_width.items()}, width) if by_width else default
+
+
+def attention_rate(by_shape: dict, kind: str, seq: int, head_dim: int, default: float) -> float:
+    """TFLOP/s of attention at (seq, head_dim), bilinear in log-log over attention_tflops_by_shape
+    ({"masked": {"seq,head_dim": rate}}); `default` when it was not measured."""
+    pts = {tuple(int(v) for v in k.split(",")): r for k, r in (by_shape or {}).get(kind, {}).items()}
+    if not pts:
+        return default
+    seqs = sorted({s for s, _ in pts})
+    at_seq = {s: interp_loglog({h: r for (s2, h), r in pts.items() if s2 == s}, head_dim) for s in seqs}
+    return interp_loglog(at_seq, seq)
+
+
 def measure_pcie(nbytes: int = 2**30, repeats: int = 5) -> tuple[float, float]:
     """(H2D, D2H) GB/s of pinned <-> device copies."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -140,6 +194,20 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
                                for k in ("masked", "causal")}
     log(f"  {rec['matmul_dtype']} attention, masked / causal      {rec['attention_tflops']['masked']:8.3f} / "
         f"{rec['attention_tflops']['causal']:.3f} TFLOP/s")
+    kind = device.type
+    widths = GEMM_WIDTHS[kind][:1] if quick else GEMM_WIDTHS[kind]
+    rows = 512 if quick else GEMM_ROWS[kind]
+    rec["matmul_tflops_by_width"] = {str(w): measure_gemm(device, dtype, rows, w) for w in widths}
+    log(f"  {rec['matmul_dtype']} matmul by width " + ", ".join(f"{w}: {r:.3f}" for w, r in
+                                                     rec["matmul_tflops_by_width"].items()) + " TFLOP/s")
+    seqs, dims = ((256,), (32,)) if quick else (ATTN_SEQS[kind], ATTN_HEAD_DIMS)
+    rec["attention_tflops_by_shape"] = {
+        k: {f"{s},{h}": measure_attention(device, dtype, masked=k == "masked", seq=s, heads=4, kv_heads=2,
+                                          head_dim=h, repeats=2) for s in seqs for h in dims}
+        for k in ("masked", "causal")}
+    for k, pts in rec["attention_tflops_by_shape"].items():
+        log(f"  {rec['matmul_dtype']} attention {k:<6} (seq,head_dim) " + ", ".join(f"{p}: {r:.4f}" for p, r in
+                                                                              pts.items()) + " TFLOP/s")
     if device.type == "cuda":
         rec["h2d_gbps"], rec["d2h_gbps"] = measure_pcie()
         log(f"  pinned H2D / D2H                        {rec['h2d_gbps']:8.1f} / {rec['d2h_gbps']:.1f} GB/s")

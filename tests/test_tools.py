@@ -74,7 +74,10 @@ def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
     monkeypatch.setattr(probe, "_cache_file", lambda: tmp_path / "probe.json")
     monkeypatch.setattr(probe, "measure_host_bandwidth", lambda *a: 12.5)
     monkeypatch.setattr(probe, "measure_matmul", lambda device, dtype: 0.25)
-    monkeypatch.setattr(probe, "measure_attention", lambda device, dtype, masked: 0.01 if masked else 0.05)
+    monkeypatch.setattr(probe, "measure_attention",
+                        lambda device, dtype, masked, seq=1024, head_dim=64, **k: (0.01 if masked else 0.05) * (
+                            1 if seq == 1024 else seq / 2048 * head_dim / 128))
+    monkeypatch.setattr(probe, "measure_gemm", lambda device, dtype, rows, width: 0.25 * width / 2048)
     monkeypatch.setattr(probe, "time_optimizer", lambda n, master, states, repeats, g: n * 1e-9)  # 1 ns/param
     import torch
 
@@ -85,6 +88,24 @@ def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
     p = make_plan(load_config(REPO / "configs" / "demo.yaml"), PRESETS["tiny"])
     assert p.rates.matmul_tflops == 0.25 and "megastream probe" in p.rates.source
     assert p.rates.attention_tflops == {"masked": 0.01, "causal": 0.05}
+    assert p.rates.matmul_by_width == {"128": 0.25 / 16, "512": 0.25 / 4, "2048": 0.25}
+    assert p.rates.attention_by_shape["masked"]["2048,128"] == 0.01
+    assert p.rates.attention_by_shape["masked"]["512,32"] == pytest.approx(0.01 / 16)
+
+
+def test_rates_follow_the_model_shapes():
+    """Narrow matmuls and short, small-head attention run below the big-shape rates: the roofline
+    takes each matmul at the rate of its narrowest dimension and attention at the model's (seq,
+    head_dim), interpolated in log-log between the probe's points and held beyond them."""
+    from megastream.probe import attention_rate, gemm_rate, interp_loglog
+
+    assert interp_loglog({100: 1.0, 10000: 100.0}, 1000) == pytest.approx(10.0)
+    assert interp_loglog({100: 1.0, 10000: 100.0}, 10) == 1.0 and interp_loglog({100: 1.0}, 1e6) == 1.0
+    by_width = {"128": 0.02, "2048": 0.08}
+    assert gemm_rate(by_width, 512, 0.1) == pytest.approx(0.04) and gemm_rate({}, 512, 0.1) == 0.1
+    shape = {"masked": {"512,32": 0.001, "512,128": 0.004, "2048,32": 0.004, "2048,128": 0.016}}
+    assert attention_rate(shape, "masked", 1024, 64, 0.5) == pytest.approx(0.004)
+    assert attention_rate(shape, "causal", 1024, 64, 0.5) == 0.5  # not measured: the single rate
 
 
 def test_roofline_times_attention_at_its_own_rate():
