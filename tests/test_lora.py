@@ -224,19 +224,24 @@ def _peft_model(kind: str, tmp_path: Path, dropout: float = 0.0):
     return pm
 
 
-def _lora_run(tmp_path: Path, vocab: int, rows, dropout: float = 0.0, **extra) -> Path:
+def _lora_config(tmp_path: Path, rows, dropout: float = 0.0, train=None, output=None, name="run.yaml",
+                 **lora) -> Path:
     data = write_ids(tmp_path / "train.jsonl", rows)
-    cfg = write_config(tmp_path / "run.yaml", {
+    return write_config(tmp_path / name, {
         "model": {"path": str(tmp_path / "model")},
         "data": {"path": str(data), "seq_len": SEQ, "shuffle": False, "pack": False},
         "train": {"steps": STEPS, "micro_batch_size": MB, "grad_accum": ACCUM, "lr": LR, "warmup_steps": WARMUP,
-                  "schedule": "cosine", "min_lr": MIN_LR, "weight_decay": WD, "grad_clip": CLIP, "seed": 0},
+                  "schedule": "cosine", "min_lr": MIN_LR, "weight_decay": WD, "grad_clip": CLIP, "seed": 0,
+                  **(train or {})},
         "optim": {"betas": [0.9, 0.95], "eps": 1e-8},
         "engine": {"device": "cpu", "dtype": "float32", "loss_chunk_tokens": 7},
-        "output": {"dir": str(tmp_path / "run"), "progress": False},
-        "lora": {"rank": RANK, "alpha": ALPHA, "dropout": dropout, "init": str(tmp_path / "init"), **extra},
+        "output": {"dir": str(tmp_path / "run"), "progress": False, **(output or {})},
+        "lora": {"rank": RANK, "alpha": ALPHA, "dropout": dropout, "init": str(tmp_path / "init"), **lora},
     })
-    run_cli("train", str(cfg))
+
+
+def _lora_run(tmp_path: Path, rows, dropout: float = 0.0, **lora) -> Path:
+    run_cli("train", str(_lora_config(tmp_path, rows, dropout, **lora)))
     return tmp_path / "run"
 
 
@@ -301,7 +306,7 @@ def test_lora_run_matches_transformers_peft_adamw(tmp_path, kind):
     pm = _peft_model(kind, tmp_path)
     init = _adapter_params(pm)
     rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
-    run = _lora_run(tmp_path, pm.config.vocab_size, rows)
+    run = _lora_run(tmp_path, rows)
     _check_against_reference(run, pm, init, *_peft_reference(pm, rows))
 
 
@@ -324,7 +329,7 @@ def test_lora_dropout_with_an_injected_mask_matches_peft(tmp_path, monkeypatch):
         return _mask(step, layer, mb, key, shape, dtype)
 
     monkeypatch.setattr(LoraAdapters, "dropout_mask", engine_mask)
-    run = _lora_run(tmp_path, pm.config.vocab_size, rows, dropout=0.25)
+    run = _lora_run(tmp_path, rows, dropout=0.25)
     # forward and backward recompute each ask for every (step, layer, micro-batch, target) once
     assert len(calls) == 2 * STEPS * pm.config.num_hidden_layers * ACCUM * len(LORA_TARGETS)
 
@@ -346,3 +351,123 @@ def test_lora_dropout_with_an_injected_mask_matches_peft(tmp_path, monkeypatch):
             mod.lora_dropout["default"] = Injected(i, key)
     ref = _peft_reference(pm, rows, step_hook=lambda step, mb: where.__setitem__("now", (step, mb)))
     _check_against_reference(run, pm, init, *ref)
+
+
+# ---- what a LoRA run writes ------------------------------------------------------------------------
+def _megastream_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of base + adapter through megastream's own model functions and loaders."""
+    from megastream.adapters.peft_io import load_adapter
+    from megastream.checkpoint import load_hf_weights
+
+    spec = ModelSpec.from_dir(model_dir)
+    store = HostStore(model_layout(spec), torch.float32, torch.float32, pin=False, trainable=False)
+    load_hf_weights(store, spec, model_dir)
+    tensors, acfg = load_adapter(adapter_dir, spec)
+    ad = LoraAdapters(spec, tuple(acfg["target_modules"]), rank=acfg["r"], alpha=acfg["lora_alpha"], dropout=0.0,
+                      rslora=acfg["use_rslora"], device=torch.device("cpu"), seed=0)
+    ad.load(tensors)
+    views = [unit.views(store.weights_of(u)) for u, unit in enumerate(store.units)]
+    rope = rope_tables(spec, torch.arange(ids.shape[1]), torch.float32)
+    x = views[0]["embed"][ids]
+    for i in range(spec.num_layers):
+        x = block(x, views[i + 1], rope, spec, None, ad.layer(i, torch.float32))
+    w = views[0]["embed"] if spec.tie_word_embeddings else views[-1]["lm_head"]
+    return F.linear(rms_norm(x, views[-1]["norm"], spec.rms_norm_eps), w)
+
+
+def test_final_loads_in_peft_and_merged_in_transformers(tmp_path):
+    import peft
+    import transformers
+
+    pm = _peft_model("qwen2", tmp_path)
+    rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    run = _lora_run(tmp_path, rows, merge=True, rslora=True, alpha=6.0)
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["config.yaml", "final", "merged", "metrics.jsonl"], names
+    final = run / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in final.iterdir()}
+    saved = load_file(final / "adapter_model.safetensors")
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, final)
+    lora_params = {n.replace(".default", ""): p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert set(lora_params) == set(saved)  # every key loaded, none left at its init
+    assert all(torch.equal(lora_params[k].detach(), saved[k]) for k in saved)
+    assert loaded.peft_config["default"].use_rslora and loaded.peft_config["default"].lora_alpha == 6.0
+
+    ids = torch.tensor([rows[1], rows[2]])  # two full-length rows
+    loaded.eval()
+    with torch.no_grad():
+        want = loaded(input_ids=ids).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
+        got_merged = merged(input_ids=ids).logits
+        base_only = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+        plain = base_only(input_ids=ids).logits
+    assert rel_err(want, plain) > 1e-2, "the adapter must change the output"
+    assert rel_err(_megastream_logits(tmp_path / "model", final, ids), want) <= 1e-5
+    assert rel_err(got_merged, want) <= 1e-5
+
+
+def test_resume_is_bit_exact_with_dropout(tmp_path):
+    """Stopped after checkpoint-2 and resumed, a LoRA run (dropout on) ends exactly as the straight run."""
+    import shutil
+
+    pm = _peft_model("llama", tmp_path)
+    rows = _rows(pm.config.vocab_size, 4 * ACCUM * MB, seed=2)
+    steps = {"steps": 4}
+    straight = _lora_run(tmp_path, rows, dropout=0.2, train=steps, output={"save_every": 2})
+    ck = straight / "checkpoint-2"
+    assert {"adapter_config.json", "adapter_model.safetensors", "lora_state.safetensors",
+            "trainer_state.json"} <= {p.name for p in ck.iterdir()}
+    assert not any(p.suffix == ".safetensors" and p.name.startswith("model") for p in ck.iterdir())  # no base
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ck, resumed / "checkpoint-2")
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in
+                                                   (straight / "metrics.jsonl").read_text().splitlines()[:2]))
+    cfg = _lora_config(tmp_path, rows, dropout=0.2, train=steps, output={"save_every": 2, "dir": str(resumed)},
+                       name="resume.yaml")
+    proc = run_cli("train", str(cfg), "--resume")
+    assert "at step 2" in proc.stdout
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]
+    for rel in ("final/adapter_model.safetensors", "checkpoint-4/lora_state.safetensors"):
+        wa, wb = load_file(straight / rel), load_file(resumed / rel)
+        assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa), rel
+
+
+def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
+    import peft
+
+    from test_cli_errors import _snapshot, _user_error
+
+    pm = _peft_model("llama", tmp_path)
+    rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    run = _lora_run(tmp_path, rows, train={"steps": 1})
+    before = _snapshot(run)
+
+    def refused(*needles, **kw):
+        cfg = _lora_config(tmp_path, rows, name="bad.yaml", **kw)
+        _user_error(run_cli("train", str(cfg), "--overwrite", check=False), *needles)
+        assert _snapshot(run) == before
+
+    refused("lora.target_modules", "'qproj'", target_modules=["qproj", "v_proj"])
+    refused("lora.rank", ">= 1", rank=0)
+    refused("lora.base_dtype", "not built yet", base_dtype="nf4")
+    refused("lora.rank is 8", "r=4", rank=8)  # the init adapter has r=4
+    refused("lora.target_modules", "q_proj", target_modules=["q_proj", "v_proj"])  # it adapts all seven
+
+    other = tmp_path / "other"  # an adapter of another model (Qwen2 shapes) on this Llama
+    qwen = make_hf_model("qwen2", other / "model")
+    peft.get_peft_model(qwen, peft.LoraConfig(r=RANK, target_modules=list(LORA_TARGETS))).save_pretrained(
+        other / "adapter")
+    refused("trained on another model", init=str(other / "adapter"))
+    refused("is not a directory", init=str(tmp_path / "nowhere"))
+
+
+def test_lora_config_keys_match_peft_io():
+    from megastream.adapters.peft_io import LINEAR_TARGETS
+
+    assert LORA_TARGETS == LINEAR_TARGETS
