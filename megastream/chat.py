@@ -4,14 +4,18 @@ assistant / completion tokens only.
 
 Templates render with Jinja2 the way `transformers` renders them (a sandboxed environment with
 trim_blocks and lstrip_blocks, `raise_exception`, a non-ASCII-escaping `tojson`, `strftime_now`;
-`{% generation %}` blocks are accepted and rendered as plain text). Assistant spans are found by
-rendering the conversation prefix before each assistant message (with the generation prompt) and
-after it; tokens whose characters fall inside a span get labels, all others -100.
+`{% generation %}` blocks are accepted). Assistant spans: a template with `{% generation %}` blocks
+marks them itself, so the conversation is rendered once and the blocks are the spans (what
+`transformers` returns as `assistant_masks`); otherwise each is found by rendering the conversation
+prefix before each assistant message (with the generation prompt) and after it. Tokens whose
+characters fall inside a span get labels, all others -100.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 
@@ -24,8 +28,13 @@ from megastream.errors import DataError
 IGNORE = -100
 
 
+_MARK = contextvars.ContextVar("megastream_mark_generation", default=False)
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters around each generation block while marking
+_HAS_GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
 class _GenerationBlock(Extension):
-    """`{% generation %}...{% endgeneration %}` as plain output (we find assistant spans ourselves)."""
+    """`{% generation %}...{% endgeneration %}`: plain output, or (while marking) wrapped in _OPEN/_CLOSE."""
 
     tags = {"generation"}
 
@@ -35,7 +44,8 @@ class _GenerationBlock(Extension):
         return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
     def _render(self, caller):
-        return caller()
+        body = caller()
+        return f"{_OPEN}{body}{_CLOSE}" if _MARK.get() else body
 
 
 def _raise(message):
@@ -67,10 +77,35 @@ def validate_messages(messages, where: str) -> list[dict]:
     return messages
 
 
+def _marked_spans(template: str, messages: list[dict], special: dict) -> tuple[str, list] | None:
+    """One render of a template with generation blocks: (text, spans of the blocks), or None when
+    the template has none or a message holds the marker characters."""
+    if not _HAS_GENERATION.search(template) or any(_OPEN in m["content"] or _CLOSE in m["content"] for m in messages):
+        return None
+    token = _MARK.set(True)
+    try:
+        marked = render(template, messages, False, special)
+    finally:
+        _MARK.reset(token)
+    text, spans, pos = [], [], 0
+    for part in re.split(f"([{_OPEN}{_CLOSE}])", marked):
+        if part == _OPEN:
+            start = pos
+        elif part == _CLOSE:
+            spans.append((start, pos))
+        else:
+            text.append(part)
+            pos += len(part)
+    return ("".join(text), spans) if spans else None
+
+
 def chat_document(tok, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one conversation: labels on assistant tokens only."""
     template = tok.chat_template
     try:
+        once = _marked_spans(template, messages, tok.special)
+        if once is not None:
+            return _labelled(tok, *once)
         full = render(template, messages, False, tok.special)
         spans = []
         for i, m in enumerate(messages):
@@ -83,7 +118,11 @@ def chat_document(tok, messages: list[dict], where: str) -> tuple[list[int], lis
                 spans.append((start, len(upto)))
     except jinja2.exceptions.TemplateError as e:
         raise DataError(f"{where}: the chat template failed: {e}") from None
-    enc = tok.tok.encode(full, add_special_tokens=False)
+    return _labelled(tok, full, spans)
+
+
+def _labelled(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    enc = tok.tok.encode(text, add_special_tokens=False)
     labels = [i if any(s <= a < e for s, e in spans) else IGNORE for i, (a, _) in zip(enc.ids, enc.offsets)]
     return list(enc.ids), labels
 

@@ -140,3 +140,32 @@ def test_bfd_fills_chat_rows(tmp_path, chat_tok_dir):
     greedy = load_jsonl(path, 512, tok.vocab_size, lambda: tok, pack="greedy")
     assert bfd.layout.fill >= 0.98 and bfd.layout.fill > greedy.layout.fill
     assert bfd.layout.tokens == greedy.layout.tokens  # the same tokens, in fewer rows
+
+
+CHATML_GEN = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+              "{{'<|im_start|>assistant\\n'}}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+              "{{'\\n'}}{% else %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+              "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_generation_blocks_render_once_and_match_transformers_assistant_masks(tmp_path, chat_tok_dir, monkeypatch):
+    import transformers
+
+    import megastream.chat as chat
+
+    cfg = json.loads((chat_tok_dir / "tokenizer_config.json").read_text())
+    (chat_tok_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML_GEN}))
+    tok = load_tokenizer(chat_tok_dir / "tokenizer.json")
+    calls = []
+    real = chat.render
+    monkeypatch.setattr(chat, "render", lambda *a: calls.append(1) or real(*a))
+    ids, labels = chat.chat_document(tok, CONVO, "x")
+    assert len(calls) == 1  # one render per conversation
+
+    hf = transformers.AutoTokenizer.from_pretrained(chat_tok_dir)
+    out = hf.apply_chat_template(CONVO, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(out["input_ids"])
+    assert [lab != -100 for lab in labels] == [bool(m) for m in out["assistant_masks"]]
+    assert hf.decode([i for i, lab in zip(ids, labels) if lab != -100]) == (
+        "It checks a condition and raises AssertionError if it is false.<|im_end|>"
+        "The statement is removed; nothing is checked.<|im_end|>")
