@@ -19,6 +19,19 @@ largest phase. The GPU figure is unverified until GPU_CALIBRATION records a meas
 On the CPU the "device" buffers live in host RAM, so they are added to the host total and the GPU
 total is 0; glibc malloc keeps much of what one phase frees, so there the phases add up (see
 `budget`).
+
+With `lora:` (adapters over a frozen base, megastream.adapters) the same model, with LoRA's terms:
+host  the frozen base alone, held in lora.base_dtype (int8 / nf4: each layer's seven projections as
+      adapters/quant.py's flat buffers, quantized_nbytes each; embeddings, head, norms and biases in
+      the compute dtype); no master, optimizer states or gradient staging
+GPU   persistent: two layer buffers in the streamed format, the dequantized layer (int8 / nf4), the
+      head, and every adapter's A and B with their gradients and AdamW moments, 16 B a parameter
+      (fp32, adapters/lora.py); no gradient accumulators. Phases as above, except that backward of
+      a frozen layer has no weight gradients (one layer's adapters and their gradients instead), the
+      adapters' dropout masks and dropped inputs join the recomputed layer's activations, and the
+      loss chunk computes no lm_head gradient.
+PCIe  the layers host -> GPU twice a step (forward and the backward's recompute), in the streamed
+      format; nothing back (`Budget.lora["h2d_bytes_per_step"]`, used by plan.roofline).
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ import torch
 from megastream.checkpoint import WRITE_CHUNK
 from megastream.config import Config
 from megastream.engine.loss import _DW_BLOCK_BUDGET, auto_chunk_tokens
-from megastream.model.layout import model_layout
+from megastream.model.layout import UnitLayout, model_layout
 from megastream.model.spec import ModelSpec
 from megastream.store import BLOCK, STATE_DTYPES
 
@@ -44,6 +57,9 @@ CUDA_CONTEXT_DEVICE = int(0.6e9)  # device memory outside the caching allocator:
 # Everything else on a chunk is in place (softmax, minus one-hot, scale) or narrower (d(logits) in
 # the compute dtype, one (v_block, H) lm_head gradient block, which never coexists with the second).
 LOGITS_TEMPS = 2
+# Device bytes per adapter parameter: A / B, its gradient and AdamW's two moments, all fp32 (adapters/lora.py).
+ADAPTER_BYTES = 16
+_LORA_BASE_DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
 
 PHASE_FORWARD, PHASE_LOSS, PHASE_BACKWARD = "forward of one layer", "loss chunk", "backward of one layer"
 # Measured calibration of the GPU figure on a CUDA allocator. None: never measured, and `plan` says
@@ -72,6 +88,9 @@ class Budget:
     device_persistent: dict[str, int] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     gpu_calibration: dict | None = None  # GPU_CALIBRATION (cuda budgets only)
+    # LoRA runs only (empty for full fine-tuning): rank, targets, adapter_params, adapter_bytes (device),
+    # base_dtype, base_bytes (host), h2d_bytes_per_step, d2h_bytes_per_step.
+    lora: dict = field(default_factory=dict)
 
     @property
     def host_total(self) -> int:
@@ -116,6 +135,41 @@ def store_bytes(spec: ModelSpec, compute: torch.dtype, grad: torch.dtype, master
     return out
 
 
+def lora_base_format(cfg: Config, compute: torch.dtype) -> tuple[torch.dtype, str | None]:
+    """lora.base_dtype -> (the dtype the frozen base computes in and holds its unquantized tensors in,
+    the quantization scheme of its layers' projections or None). auto: the compute dtype (as train.py's
+    base_dtype); int8 / nf4 dequantize to the compute dtype."""
+    want = cfg.lora.base_dtype
+    if want in ("int8", "nf4"):
+        return compute, want
+    return (compute if want == "auto" else _LORA_BASE_DTYPES[want]), None
+
+
+def frozen_unit_bytes(unit: UnitLayout, dtype: torch.dtype, scheme: str | None) -> int:
+    """Host bytes (and bytes streamed) of one unit of a frozen base: a layer's 2-D projections quantized
+    with `scheme` (adapters/quant.py's flat buffers), everything else in `dtype`."""
+    from megastream.adapters.quant import quantized_nbytes
+
+    if scheme is None or not unit.name.startswith("layer."):
+        return unit.numel * dtype.itemsize
+    return sum(quantized_nbytes(e.shape, scheme) if e.decay else e.numel * dtype.itemsize for e in unit.entries)
+
+
+def frozen_store_bytes(spec: ModelSpec, dtype: torch.dtype, scheme: str | None = None) -> dict[str, int]:
+    """The host store of a frozen base (HostStore(trainable=False) for an unquantized one): the weights
+    alone, under store.breakdown()'s names."""
+    return {"working": sum(frozen_unit_bytes(u, dtype, scheme) for u in model_layout(spec)),
+            "optimizer states": 0, "gradient staging": 0}
+
+
+def lora_adapter_shapes(cfg: Config, spec: ModelSpec) -> tuple[tuple[str, ...], dict]:
+    """(the resolved lora.target_modules, adapters/peft_io.adapter_shapes of every layer and target)."""
+    from megastream.adapters.peft_io import adapter_shapes, resolve_targets
+
+    targets = resolve_targets(cfg.lora.target_modules, spec)
+    return targets, adapter_shapes(spec, targets, cfg.lora.rank)
+
+
 def layer_activation_bytes(spec: ModelSpec, tokens: int, itemsize: int) -> int:
     """Bytes autograd holds while one layer is recomputed and backpropagated for `tokens` tokens:
     the tensors model/llama.py:block saves for backward, plus the gradients flowing through it.
@@ -142,19 +196,20 @@ def layer_forward_bytes(spec: ModelSpec, tokens: int, itemsize: int) -> int:
     return tokens * itemsize * max(2 * H + 3 * I, H + 4 * qd + 3 * kd)
 
 
-def loss_chunk_bytes(spec: ModelSpec, chunk: int, itemsize: int) -> tuple[int, str]:
+def loss_chunk_bytes(spec: ModelSpec, chunk: int, itemsize: int, frozen_head: bool = False) -> tuple[int, str]:
     """Peak transient bytes of one `chunk`-token step of engine/loss.py:head_loss_and_grad, and
     which stage sets it. Stages (each chunk runs them in order, so they never coexist):
       logsumexp   the fp32 logits z and logsumexp's fp32 exp(z - max): LOGITS_TEMPS (chunk, V)
       cast        z and d(logits) in the compute dtype (compute dtype != fp32; else d(logits) is z)
       dW block    d(logits), d(normed hidden) and one (v_block, H) lm_head gradient block
-    plus the chunk's final norm (saved for its backward) throughout."""
+    plus the chunk's final norm (saved for its backward) throughout. A frozen head (LoRA) computes no
+    lm_head gradient: its dW stage is d(logits) and d(normed hidden) alone."""
     H, V, e = spec.hidden_size, spec.vocab_size, itemsize
     v_block = min(V, max(1024, _DW_BLOCK_BUDGET // (H * e)))
     norm = chunk * H * ((4 if e != 4 else 0) + 2 * e)
     stages = {"logsumexp": LOGITS_TEMPS * chunk * V * 4,
               "cast": chunk * V * (4 + (e if e != 4 else 0)),
-              "dW block": chunk * V * e + chunk * H * e + v_block * H * e}
+              "dW block": chunk * V * e + chunk * H * e + (0 if frozen_head else v_block * H * e)}
     stage = max(stages, key=stages.get)
     return norm + stages[stage], stage
 
@@ -168,8 +223,12 @@ def _data_bytes(cfg: Config, spec: ModelSpec) -> tuple[int, str]:
 def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype, grad: torch.dtype,
            runtime_bytes: int) -> Budget:
     """The memory a run of `cfg` will take. `runtime_bytes`: the host RSS of Python, torch and
-    megastream before any model memory exists (the caller measures its own)."""
-    t, e = cfg.train, cfg.engine
+    megastream before any model memory exists (the caller measures its own). With `cfg.lora` the base
+    is frozen and `compute` becomes the base's compute dtype (lora_base_format)."""
+    t, e, lo = cfg.train, cfg.engine, cfg.lora
+    scheme = None
+    if lo is not None:
+        compute, scheme = lora_base_format(cfg, compute)
     units = model_layout(spec)
     n = sum(u.numel for u in units)
     S = cfg.data.seq_len
@@ -184,9 +243,33 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     max_layer = max(u.numel for u in units[1:-1])
     head = V * H + H
     keep: dict[str, int] = {}
-    keep["layer weight buffers"] = 2 * max_layer * ec  # double buffer
-    keep["head weight buffer"] = head * ec
-    keep["gradient accumulators"] = 2 * max_layer * 4 + head * 4 + len(units) * 4  # fp32, layers alternate
+    if lo is None:
+        keep["layer weight buffers"] = 2 * max_layer * ec  # double buffer
+        keep["head weight buffer"] = head * ec
+        keep["gradient accumulators"] = 2 * max_layer * 4 + head * 4 + len(units) * 4  # fp32, layers alternate
+    else:  # frozen base: no gradient buffers; the adapters and their AdamW live on the device
+        targets, shapes = lora_adapter_shapes(cfg, spec)
+        n_ad = sum(a[0] * a[1] + b_[0] * b_[1] for a, b_ in shapes.values())
+        layer_ad = n_ad // L  # every layer has the same targets and shapes
+        unit_bytes = [frozen_unit_bytes(u, compute, scheme) for u in units]
+        keep["layer weight buffers"] = 2 * max(unit_bytes[1:-1])  # double buffer, in the streamed format
+        if scheme is not None:
+            keep["dequantized layer"] = max_layer * ec
+            b.notes["dequantized layer"] = f"the {scheme} layer's projections in {str(compute)[6:]}, for its matmuls"
+        keep["head weight buffer"] = head * ec  # resident across steps
+        keep["adapters, gradients, AdamW moments"] = ADAPTER_BYTES * n_ad
+        b.notes["adapters, gradients, AdamW moments"] = f"{n_ad:,} adapter parameters x {ADAPTER_BYTES} B (fp32)"
+        # dropout: a mask and the dropped input per target, each as wide as the target's input
+        drop_in = sum(a[1] for a, _ in list(shapes.values())[:len(targets)]) if lo.dropout > 0 else 0
+        widest = max((2 * a[1] if lo.dropout > 0 else 0) + 2 * b_[0] for a, b_ in list(shapes.values())[:len(targets)])
+        b.lora = {"rank": lo.rank, "targets": list(targets), "adapter_params": n_ad,
+                  "adapter_bytes": ADAPTER_BYTES * n_ad,
+                  "base_dtype": scheme or {torch.bfloat16: "bf16", torch.float32: "float32"}.get(compute, str(compute)[6:]),
+                  "base_bytes": sum(unit_bytes),
+                  # each layer twice (forward, backward's recompute); the head stays resident and the
+                  # embedding is gathered on the host. Upper bound: the two layers still resident at each
+                  # turn (forward -> backward, backward -> next forward) are not copied again.
+                  "h2d_bytes_per_step": 2 * sum(unit_bytes[1:-1]), "d2h_bytes_per_step": 0}
     if cfg.data.pack:  # packed rows: a (B, 1, S, S) bool mask and (B, S, hd) rope tables per micro-batch
         keep["attention masks"] = t.grad_accum * t.micro_batch_size * (S * S + 4 * S * spec.head_dim * ec)
     if device_type == "cuda":
@@ -199,7 +282,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     th = T * H * ec  # one layer's hidden states, all micro-batches
     labels = T * 8  # int64, on the device from the loss to the end of the step
     chunk = min(e.loss_chunk_tokens or auto_chunk_tokens(V), mb_tokens)
-    logits, stage = loss_chunk_bytes(spec, chunk, ec)
+    logits, stage = loss_chunk_bytes(spec, chunk, ec, frozen_head=lo is not None)
     # Not counted: a gradient's grad-dtype cast (engine/grads.py) or an offloaded checkpoint whose copy
     # is still in flight. Freed tensors with pending stream uses leave the allocated bytes at once,
     # and the allocator waits for their copies before it would report out of memory.
@@ -223,6 +306,16 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     }
     if cfg.data.pack:  # SDPA turns the boolean mask into a float bias, saved for its backward
         phases[PHASE_BACKWARD]["attention bias"] = t.micro_batch_size * S * S * ec
+    if lo is not None:
+        # A frozen layer's backward computes input and adapter gradients only: no weight gradients. The
+        # layer's adapters, cast to the compute dtype, and their gradients take their place; with dropout
+        # each target saves its mask and dropped input (as wide as its input) for backward, and in
+        # forward the widest target's mask, dropped input and low-rank output (scaled) are transient.
+        del phases[PHASE_BACKWARD]["weight gradients"]
+        phases[PHASE_BACKWARD]["one layer's adapters and their gradients"] = 2 * layer_ad * ec
+        if drop_in:
+            phases[PHASE_BACKWARD]["adapter dropout masks and inputs"] = 2 * mb_tokens * drop_in * ec
+        phases[PHASE_FORWARD]["adapter transients"] = mb_tokens * widest * ec + layer_ad * ec
     b.device_persistent, b.phases = keep, phases
     b.notes["logits chunk"] = (f"{chunk} tokens x {V} vocab; peak at the {stage} stage ("
                                f"{LOGITS_TEMPS} fp32 (chunk, V) tensors at logsumexp)")
@@ -240,7 +333,11 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
                    + sum(v for p in phases.values() for k, v in p.items() if k not in shared))
 
     # ---- host ----------------------------------------------------------------------------------
-    host = store_bytes(spec, compute, grad, cfg.optim.master == "fp32", cfg.optim.states)
+    if lo is None:
+        host = store_bytes(spec, compute, grad, cfg.optim.master == "fp32", cfg.optim.states)
+    else:
+        host = frozen_store_bytes(spec, compute, scheme)
+        b.notes["working"] = f"the frozen base in {b.lora['base_dtype']} (no master, moments or staging)"
     if offload:
         host["offloaded checkpoints"] = ckpt  # pinned
     if device_type == "cpu":
@@ -249,13 +346,21 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     # Saving streams from the arenas, one cast chunk at a time; resuming reads one tensor at a time
     # (the largest: the embedding's weights or a moment).
     io = WRITE_CHUNK * 4
-    if cfg.output.save_every:
+    if lo is not None:
+        # host copies of the adapters (4 B a parameter) for the PEFT adapter; a training checkpoint adds
+        # the exact state (parameters and both moments, 12 B); lora.merge adds B @ A and the weight in
+        # fp32 beside the sum, for the largest projection.
+        io = max(io, 4 * n_ad + (12 * n_ad if cfg.output.save_every else 0))
+        if lo.merge:
+            io = max(io, 3 * 4 * max(en.numel for en in units[1].entries))
+    elif cfg.output.save_every:
         io = max(io, units[0].numel * (4 if cfg.optim.master == "fp32" else ec))
     if device_type == "cpu":  # between steps, when the step's temporaries are gone
-        persistent = keep["layer weight buffers"] + keep["head weight buffer"] + keep["gradient accumulators"]
+        persistent = sum(v for k, v in keep.items() if k != "attention masks")
         io = max(0, io - (cpu_compute - persistent))
     host["checkpoint I/O buffer"] = io
-    b.notes["checkpoint I/O buffer"] = "one cast chunk while saving; the largest tensor while resuming"
+    b.notes["checkpoint I/O buffer"] = ("host copies of the adapters (and their state) while saving" if lo is not None
+                                        else "one cast chunk while saving; the largest tensor while resuming")
     host["runtime (Python, torch, megastream)"] = runtime_bytes
     b.notes["runtime (Python, torch, megastream)"] = "measured: this process's RSS before any model memory"
     host["kernels and thread pools"] = ENGINE_RUNTIME
@@ -264,5 +369,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
         host["CUDA runtime"] = CUDA_CONTEXT_HOST
         b.notes["CUDA runtime"] = "estimate"
         b.pinned = host["working"] + host["gradient staging"] + host.get("offloaded checkpoints", 0)
+    if lo is not None:
+        b.grad_dtype = compute  # no gradient crosses to the host
     b.host = host
     return b

@@ -374,7 +374,8 @@ def render(p: Plan) -> str:
              f"{p.cfg.data.seq_len}", _data_line(p.data), "",
              "host RAM" + " " * 40 + "bytes   per param"]
     for k, v in b.host.items():
-        lines.append(f"  {k:<44}{gb(v)}  {v / b.params:8.2f}")
+        label = f"working (the frozen base, {b.lora['base_dtype']})" if b.lora and k == "working" else k
+        lines.append(f"  {label:<44}{gb(v)}  {v / b.params:8.2f}")
     lines.append(f"  {'total':<44}{gb(b.host_total)}  {b.host_total / b.params:8.2f}")
     if b.gpu:
         lines += ["", f"GPU memory, peak in the {b.peak_phase} phase: {gpu_status(b)}",
@@ -430,7 +431,7 @@ def render(p: Plan) -> str:
         lines.append(f"  D2H        at {p.rates.d2h_gbps:g} GB/s{'':22}{r.d2h_s:9.3f} s")
     if b.lora:
         where = "the adapters' AdamW, on the device" if p.device_type == "cuda" else "the adapters' AdamW"
-        lines.append(f"  optimizer  ({where}){'':4}{r.optimizer_s:9.3f} s")
+        lines.append(f"{f'  optimizer  ({where})':<48}{r.optimizer_s:9.3f} s")
     else:
         lines.append(f"  optimizer  ({mode} mode){'':24}{r.optimizer_s:9.3f} s")
     tps = b.tokens_per_step / r.step_s
@@ -450,10 +451,11 @@ def _lora_lines(p: Plan) -> list[str]:
     targets = lo["targets"]
     what = "all-linear" if len(targets) == 7 else ", ".join(targets)
     lines = [f"LoRA: rank {lo['rank']} on {what} ({len(targets)} targets x {p.spec.num_layers} layers), "
-             f"{lo['adapter_params'] / 1e6:.1f}M adapter parameters ({lo['adapter_params'] / b.params:.2%} of the base)",
-             f"  GPU   adapters + gradients + AdamW moments, fp32 (16 B/param)  {lo['adapter_bytes'] / 1e9:8.2f} GB",
-             f"  host  frozen base in {lo['base_dtype']:<6} ({lo['base_bytes'] / b.params:.2f} B/param){'':17}"
-             f"{lo['base_bytes'] / 1e9:8.2f} GB   (no master, optimizer states or gradient staging)",
+             f"{lo['adapter_params'] / 1e6:.4g}M adapter parameters ({lo['adapter_params'] / b.params:.2%} of the base)",
+             f"  {'GPU   adapters, gradients, AdamW moments (fp32, 16 B/param)':<60}{lo['adapter_bytes'] / 1e9:8.2f} GB",
+             f"  {'host  frozen base in ' + lo['base_dtype']:<60}"
+             f"{lo['base_bytes'] / 1e9:8.2f} GB   ({lo['base_bytes'] / b.params:.2f} B/param; no master, optimizer "
+             "states or gradient staging)",
              f"  PCIe  per step: H2D {lo['h2d_bytes_per_step'] / 1e9:.2f} GB (the layers twice), "
              f"D2H {lo['d2h_bytes_per_step'] / 1e9:.2f} GB",
              "  lora.base_dtype, host RAM / GPU (GB): " + ", ".join(

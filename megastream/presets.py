@@ -44,4 +44,9 @@ PRESETS: dict[str, ModelSpec] = {
                           num_heads=40, num_kv_heads=8, head_dim=128),
     "qwen2.5-32b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
                           num_heads=40, num_kv_heads=8, head_dim=128),
+    # 70B class, for LoRA / QLoRA plans and benchmarks (random init): 70.55B and 72.71B parameters.
+    "llama-3.1-70b": _llama(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                            num_heads=64, num_kv_heads=8, head_dim=128, rope_scaling=_LLAMA3_ROPE_8B),
+    "qwen2.5-72b": _qwen2(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
+                          num_heads=64, num_kv_heads=8, head_dim=128),
 }
