@@ -184,7 +184,7 @@ def shard_groups(units: list, itemsize: int, shard_bytes: int) -> list[list[tupl
     shards: list[list[tuple[str, int, object]]] = [[]]
     size = 0
     for u, unit in enumerate(units):
-        for e in unit.entries:
+        for e in unit.checkpoint_entries:
             nbytes = e.numel * itemsize
             if shards[-1] and size + nbytes > shard_bytes:
                 shards.append([])

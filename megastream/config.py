@@ -31,6 +31,10 @@ class ModelConfig:
     path: Optional[str] = None  # Hugging Face directory: config.json + *.safetensors
     preset: Optional[str] = None  # or a named shape (megastream.presets), randomly initialised
     seed: int = 0  # init seed for presets
+    # native: megastream's own layer functions (Llama, Mistral, Qwen2, Qwen3); hf: the transformers layer
+    # module itself, streamed like any unit (any decoder-only model; needs transformers); auto: native when
+    # megastream has the model, else hf
+    implementation: Literal["native", "hf", "auto"] = "auto"
 
 
 @dataclass(frozen=True)

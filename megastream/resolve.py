@@ -9,7 +9,7 @@ import torch
 
 from megastream.config import Config
 from megastream.errors import ConfigError
-from megastream.model.spec import ModelSpec
+from megastream.model.spec import ModelSpec, UnsupportedModel
 from megastream.presets import PRESETS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,12 +52,39 @@ def resolve_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torc
 
 
 def model_spec(cfg: Config) -> ModelSpec:
-    """The model's shape, from config.json or the preset table (cheap: no weights are read)."""
-    return ModelSpec.from_dir(cfg.model.path) if cfg.model.path is not None else PRESETS[cfg.model.preset]
+    """The model's shape, from config.json or the preset table (cheap: no weights are read), and
+    how its layers run (model.implementation): megastream's own functions, or the transformers
+    modules on the generic path (megastream.hf); `auto` takes the native path when it has the model."""
+    impl = cfg.model.implementation
+    if cfg.model.path is None:
+        if impl == "hf":
+            raise ConfigError("model.implementation: hf loads a Hugging Face directory (model.path); presets are "
+                              "native shapes: use model.implementation: auto or native with model.preset")
+        return PRESETS[cfg.model.preset]
+    if impl == "hf":
+        from megastream.hf import spec_from_dir
+
+        return spec_from_dir(cfg.model.path)
+    try:
+        return ModelSpec.from_dir(cfg.model.path)
+    except UnsupportedModel as native:
+        if impl == "native":
+            raise
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UnsupportedModel(f"{native} The generic path needs transformers: pip install 'megastream[hf]'"
+                                   ) from None
+        from megastream.hf import spec_from_dir
+
+        return spec_from_dir(cfg.model.path)
 
 
 def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
     """Settings the model's shape rules out (cheap: before any data or weights are read)."""
+    if spec.implementation == "hf" and getattr(cfg, "lora", None) is not None:
+        raise ConfigError(f"lora: adapters are trained on the native path only, and {spec.architecture} runs on the "
+                          "generic one (model.implementation: hf); drop the lora: section or use a native model")
     if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
                           "megastream computes full causal attention, which equals sliding-window attention only "

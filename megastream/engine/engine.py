@@ -15,6 +15,14 @@ same streaming schedule, but the backward recompute computes only input and adap
 (no weight gradient of the base, no head or embedding gradient, nothing copied back to the host,
 no host optimizer), and the adapters are updated on the device. The base never changes, so
 what is resident on the device stays valid from one step to the next (the head is copied once).
+
+What a layer computes is the model's business, not the schedule's: the engine calls the model
+functions of its spec (`self.fns`), NativeModel below (model/llama.py's `block` and friends) for
+the families megastream implements, megastream.hf.HFModel (the `transformers` layer module
+called functionally on the same views) on the generic path. Both provide
+`attention_inputs(mbs)`, `layer(i, x, w, rope, mask, lora=None)`, `embed` / `embed_grad` (None, or
+what follows the embedding's row gather and its backward), `head_kw` (extra arguments of the chunked
+head loss) and `aux` (None, or a loss a layer adds to the step: the MoE router's load balancing).
 """
 
 from __future__ import annotations
@@ -55,19 +63,72 @@ class StepStats:
     skipped: bool = False  # non-finite loss or gradient norm: no update was applied
 
 
+class NativeModel:
+    """The engine's model functions for the families megastream implements (model/llama.py)."""
+    embed = embed_grad = None  # the gathered embedding rows are the layers' input
+    head_kw: dict = {}
+    aux = None
+
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layer(self, i: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope, mask: torch.Tensor | None = None,
+              lora: dict[str, Adapter] | None = None) -> torch.Tensor:
+        return block(x, w, rope, self.spec, mask, lora)
+
+    def rope(self, seq_len: int):
+        if seq_len not in self._rope:
+            pos = torch.arange(seq_len, device=self.device)
+            self._rope[seq_len] = rope_tables(self.spec, pos, self.dtype)
+        return self._rope[seq_len]
+
+    def attention_inputs(self, mbs: list[MicroBatch]):
+        """RoPE tables and attention masks per micro-batch. Plain rows share one (S, hd) table and
+        the built-in causal mask; packed rows get per-token positions and a document mask."""
+        ropes, masks = [], []
+        for mb in mbs:
+            if mb.positions is None:
+                ropes.append(self.rope(mb.input_ids.shape[1]))
+                masks.append(None)
+            else:
+                cos, sin = rope_tables(self.spec, mb.positions.to(self.device), self.dtype)  # (B, S, hd)
+                ropes.append((cos[:, None], sin[:, None]))  # (B, 1, S, hd): broadcast over heads
+                masks.append(document_mask(mb.doc_ids.to(self.device)))  # (B, 1, S, S) bool
+        return ropes, masks
+
+
+def model_functions(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    """The layer functions of `spec`'s implementation (the generic path imports transformers)."""
+    if spec.implementation == "hf":
+        from megastream.hf import HFModel
+
+        return HFModel(spec, device, dtype)
+    return NativeModel(spec, device, dtype)
+
+
 def layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy: torch.Tensor,
-                   acc: torch.Tensor, rope, spec: ModelSpec, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   acc: torch.Tensor, rope, spec: ModelSpec, mask: torch.Tensor | None = None,
+                   layer=None, extra=None) -> torch.Tensor:
     """Recompute one layer from its input checkpoint and backprop `dy` through it.
-    Adds the weight gradients into `acc` (fp32, the layer's flat layout); returns d(input)."""
+    Adds the weight gradients into `acc` (fp32, the layer's flat layout); returns d(input).
+    `layer(x, w, rope, mask)` computes it (default: the native block); `extra()`, called right
+    after, may return a scalar loss of the layer's own (the MoE router's) to backprop with it."""
     leaves = {k: t.detach().requires_grad_() for k, t in layout.views(w_flat).items()}
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        y = block(x, leaves, rope, spec, mask)
+        y = block(x, leaves, rope, spec, mask) if layer is None else layer(x, leaves, rope, mask)
+        aux = extra() if extra is not None else None
     keys = list(leaves)
-    grads = torch.autograd.grad(y, [x] + [leaves[k] for k in keys], dy)
+    if aux is None:
+        grads = torch.autograd.grad(y, [x] + [leaves[k] for k in keys], dy, allow_unused=layer is not None)
+    else:
+        grads = torch.autograd.grad([y, aux], [x] + [leaves[k] for k in keys], [dy, torch.ones_like(aux)],
+                                    allow_unused=True)
     acc_views = layout.views(acc)
     for k, g in zip(keys, grads[1:]):
-        acc_views[k].add_(g)
+        if g is not None:  # None: a parameter this input never reached (an expert no token chose)
+            acc_views[k].add_(g)
     return grads[0]
 
 
@@ -108,7 +169,7 @@ class Engine:
         # Frozen base: no weight gradient buffers on the device at all.
         self.grads = GradStager(store, device, self.streams, tied=tied) if adapters is None else None
         self.ckpts = Checkpoints(device, self.streams, cfg.engine.activations)
-        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fns = model_functions(spec, device, self.dtype)  # what a layer, the embedding and the head compute
 
     def close(self) -> None:
         """Wait for the device and the optimizer thread, then release the pinned checkpoint arena.
@@ -122,12 +183,6 @@ class Engine:
             self.worker.close()
             self.ckpts.close()
 
-    def rope(self, seq_len: int):
-        if seq_len not in self._rope:
-            pos = torch.arange(seq_len, device=self.device)
-            self._rope[seq_len] = rope_tables(self.spec, pos, self.dtype)
-        return self._rope[seq_len]
-
     # ---- the step --------------------------------------------------------------------------------
     def step(self, mbs: list[MicroBatch], lr: float) -> StepStats:
         if self.adapters is not None:
@@ -139,6 +194,9 @@ class Engine:
         inv_n = 1.0 / max(n_tok, 1)
         self.adam_steps += 1
         self.weights.invalidate()
+        aux = self.fns.aux
+        if aux is not None:
+            aux.begin(mbs)
 
         # 1-2. Embedding rows, then forward layer-major, keeping each layer's inputs.
         xs = self._forward(mbs, ropes, masks, keep=True)
@@ -153,7 +211,7 @@ class Engine:
         dys = []
         for x, lab in zip(xs, labels):
             loss, dy = head_loss_and_grad(x, lab, norm_w, head_w, spec.rms_norm_eps, inv_n, acc_head, acc_norm,
-                                          self.chunk_tokens)
+                                          self.chunk_tokens, **self.fns.head_kw)
             loss_sum += loss
             dys.append(dy)
         del xs
@@ -167,8 +225,8 @@ class Engine:
             acc = self.grads.begin(u)
             xs = self.ckpts.take(i)
             self.ckpts.prefetch(i - 1)  # offloaded: the previous layer's inputs come back under this backward
-            dys = [layer_backward(x, w, self.units[u], dy, acc, r, spec, m)
-                   for x, dy, r, m in zip(xs, dys, ropes, masks)]
+            dys = [layer_backward(x, w, self.units[u], dy, acc, r, spec, m, *self._layer_fn(i, k))
+                   for k, (x, dy, r, m) in enumerate(zip(xs, dys, ropes, masks))]
             del xs  # this layer's checkpoints are freed
             self.weights.release(u)
             if i > 0:
@@ -176,6 +234,8 @@ class Engine:
             ready[u] = self.grads.finish(u, acc)
 
         # 5. Embedding gradient: scatter-add on the host.
+        if self.fns.embed_grad is not None:  # e.g. Gemma's embedding scale
+            dys = [self.fns.embed_grad(mb.input_ids, dy) for mb, dy in zip(mbs, dys)]
         embed_norm = self.grads.embed_backward([mb.input_ids for mb in mbs], dys)
 
         # 6. Global norm (sync point: waits for all backward work), then the updates.
@@ -183,6 +243,8 @@ class Engine:
         norms[0] = embed_norm
         total = float(torch.linalg.vector_norm(norms))
         loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
+        if aux is not None:
+            loss += aux.value()
         if not (math.isfinite(loss) and math.isfinite(total)):
             self.adam_steps -= 1  # as if the step never happened: bias correction does not advance
             return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True)
@@ -210,7 +272,7 @@ class Engine:
         dys = []
         for x, lab in zip(xs, labels):
             loss, dy = head_loss_and_grad(x, lab, norm_w, head_w, spec.rms_norm_eps, inv_n, None, None,
-                                          self.chunk_tokens)  # frozen head: d(hidden) only
+                                          self.chunk_tokens, **self.fns.head_kw)  # frozen head: d(hidden) only
             loss_sum += loss
             dys.append(dy)
         del xs
@@ -258,6 +320,14 @@ class Engine:
     def _lora_kw(self, i: int, k: int, x: torch.Tensor, train: bool) -> dict:
         return {} if self.adapters is None else {"lora": self._lora(i, k, x, train)}
 
+    def _layer_fn(self, i: int, k: int) -> tuple:
+        """(layer, extra) for layer_backward: None, None on the native path (model/llama.py's block)."""
+        if isinstance(self.fns, NativeModel):
+            return None, None
+        aux = self.fns.aux
+        return ((lambda x, w, r, m: self.fns.layer(i, x, w, r, m)),
+                None if aux is None else (lambda: aux.term(i, k)))
+
     @torch.no_grad()
     def _forward(self, mbs: list[MicroBatch], ropes, masks, keep: bool = False) -> list[torch.Tensor]:
         """Embedding rows, then layers 0..L-1 layer-major (every micro-batch passes layer i before
@@ -268,6 +338,9 @@ class Engine:
         table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
         # H2D: tokens * H * itemsize bytes per micro-batch (small, pageable)
         xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
+        if self.fns.embed is not None:  # e.g. Gemma's sqrt(hidden) scale
+            xs = [self.fns.embed(x) for x in xs]
+        aux = self.fns.aux if keep and self.adapters is None else None
         if keep:
             self.ckpts.begin(self.L, xs)
         for i in range(self.L):
@@ -275,8 +348,12 @@ class Engine:
             views = self.units[u].views(self.weights.acquire(u))
             if keep:
                 self.ckpts.save(i, xs)  # layer-boundary checkpoint: kept on the device, or offloaded
-            xs = [block(x, views, r, spec, m, **self._lora_kw(i, k, x, keep))  # compute stream
-                  for k, (x, r, m) in enumerate(zip(xs, ropes, masks))]
+            ys = []
+            for k, (x, r, m) in enumerate(zip(xs, ropes, masks)):
+                ys.append(self.fns.layer(i, x, views, r, m, **self._lora_kw(i, k, x, keep)))  # compute stream
+                if aux is not None:
+                    aux.forward(i, k)  # the router's statistics of this layer and micro-batch
+            xs = ys
             self.weights.release(u)
             # Next layer (or the head) on h2d under this layer's compute. Issued after the compute
             # is queued: the host may block here until the optimizer has updated it.
@@ -289,18 +366,8 @@ class Engine:
         return flat[nv:], flat[:nv].view(self.spec.vocab_size, self.spec.hidden_size)
 
     def _attention_inputs(self, mbs: list[MicroBatch]):
-        """RoPE tables and attention masks per micro-batch. Plain rows share one (S, hd) table and
-        the built-in causal mask; packed rows get per-token positions and a document mask."""
-        ropes, masks = [], []
-        for mb in mbs:
-            if mb.positions is None:
-                ropes.append(self.rope(mb.input_ids.shape[1]))
-                masks.append(None)
-            else:
-                cos, sin = rope_tables(self.spec, mb.positions.to(self.device), self.dtype)  # (B, S, hd)
-                ropes.append((cos[:, None], sin[:, None]))  # (B, 1, S, hd): broadcast over heads
-                masks.append(document_mask(mb.doc_ids.to(self.device)))  # (B, 1, S, S) bool
-        return ropes, masks
+        """Positions (RoPE tables) and attention masks per micro-batch, as the model takes them."""
+        return self.fns.attention_inputs(mbs)
 
     # ---- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -312,8 +379,8 @@ class Engine:
         self.weights.invalidate()
         xs = self._forward(mbs, ropes, masks)
         norm_w, head_w = self._head_views(self.weights.acquire(self.head_unit))
-        total = sum(head_loss(x, mb.labels.to(self.device), norm_w, head_w, self.spec.rms_norm_eps, self.chunk_tokens)
-                    for x, mb in zip(xs, mbs))
+        total = sum(head_loss(x, mb.labels.to(self.device), norm_w, head_w, self.spec.rms_norm_eps, self.chunk_tokens,
+                              **self.fns.head_kw) for x, mb in zip(xs, mbs))
         self.weights.release(self.head_unit)
         self.weights.invalidate()
         return float(total) / max(n_tok, 1), n_tok  # sync point

@@ -5,6 +5,10 @@ d(loss)/d(logits) in place, which then gives d(hidden) and the lm_head gradient 
 into the fp32 device buffer in vocab blocks, so no (V, H) temporary is ever allocated).
 The loss is a sum; the caller passes `inv_n` = 1 / (loss tokens in the whole optimizer step),
 so gradients are those of the token-mean over the step, exactly as if the batch ran at once.
+
+The generic path (megastream.hf) passes the model's own final norm as `norm(h, w)` and its
+`softcap` (Gemma 2: logits = softcap * tanh(logits / softcap)); the defaults are Llama's RMSNorm
+and no capping.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def auto_chunk_tokens(vocab: int) -> int:
 
 def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor,
                        eps: float, inv_n: float, acc_head_w: torch.Tensor | None, acc_norm_w: torch.Tensor | None,
-                       chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       chunk_tokens: int, norm=None, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h (B, S, H) final hidden states, labels (B, S) with IGNORE for no loss.
     Returns (summed loss as an fp32 0-d tensor, d(loss * inv_n)/dh of shape (B, S, H)).
     Adds d/d(head_w) into acc_head_w (V, H) and d/d(norm_w) into acc_norm_w (H,), both fp32;
@@ -40,9 +44,12 @@ def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tens
         hc = hf[s:s + chunk_tokens].detach().requires_grad_()
         nw = norm_w.detach().requires_grad_(acc_norm_w is not None)
         with torch.enable_grad():
-            hn = rms_norm(hc, nw, eps)  # (c, H)
+            hn = rms_norm(hc, nw, eps) if norm is None else norm(hc, nw)  # (c, H)
         hn_d = hn.detach()
         z = F.linear(hn_d, head_w).float()  # (c, V) fp32 logits, the chunk's only large buffer
+        if softcap is not None:
+            t = z.div_(softcap).tanh_()  # in place; kept for the backward of the capping
+            z = t * softcap  # (c, V): a second buffer while capping
         lab = lf[s:s + chunk_tokens]
         valid = lab != IGNORE
         tgt = lab.clamp_min(0)[:, None]
@@ -52,6 +59,9 @@ def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tens
         z.sub_(lse[:, None]).exp_()
         z.scatter_add_(1, tgt, -valid[:, None].to(z.dtype))
         z.mul_((valid.to(z.dtype) * inv_n)[:, None])
+        if softcap is not None:
+            z.mul_(t.mul_(t).neg_().add_(1))  # d(softcap * tanh(z / softcap)) / dz = 1 - tanh^2
+            del t
         dz = z.to(hn_d.dtype)
         del z
         dhn = dz @ head_w  # (c, H)
@@ -68,13 +78,16 @@ def head_loss_and_grad(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tens
 
 
 def head_loss(h: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float,
-              chunk_tokens: int) -> torch.Tensor:
+              chunk_tokens: int, norm=None, softcap: float | None = None) -> torch.Tensor:
     """Summed cross-entropy only (evaluation): the same chunked logits, no gradients."""
     H = h.shape[-1]
     hf, lf = h.reshape(-1, H), labels.reshape(-1)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, hf.shape[0], chunk_tokens):
-        z = F.linear(rms_norm(hf[s:s + chunk_tokens], norm_w, eps), head_w).float()  # (c, V)
+        hc = hf[s:s + chunk_tokens]
+        z = F.linear(rms_norm(hc, norm_w, eps) if norm is None else norm(hc, norm_w), head_w).float()  # (c, V)
+        if softcap is not None:
+            z = z.div_(softcap).tanh_().mul_(softcap)
         lab = lf[s:s + chunk_tokens]
         valid = lab != IGNORE
         loss += ((torch.logsumexp(z, dim=-1) - z.gather(1, lab.clamp_min(0)[:, None])[:, 0]) * valid).sum()

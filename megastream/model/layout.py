@@ -8,6 +8,12 @@ The model is stored as a list of *units*, each one flat contiguous buffer:
 Within a unit, the weight-decayed tensors (2-D matrices, embeddings included) come first, so
 "decay this unit" is one contiguous range `[0, n_decay)`. Load, save, the model function and
 the parity tests all go through this table.
+
+On the generic path (spec.implementation "hf", megastream.hf) a layer unit's entries are the
+`transformers` layer module's own parameters, keyed by their names within the layer
+("self_attn.q_proj.weight"), in the module's order (2-D first as above); where the checkpoint
+stores a parameter in pieces (MoE experts saved one by one), `files` maps each checkpoint tensor
+to its contiguous range of the unit.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ class Entry:
 class UnitLayout:
     name: str  # "embed" | "layer.{i}" | "head"
     entries: tuple[Entry, ...]
+    files: tuple[Entry, ...] | None = None  # checkpoint tensors when they are not the entries themselves
+
+    @property
+    def checkpoint_entries(self) -> tuple[Entry, ...]:
+        """The tensors of this unit as a Hugging Face checkpoint names and shapes them (load and save)."""
+        return self.entries if self.files is None else self.files
 
     @property
     def numel(self) -> int:
@@ -56,13 +68,18 @@ class UnitLayout:
         return {e.key: flat[e.offset:e.offset + e.numel].view(e.shape) for e in self.entries}
 
 
-def _unit(name: str, specs: list[tuple[str, str, tuple[int, ...]]]) -> UnitLayout:
+def _unit(name: str, specs, files=None) -> UnitLayout:
+    """specs: (key, hf name, shape) in model order; files: (checkpoint name, key, element offset
+    within that entry, shape) for a checkpoint that stores the entries in pieces, or None."""
     specs = sorted(specs, key=lambda s: len(s[2]) < 2)  # stable: 2-D first, order kept otherwise
     entries, offset = [], 0
     for key, hf_name, shape in specs:
         entries.append(Entry(key, hf_name, tuple(shape), offset))
         offset += math.prod(shape)
-    return UnitLayout(name, tuple(entries))
+    if files is not None:
+        at = {e.key: e.offset for e in entries}
+        files = tuple(Entry(key, ck_name, tuple(shape), at[key] + off) for ck_name, key, off, shape in files)
+    return UnitLayout(name, tuple(entries), files)
 
 
 def layer_layout(spec: ModelSpec, i: int) -> UnitLayout:
@@ -104,12 +121,14 @@ def head_layout(spec: ModelSpec) -> UnitLayout:
 
 def model_layout(spec: ModelSpec) -> list[UnitLayout]:
     """All units in storage and update order: embed, layer 0..L-1, head."""
+    if spec.implementation == "hf":  # shapes read from the transformers module (megastream.hf.unit)
+        return [_unit(name, params, files) for name, params, files in spec.hf_units]
     return [embed_layout(spec)] + [layer_layout(spec, i) for i in range(spec.num_layers)] + [head_layout(spec)]
 
 
 def hf_names(spec: ModelSpec) -> dict[str, tuple[int, Entry]]:
-    """HF tensor name -> (unit index, entry)."""
-    return {e.hf_name: (u, e) for u, unit in enumerate(model_layout(spec)) for e in unit.entries}
+    """HF checkpoint tensor name -> (unit index, entry)."""
+    return {e.hf_name: (u, e) for u, unit in enumerate(model_layout(spec)) for e in unit.checkpoint_entries}
 
 
 def count_params(spec: ModelSpec) -> int:

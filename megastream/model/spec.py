@@ -1,6 +1,10 @@
 """ModelSpec: the shape of a Llama-family model, read from (and written back to) a Hugging Face
 config.json. Both the transformers 4.x layout (`rope_theta` + `rope_scaling`) and the 5.x layout
 (`rope_parameters`) are understood.
+
+A spec with `implementation: "hf"` describes any decoder-only `transformers` model run through the
+generic unit (megastream.hf): its shape fields are read from the `transformers` config, and
+`hf_units` holds each unit's parameters as the real module names and shapes them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+class UnsupportedModel(CheckpointError):
+    """The native path does not implement this model (`model.implementation: auto` then tries the
+    generic path, megastream.hf)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,18 @@ class ModelSpec:
     initializer_range: float = 0.02
     torch_dtype: str = "bfloat16"  # dtype the weights were published in
     extra: dict = field(default_factory=dict)  # bos/eos/pad ids etc., carried to the saved config
+    # "native": model/llama.py's functions; "hf": the transformers layer module itself (megastream.hf)
+    implementation: str = "native"
+    hf_config: Optional[dict] = None  # hf: the config.json the module is built from
+    # hf: per unit, (name, ((key, module name, shape), ...) in the module's order, checkpoint map or None),
+    # the checkpoint map being ((checkpoint name, key, element offset in that parameter, shape), ...)
+    # where the checkpoint's tensors are not the module's parameters (MoE experts saved one by one)
+    hf_units: tuple = ()
 
     @property
     def model_type(self) -> str:
+        if self.hf_config is not None:
+            return self.hf_config.get("model_type", "")
         return SUPPORTED_ARCHITECTURES[self.architecture]
 
     @property
@@ -64,9 +82,10 @@ class ModelSpec:
         by_type = {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}
         arch = archs[0] if archs else by_type.get(cfg.get("model_type", ""), "")
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(
-                f"{source}: architecture {arch or cfg.get('model_type')!r} is not supported; "
-                f"megastream trains {', '.join(SUPPORTED_ARCHITECTURES)}.")
+            raise UnsupportedModel(
+                f"{source}: architecture {arch or cfg.get('model_type')!r} is not supported natively; "
+                f"megastream's native path trains {', '.join(SUPPORTED_ARCHITECTURES)} (model.implementation: "
+                "hf runs other decoder-only transformers models).")
 
         def need(key):
             if key not in cfg:
@@ -89,7 +108,8 @@ class ModelSpec:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             unsupported.append(f"rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if unsupported:
-            raise CheckpointError(f"{source}: unsupported setting(s) for megastream: {'; '.join(unsupported)}.")
+            raise UnsupportedModel(f"{source}: unsupported setting(s) for megastream's native path: "
+                                   f"{'; '.join(unsupported)} (model.implementation: hf runs them through transformers).")
 
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
@@ -132,6 +152,8 @@ class ModelSpec:
 
     def to_hf_config(self, dtype: str) -> dict:
         """A config.json that `transformers` loads as this architecture."""
+        if self.hf_config is not None:  # the generic path: the config it was built from, as it was
+            return {**{k: v for k, v in self.hf_config.items() if k != "dtype"}, "torch_dtype": dtype}
         cfg = {
             "architectures": [self.architecture],
             "model_type": self.model_type,

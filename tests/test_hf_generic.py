@@ -1,0 +1,195 @@
+"""The generic path (model.implementation: hf, megastream/hf/): a transformers decoder layer streamed
+like any unit and called functionally on views of its buffer. Through the real CLI, on the CPU in
+float32, against transformers + clip_grad_norm_ + torch.optim.AdamW (as tests/test_parity.py does
+for the native path), and against the native path itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from helpers import make_hf_model, read_metrics, rel_err, run_cli, write_config, write_ids
+from test_parity import ACCUM, LR, MB, MIN_LR, SEQ, STEPS, WARMUP, WD, _lr, _rows
+
+transformers = pytest.importorskip("transformers")
+
+LOSS_TOL, UPDATE_TOL = 1e-4, 5e-3
+
+
+def _config(tmp_path, model_dir, data, out, impl="hf", clip=0.5, pack=False, steps=STEPS, **extra) -> str:
+    return str(write_config(tmp_path / f"{out}.yaml", {
+        "model": {"path": str(model_dir), "implementation": impl},
+        "data": {"path": str(data), "seq_len": SEQ, "shuffle": False, "pack": pack},
+        "train": {"steps": steps, "micro_batch_size": MB, "grad_accum": ACCUM, "lr": LR, "warmup_steps": WARMUP,
+                  "schedule": "cosine", "min_lr": MIN_LR, "weight_decay": WD, "grad_clip": clip, "seed": 0},
+        "optim": {"betas": [0.9, 0.95], "eps": 1e-8},
+        "engine": {"device": "cpu", "dtype": "float32", "loss_chunk_tokens": 7},  # several head chunks
+        "output": {"dir": str(tmp_path / out), "progress": False, **extra},
+    }))
+
+
+def _reference(model, rows, clip: float):
+    """Plain PyTorch training of the transformers model on the same padded rows, in file order; a
+    model that asks for its router's load-balancing loss (output_router_logits) gets coef * aux_loss
+    of each micro-batch, averaged over the step's micro-batches."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    coef = model.config.router_aux_loss_coef if getattr(model.config, "output_router_logits", False) else None
+    losses, norms = [], []
+    for step in range(STEPS):
+        mbs = [rows[(step * ACCUM + k) * MB:(step * ACCUM + k + 1) * MB] for k in range(ACCUM)]
+        n_tok = sum(len(r) - 1 for mb in mbs for r in mb)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in mbs:
+            ids = torch.zeros(len(mb), SEQ, dtype=torch.long)
+            labels = torch.full((len(mb), SEQ), -100, dtype=torch.long)
+            for j, r in enumerate(mb):
+                ids[j, :len(r)] = torch.tensor(r)
+                labels[j, :len(r) - 1] = torch.tensor(r[1:])
+            out = model(input_ids=ids)
+            logits = out.logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum") / n_tok
+            if coef is not None:
+                loss = loss + coef * out.aux_loss / ACCUM
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        for g in opt.param_groups:
+            g["lr"] = _lr(step)
+        opt.step()
+        losses.append(total)
+        norms.append(float(norm))
+    return losses, norms
+
+
+def _load_saved(path):
+    """What megastream saved, as transformers loads it (the user's way), parameters by module name."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def check_against_transformers(tmp_path, model, model_dir, clip=0.5, rows=None):
+    """Train the saved model with megastream's generic path and with the plain reference; compare
+    every step's loss and grad norm, and every parameter's update."""
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = rows or _rows(model.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    data = write_ids(tmp_path / "train.jsonl", rows)
+    run_cli("train", _config(tmp_path, model_dir, data, "run", clip=clip))
+
+    ref_losses, ref_norms = _reference(model, rows, clip)
+    got = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for m, loss, norm in zip(got, ref_losses, ref_norms):
+        assert abs(m["loss"] - loss) <= LOSS_TOL * abs(loss), (m["step"], m["loss"], loss)
+        assert abs(m["grad_norm"] - norm) <= LOSS_TOL * norm, (m["step"], m["grad_norm"], norm)
+    if clip > 0:
+        assert all(n > clip for n in ref_norms), "clipping must be active in this test"
+
+    saved = _load_saved(tmp_path / "run" / "final")
+    ref = {n: p.detach() for n, p in model.named_parameters()}
+    assert set(saved) == set(ref)
+    worst = 0.0
+    for name, p in ref.items():
+        update = p - initial[name]
+        if update.norm() == 0:  # e.g. a padding row's only parameter: nothing moved either way
+            assert saved[name].equal(p), name
+            continue
+        err = rel_err(saved[name] - initial[name], update)
+        worst = max(worst, err)
+        assert err <= UPDATE_TOL, (name, err)
+    return got, worst
+
+
+# ---- step 1: Llama and Qwen2 through the generic path ------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_generic_llama_qwen2_match_transformers_and_native(tmp_path, kind):
+    model_dir = tmp_path / "model"
+    model = make_hf_model(kind, model_dir, max_shard_size="20KB" if kind == "llama" else None)  # llama: sharded
+    got, _ = check_against_transformers(tmp_path, model, model_dir)
+
+    rows = _rows(model.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    run_cli("train", _config(tmp_path, model_dir, tmp_path / "train.jsonl", "native", impl="native"))
+    native = read_metrics(tmp_path / "native")
+    assert len(rows) == STEPS * ACCUM * MB
+    for a, b in zip(got, native):  # the same functions, op for op: equal to rounding
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]), (a["loss"], b["loss"])
+    wa, wb = _safetensors(tmp_path / "run" / "final"), _safetensors(tmp_path / "native" / "final")
+    assert wa.keys() == wb.keys()
+    assert max(rel_err(wa[k], wb[k]) for k in wa) <= 2e-5  # AdamW amplifies rounding of tiny gradients
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["architectures"] == json.loads((model_dir / "config.json").read_text())["architectures"]
+
+
+def _safetensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _packed_docs(vocab: int, n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(3, SEQ - 2, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_generic_packed_rows_equal_native(tmp_path):
+    """Packed rows (several documents per row, positions restarting, attention kept within each
+    document): the generic path's masks come from transformers' own mask builders, and give what the
+    native path's document mask gives."""
+    model_dir = tmp_path / "model"
+    model = make_hf_model("llama", model_dir)
+    data = write_ids(tmp_path / "docs.jsonl", _packed_docs(model.config.vocab_size, 40, seed=3))
+    for impl in ("hf", "native"):
+        run_cli("train", _config(tmp_path, model_dir, data, impl, impl=impl, pack="bfd"))
+    a, b = read_metrics(tmp_path / "hf"), read_metrics(tmp_path / "native")
+    assert min(m["fill"] for m in a) > 0.7  # several documents per row
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(y["loss"]), (x["loss"], y["loss"])
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * y["grad_norm"]
+    wa, wb = _safetensors(tmp_path / "hf" / "final"), _safetensors(tmp_path / "native" / "final")
+    assert max(rel_err(wa[k], wb[k]) for k in wa) <= 2e-5  # AdamW amplifies rounding of tiny gradients
+
+
+def test_generic_save_load_round_trip_and_exact_resume(tmp_path):
+    """final/ loads in transformers with the same logits as megastream's weights, loads back into the
+    generic path; a run resumed from checkpoint-2 equals the straight run bit for bit."""
+    model_dir = tmp_path / "model"
+    model = make_hf_model("qwen2", model_dir)
+    data = write_ids(tmp_path / "train.jsonl", _rows(model.config.vocab_size, 4 * ACCUM * MB, seed=2))
+    run_cli("train", _config(tmp_path, model_dir, data, "straight", steps=4, save_every=2))
+    straight = tmp_path / "straight"
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    (resumed / "metrics.jsonl").write_text("".join((straight / "metrics.jsonl").read_text().splitlines(True)[:2]))
+    cfg = _config(tmp_path, model_dir, data, "resumed", steps=4, save_every=2)
+    proc = run_cli("train", cfg, "--resume")
+    assert "at step 2" in proc.stdout
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert [m["grad_norm"] for m in a] == [m["grad_norm"] for m in b]
+    wa, wb = _safetensors(straight / "final"), _safetensors(resumed / "final")
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+
+    # final/ loads in transformers as the user would, and starts a generic run of its own
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(straight / "final", dtype=torch.float32)
+    ids = torch.tensor([_rows(model.config.vocab_size, 1, seed=5)[0][:SEQ]])
+    assert torch.isfinite(loaded(input_ids=ids).logits).all()
+    for name, p in loaded.named_parameters():
+        assert p.detach().equal(wa[name]), name
+    run_cli("train", _config(tmp_path, straight / "final", data, "again", steps=1))
+    assert read_metrics(tmp_path / "again")[0]["loss"] == pytest.approx(a[-1]["loss"], rel=0.5)
