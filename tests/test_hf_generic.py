@@ -97,6 +97,11 @@ def check_against_transformers(tmp_path, model, model_dir, clip=0.5, rows=None):
     saved = _load_saved(tmp_path / "run" / "final")
     ref = {n: p.detach() for n, p in model.named_parameters()}
     assert set(saved) == set(ref)
+    pad = model.get_input_embeddings().padding_idx
+    if pad is not None:  # nn.Embedding(padding_idx): the lookup gives that row no gradient
+        name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        err = rel_err(saved[name][pad] - initial[name][pad], ref[name][pad] - initial[name][pad])
+        assert err <= UPDATE_TOL, ("padding row", err)
     worst = 0.0
     for name, p in ref.items():
         update = p - initial[name]
@@ -193,3 +198,48 @@ def test_generic_save_load_round_trip_and_exact_resume(tmp_path):
         assert p.detach().equal(wa[name]), name
     run_cli("train", _config(tmp_path, straight / "final", data, "again", steps=1))
     assert read_metrics(tmp_path / "again")[0]["loss"] == pytest.approx(a[-1]["loss"], rel=0.5)
+
+
+# ---- step 2: dense models the native path does not have -------------------------------------------
+
+_DENSE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MODELS = {
+    # alternating sliding-window (4 < seq_len) and global layers, attention and final logit soft-capping (set
+    # low, so that they bend these small logits), embedding scale sqrt(hidden), (1 + w) norms, tied head
+    "gemma2": ("Gemma2Config", dict(_DENSE, head_dim=16, sliding_window=4, attn_logit_softcapping=0.5,
+                                    final_logit_softcapping=0.6, query_pre_attn_scalar=16)),
+    # local (sliding, its own rope base) and global layers, q/k norms, embedding scale, tied head
+    "gemma3": ("Gemma3TextConfig", dict(_DENSE, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        final_logit_softcapping=0.7)),
+    # fused qkv and gate_up projections, sliding window everywhere, untied head
+    "phi3": ("Phi3Config", dict(_DENSE, sliding_window=5, tie_word_embeddings=False)),
+    # q/k norms over all heads, norms after attention and MLP, untied head
+    "olmo2": ("Olmo2Config", dict(_DENSE, tie_word_embeddings=False)),
+}
+
+
+def make_model(kind: str, path, seed: int = 0, **overrides):
+    """A small random model of `kind`, saved with save_pretrained and loaded back from disk as a
+    user's would be (the reference then trains that one)."""
+    cls, kw = MODELS[kind]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**kw, **overrides}))
+    with torch.no_grad():  # norms start at 0 or 1 and biases at 0: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.float().save_pretrained(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_generic_dense_models_match_transformers(tmp_path, kind):
+    model_dir = tmp_path / "model"
+    model = make_model(kind, model_dir)
+    rows = _rows(model.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    for r in rows:  # the padding token inside rows too, where it carries loss
+        r[2] = model.config.pad_token_id
+    _, worst = check_against_transformers(tmp_path, model, model_dir, rows=rows)
+    assert worst > 0
