@@ -69,8 +69,8 @@ def meta_model(config: dict, device: torch.device | str = "cpu", source: str = "
         cfg = transformers.AutoConfig.for_model(**config)
     except (ValueError, KeyError) as e:
         raise UnsupportedModel(f"{source}: transformers {transformers.__version__} does not know model_type "
-                               f"{config.get('model_type')!r} ({e}); upgrade transformers or use a supported model"
-                               ) from None
+                               f"{config.get('model_type')!r} ({str(e).split('. ')[0]}); upgrade transformers or use "
+                               "a model it defines") from None
     if getattr(cfg, "is_encoder_decoder", False):
         raise UnsupportedModel(f"{source}: {name} is an encoder-decoder model; megastream streams decoder-only causal "
                                "language models (one stack of decoder layers)")
