@@ -329,3 +329,26 @@ def test_custom_layer_signature_is_refused_by_name(tmp_path, monkeypatch):
                                               r"has a custom signature forward\(hidden_states, rotary, mask\).*"
                                               r"position_embeddings, attention_mask is missing"):
         spec_from_dir(model_dir)
+
+
+# ---- plan -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mixtral", "gemma2"])
+def test_plan_counts_the_real_modules_parameters(tmp_path, kind):
+    """`megastream plan` on the generic path sizes the host store from the transformers module's own
+    parameters (fused experts; a tied head counted once), as the store that training allocates."""
+    from megastream.config import load_config
+    from megastream.model.layout import model_layout
+    from megastream.resolve import model_spec
+    from megastream.store import HostStore
+
+    model = make_model(kind, tmp_path / "model")
+    data = write_ids(tmp_path / "d.jsonl", [[1, 2, 3, 4, 5]] * 8)
+    cfg = _config(tmp_path, tmp_path / "model", data, "run")
+    plan = json.loads(run_cli("plan", cfg, "--json").stdout)
+    assert plan["architecture"] == type(model).__name__
+    assert plan["params"] == sum(p.numel() for p in model.parameters())
+    spec = model_spec(load_config(cfg))
+    store = HostStore(model_layout(spec), torch.float32, torch.float32, pin=False)
+    for part, nbytes in store.breakdown().items():
+        assert plan["host_bytes"][part] == nbytes, part
