@@ -5,6 +5,8 @@ settings the shape rules out. Cheap (no weights or data are read) and below ever
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from megastream.config import Config
@@ -70,11 +72,8 @@ def model_spec(cfg: Config) -> ModelSpec:
     except UnsupportedModel as native:
         if impl == "native":
             raise
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise UnsupportedModel(f"{native} The generic path needs transformers: pip install 'megastream[hf]'"
-                                   ) from None
+        if importlib.util.find_spec("transformers") is None:
+            raise UnsupportedModel(f"{native} The generic path needs transformers: pip install 'megastream[hf]'")
         from megastream.hf import spec_from_dir
 
         return spec_from_dir(cfg.model.path)

@@ -352,3 +352,29 @@ def test_plan_counts_the_real_modules_parameters(tmp_path, kind):
     store = HostStore(model_layout(spec), torch.float32, torch.float32, pin=False)
     for part, nbytes in store.breakdown().items():
         assert plan["host_bytes"][part] == nbytes, part
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "phi3"])
+def test_packed_masks_equal_transformers_packing_by_positions(tmp_path, kind):
+    """On packed rows the generic path's masks (document ids on top of transformers' own builders)
+    are those transformers builds when it detects packing from restarting position_ids: for
+    sliding-window and global layers, eager (Gemma 2: additive float) and sdpa (Phi-3: boolean)."""
+    from transformers import masking_utils as mu
+
+    from megastream.engine.engine import MicroBatch
+    from megastream.hf import HFModel, spec_from_dir
+
+    make_model(kind, tmp_path / "model")
+    spec = spec_from_dir(tmp_path / "model")
+    fns = HFModel(spec, torch.device("cpu"), torch.float32)
+    lengths = [[5, 4, 3], [9, 3]]  # the last "document" of the first row is its padding tail (doc id -1)
+    pos = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    docs = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lengths])
+    docs[0, 9:] = -1
+    (_, ), (masks, ) = fns.attention_inputs([MicroBatch(pos * 0, pos * 0, pos, docs)])
+    embeds = torch.empty(2, SEQ, 0)
+    build = {"full_attention": mu.create_causal_mask, "sliding_attention": mu.create_sliding_window_causal_mask}
+    assert set(masks) == set(fns.types) and len(set(masks)) == (2 if kind == "gemma2" else 1)
+    for t, m in masks.items():
+        ref = build[t](fns.parts.config, embeds, None, None, position_ids=pos)
+        assert m.dtype == ref.dtype and m.equal(ref), t

@@ -23,7 +23,7 @@ import inspect
 import torch
 from torch import nn
 
-from megastream.hf.unit import Parts, call_layer, import_transformers, layer_types, meta_model
+from megastream.hf.unit import Parts, call_layer, layer_types, meta_model
 from megastream.model.spec import ModelSpec
 
 
@@ -92,14 +92,13 @@ class HFModel:
         within one document are then those of its own positions)."""
         from transformers import masking_utils as mu
 
-        import_transformers()
         embeds = torch.empty(B, S, 0, dtype=self.dtype, device=self.device)  # read for B, S, dtype, device only
-        same_doc = None
-        if docs is not None:
-            def same_doc(b, h, q, kv):
-                return docs[b, q] == docs[b, kv]
+
+        def same_doc(b, h, q, kv):
+            return docs[b, q] == docs[b, kv]
+
         build = {"full_attention": mu.create_causal_mask, "sliding_attention": mu.create_sliding_window_causal_mask}
-        return {t: build[t](self.parts.config, embeds, None, None, and_mask_function=same_doc)
+        return {t: build[t](self.parts.config, embeds, None, None, and_mask_function=None if docs is None else same_doc)
                 for t in set(self.types)}
 
     # ---- layers ----------------------------------------------------------------------------------

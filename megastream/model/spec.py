@@ -109,7 +109,8 @@ class ModelSpec:
             unsupported.append(f"rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if unsupported:
             raise UnsupportedModel(f"{source}: unsupported setting(s) for megastream's native path: "
-                                   f"{'; '.join(unsupported)} (model.implementation: hf runs them through transformers).")
+                                   f"{'; '.join(unsupported)} (model.implementation: hf runs them through "
+                                   "transformers).")
 
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
