@@ -14,6 +14,7 @@ previous checkpoint as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -47,6 +48,18 @@ def training_state_bytes(store: HostStore) -> int:
     return sum(t.numel() * t.element_size() for u in range(len(store.units)) for t in unit_tensors(store, u).values())
 
 
+def layout_digest(store: HostStore) -> str:
+    """A hash of every unit's parameter names, shapes and offsets in the flat buffers: the optimizer
+    state is stored flat per unit, so it resumes only onto the same layout (the native and the
+    generic path order some parameters differently)."""
+    h = hashlib.blake2b(digest_size=8)
+    for unit in store.units:
+        h.update(unit.name.encode())
+        for e in unit.entries:
+            h.update(f"|{e.hf_name}:{tuple(e.shape)}@{e.offset}".encode())
+    return h.hexdigest()
+
+
 def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: int, config: dict) -> None:
     """Add the optimizer state and trainer state to a checkpoint directory being written."""
     (tmp / OPTIM_DIR).mkdir()
@@ -57,7 +70,7 @@ def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: 
                           [(k, t, tuple(t.shape)) for k, t in unit_tensors(store, u).items()], finite=True)
     save_file({"rng_state": torch.get_rng_state()}, str(tmp / RNG_FILE))
     state = {"step": step, "adam_steps": adam_steps, "master": "fp32" if store.master is not None else "none",
-             "states": store.states, "config": config}
+             "states": store.states, "layout": layout_digest(store), "config": config}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
@@ -78,6 +91,12 @@ def read_training_state(path: Path, store: HostStore) -> dict:
             f"{path} was written with optim.master={state.get('master')}, optim.states={state.get('states')}, "
             f"but the config says optim.master={master}, optim.states={store.states}; set them to match the "
             "checkpoint to resume it")
+    if state.get("layout", layout_digest(store)) != layout_digest(store):  # checkpoints before it: not checked
+        impl = (state.get("config") or {}).get("model", {}).get("implementation", "auto")
+        raise CheckpointError(
+            f"{path} was written for another parameter layout of this model (model.implementation was {impl!r} "
+            "then, and the native and hf paths store some parameters in another order), so its optimizer state "
+            "cannot be resumed here; resume with the model.implementation it was written with")
     for u, unit in enumerate(store.units):
         f = path / OPTIM_DIR / f"{unit.name}.safetensors"
         want = unit_tensors(store, u)
