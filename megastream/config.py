@@ -454,8 +454,6 @@ def _check_lora(lo: LoraConfig, need, errors: list[str]) -> None:
              f"{', '.join(LORA_TARGETS)}")
         dup = sorted({t for t in lo.target_modules if lo.target_modules.count(t) > 1})
         need(not dup, "lora.target_modules", f"{', '.join(dup)} listed more than once")
-    need(lo.base_dtype not in ("int8", "nf4"), "lora.base_dtype",
-         f"{lo.base_dtype} (a quantized base) is not built yet; use auto, bf16 or float32")
     if lo.init is not None:
         p = Path(lo.init)
         if not p.is_dir():

@@ -102,6 +102,9 @@ def lora_start(cfg: Config, spec: ModelSpec, log, load_init: bool = True) -> tup
     model, rank and targets) or None (also when resuming: the checkpoint holds the adapter). Cheap:
     runs before anything is written."""
     lo = cfg.lora
+    if lo.base_dtype not in ("auto", *_BASE_DTYPES):  # `plan` already budgets int8 / nf4
+        raise ConfigError(f"lora.base_dtype: {lo.base_dtype} (a quantized base) is not built into training yet; use "
+                          "auto, bf16 or float32 (`megastream plan` shows what each would take)")
     targets = resolve_targets(lo.target_modules, spec)
     if lo.init is None or not load_init:
         return targets, None

@@ -68,9 +68,10 @@ def _plain_lora_grads(spec, store, ad, mbs, step=1):
             for s in ad.by_layer[i]:
                 a = params[s.offset:s.offset + s.a_numel].view(s.a_shape)
                 b = params[s.offset + s.a_numel:s.offset + s.numel].view(s.b_shape)
-                drop = (ad.dropout_mask(step, i, k, s.key, (B, S, s.a_shape[1]), torch.float32)
-                        if ad.dropout > 0 else None)
-                lora[s.key] = Adapter(a, b, ad.scale, drop)
+                lora[s.key] = Adapter(a, b, ad.scale)
+                if ad.dropout > 0:  # the masks the engine draws, once here (forward and recompute there)
+                    keep = ad.dropout_mask(step, i, k, s.key, (B, S, s.a_shape[1]))
+                    lora[s.key] = Adapter(a, b, ad.scale, keep, ad.keep_scale)
             x = block(x, views[i + 1], rope, spec, None, lora)
         head = views[-1]
         w = views[0]["embed"] if spec.tie_word_embeddings else head["lm_head"]
@@ -83,8 +84,9 @@ def _plain_lora_grads(spec, store, ad, mbs, step=1):
 
 
 @pytest.mark.parametrize("tied,targets,dropout",
-                         [(False, LORA_TARGETS, 0.0), (True, LORA_TARGETS, 0.0), (False, ("q_proj", "down_proj"), 0.3)],
-                         ids=["untied-all", "tied+bias-all", "two-targets-dropout"])
+                         [(False, LORA_TARGETS, 0.0), (True, LORA_TARGETS, 0.0), (False, ("q_proj", "down_proj"), 0.3),
+                          (False, ("o_proj", "up_proj"), 0.0)],
+                         ids=["untied-all", "tied+bias-all", "two-targets-dropout", "no-down-adapter"])
 def test_adapter_grads_match_plain_autograd(tied, targets, dropout):
     spec = _spec(tied)
     store, ad, engine = _setup(spec, targets, dropout)
@@ -310,10 +312,10 @@ def test_lora_run_matches_transformers_peft_adamw(tmp_path, kind):
     _check_against_reference(run, pm, init, *_peft_reference(pm, rows))
 
 
-def _mask(step: int, layer: int, mb: int, key: str, shape, dtype=torch.float32) -> torch.Tensor:
-    """An injected dropout mask: a function of where it applies, p = 0.25."""
+def _keep(step: int, layer: int, mb: int, key: str, shape) -> torch.Tensor:
+    """An injected dropout mask (True: kept): a function of where it applies, p = 0.25."""
     g = torch.Generator().manual_seed(hash((step, layer, mb, key)) % (1 << 31))
-    return ((torch.rand(shape, generator=g) >= 0.25).to(dtype) / 0.75)
+    return torch.rand(shape, generator=g) >= 0.25
 
 
 def test_lora_dropout_with_an_injected_mask_matches_peft(tmp_path, monkeypatch):
@@ -324,9 +326,9 @@ def test_lora_dropout_with_an_injected_mask_matches_peft(tmp_path, monkeypatch):
     rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
     calls = []
 
-    def engine_mask(self, step, layer, mb, key, shape, dtype):
+    def engine_mask(self, step, layer, mb, key, shape):
         calls.append((step, layer, mb, key))
-        return _mask(step, layer, mb, key, shape, dtype)
+        return _keep(step, layer, mb, key, shape)
 
     monkeypatch.setattr(LoraAdapters, "dropout_mask", engine_mask)
     run = _lora_run(tmp_path, rows, dropout=0.25)
@@ -342,7 +344,7 @@ def test_lora_dropout_with_an_injected_mask_matches_peft(tmp_path, monkeypatch):
 
         def forward(self, x):
             step, mb = where["now"]
-            return x * _mask(step, self.layer, mb, self.key, tuple(x.shape))
+            return x * _keep(step, self.layer, mb, self.key, tuple(x.shape)) / 0.75  # as nn.Dropout(0.25) scales
 
     for i, layer in enumerate(pm.base_model.model.model.layers):
         for mod in (*[getattr(layer.self_attn, t) for t in ("q_proj", "k_proj", "v_proj", "o_proj")],
@@ -455,7 +457,7 @@ def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
 
     refused("lora.target_modules", "'qproj'", target_modules=["qproj", "v_proj"])
     refused("lora.rank", ">= 1", rank=0)
-    refused("lora.base_dtype", "not built yet", base_dtype="nf4")
+    refused("lora.base_dtype", "not built", base_dtype="nf4")
     refused("lora.rank is 8", "r=4", rank=8)  # the init adapter has r=4
     refused("lora.target_modules", "q_proj", target_modules=["q_proj", "v_proj"])  # it adapts all seven
 

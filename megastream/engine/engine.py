@@ -142,7 +142,7 @@ def lora_layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayou
     x = x.detach().requires_grad_(need_dx)
     leaves = [t for ad in lora.values() for t in (ad.a, ad.b)]
     with torch.enable_grad():
-        y = block(x, layout.views(w_flat), rope, spec, mask, lora)
+        y = block(x, layout.views(w_flat), rope, spec, mask, lora, value=False)  # only its graph is used
     grads = torch.autograd.grad(y, ([x] if need_dx else []) + leaves, dy)
     return (grads[0], list(grads[1:])) if need_dx else (None, list(grads))
 
@@ -314,7 +314,7 @@ class Engine:
             B, S = x.shape[:2]
 
             def drop_for(s):
-                return ad.dropout_mask(self.adam_steps, i, k, s.key, (B, S, s.a_shape[1]), self.dtype)
+                return ad.dropout_mask(self.adam_steps, i, k, s.key, (B, S, s.a_shape[1]))
         return ad.layer(i, self.dtype, drop_for=drop_for, grad=grad)
 
     def _lora_kw(self, i: int, k: int, x: torch.Tensor, train: bool) -> dict:

@@ -86,30 +86,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 class Adapter(NamedTuple):
-    """A low-rank adapter on one projection: y = x W^T + scale * (drop * x) A^T B^T (PEFT's LoRA)."""
+    """A low-rank adapter on one projection (PEFT's LoRA): y = x W^T + scale * drop(x) A^T B^T, where
+    drop(x) = keep_scale * (x where `keep`, else 0), keep_scale = 1 / P(keep)."""
     a: torch.Tensor  # (r, in)
     b: torch.Tensor  # (out, r)
     scale: float
-    drop: torch.Tensor | None = None  # dropout as a multiplier of x (0 or 1 / (1 - p)), None: no dropout
+    keep: torch.Tensor | None = None  # dropout: bool, the shape of x (None: no dropout)
+    keep_scale: float = 1.0
+
+
+class _GradientOnly(torch.autograd.Function):
+    """x W^T for a frozen W when only its gradient is wanted, not its value (the last projection of
+    a layer recomputed for backward over a frozen base): forward skips the GEMM and returns zeros,
+    backward gives d(x) = d(y) W."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x.new_zeros(x.shape[0], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        (w,) = ctx.saved_tensors
+        return dy @ w, None
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], key: str,
-           lora: dict[str, Adapter] | None = None) -> torch.Tensor:
-    """Projection `key` of the layer (with its bias, if any), plus its adapter when it has one."""
-    y = F.linear(x, w[key], w.get(key + "_b"))
+           lora: dict[str, Adapter] | None = None, value: bool = True) -> torch.Tensor:
+    """Projection `key` of the layer (with its bias, if any), plus its adapter when it has one.
+    value=False (a frozen W): only the gradient graph is built, the base GEMM is skipped and the
+    result's value is meaningless."""
     ad = lora.get(key) if lora else None
+    if ad is None and value:
+        return F.linear(x, w[key], w.get(key + "_b"))
+    x2 = x.flatten(0, -2)  # (tokens, in)
+    y = F.linear(x2, w[key], w.get(key + "_b")) if value else _GradientOnly.apply(x2, w[key])  # (tokens, out)
     if ad is None:
-        return y
-    xa = x if ad.drop is None else x * ad.drop
-    return y + F.linear(F.linear(xa, ad.a), ad.b) * ad.scale  # (.., r) then (.., out): never a (out, in) delta
+        return y.view(*x.shape[:-1], y.shape[-1])
+    xa = x2 if ad.keep is None else torch.where(ad.keep.flatten(0, -2), x2, 0.0)
+    # y += (xa A^T)(scale B)^T: the (tokens, r) product, then one GEMM accumulating into y in place
+    # (F.linear's backward does not need its output); never an (out, in) delta; both scales go on B
+    y.addmm_(F.linear(xa, ad.a), (ad.b * (ad.scale * ad.keep_scale)).t())
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def block(x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
           spec: ModelSpec, mask: torch.Tensor | None = None,
-          lora: dict[str, Adapter] | None = None) -> torch.Tensor:
+          lora: dict[str, Adapter] | None = None, value: bool = True) -> torch.Tensor:
     """One transformer layer: x (B, S, H) -> (B, S, H). `w` holds views of the layer's buffer;
     `mask` (packed documents) as in `attention`; `lora` maps projection keys (q, k, v, o, gate, up,
-    down) to their adapters."""
+    down) to their adapters. value=False, for a backward recompute over a frozen base: the output's
+    gradient graph without its value (the down projection's base GEMM, 1/4 to 1/3 of the layer's
+    matmul work in a recompute, is not needed for backward and is skipped)."""
     B, S, _ = x.shape
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     cos, sin = rope
@@ -126,7 +154,7 @@ def block(x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor,
     x = x + linear(a, w, "o", lora)
 
     h = rms_norm(x, w["ln2"], spec.rms_norm_eps)
-    return x + linear(F.silu(linear(h, w, "gate", lora)) * linear(h, w, "up", lora), w, "down", lora)
+    return x + linear(F.silu(linear(h, w, "gate", lora)) * linear(h, w, "up", lora), w, "down", lora, value)
 
 
 def embed(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
