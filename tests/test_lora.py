@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from helpers import assert_close_normwise, fp_tol
 
@@ -41,13 +42,14 @@ def _batches(spec, M, B, S, seed=0):
     return mbs
 
 
-def _setup(spec, targets=LORA_TARGETS, dropout=0.0, clip=0.0, wd=0.0, chunk=5):
+def _setup(spec, targets=LORA_TARGETS, dropout=0.0, clip=0.0, wd=0.0, chunk=5, activations="device"):
     store = HostStore(model_layout(spec), torch.float32, torch.float32, pin=False, trainable=False)
     store.init_random(0.2, seed=3)
     ad = LoraAdapters(spec, targets, rank=RANK, alpha=ALPHA, dropout=dropout, rslora=False,
                       device=torch.device("cpu"), seed=0)
     ad.params.copy_(torch.randn(ad.numel, generator=torch.Generator().manual_seed(7)) * 0.3)  # A and B non-zero
-    cfg = Config(train=TrainConfig(grad_clip=clip, weight_decay=wd), engine=EngineConfig(loss_chunk_tokens=chunk),
+    cfg = Config(train=TrainConfig(grad_clip=clip, weight_decay=wd),
+                 engine=EngineConfig(loss_chunk_tokens=chunk, activations=activations),
                  lora=LoraConfig(rank=RANK, alpha=ALPHA, dropout=dropout, target_modules=targets))
     return store, ad, Engine(spec, store, cfg, torch.device("cpu"), adapters=ad)
 
@@ -146,6 +148,17 @@ def test_update_is_torch_adamw_with_clipping_and_decay():
         opt.step()
         assert_close_normwise(ad.params, p.detach(), 64, msg=f"step {step}")
     engine.close()
+
+
+def test_offloaded_activations_give_the_same_steps():
+    spec = _spec(True)
+    runs = []
+    for mode in ("device", "host"):
+        store, ad, engine = _setup(spec, dropout=0.2, clip=0.5, activations=mode)
+        losses = [engine.step(_batches(spec, M=2, B=2, S=7, seed=s), lr=1e-2).loss for s in range(2)]
+        engine.close()
+        runs.append((losses, ad.params.clone()))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_nonfinite_step_is_skipped_whole():
@@ -438,6 +451,14 @@ def test_resume_is_bit_exact_with_dropout(tmp_path):
     for rel in ("final/adapter_model.safetensors", "checkpoint-4/lora_state.safetensors"):
         wa, wb = load_file(straight / rel), load_file(resumed / rel)
         assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa), rel
+
+    # a LoRA checkpoint is not resumed as full fine-tuning, nor the other way round
+    from test_cli_errors import _user_error
+
+    full = write_config(tmp_path / "full.yaml", {k: v for k, v in yaml.safe_load(cfg.read_text()).items()
+                                                 if k != "lora"})
+    _user_error(run_cli("train", str(full), "--resume", str(resumed / "checkpoint-2"), check=False),
+                "is a LoRA checkpoint")
 
 
 def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
