@@ -209,8 +209,9 @@ def test_columns_mapping_renames_first(tmp_path):
 
 
 @pytest.mark.parametrize("name, data, where, words", [
+    # mtime=0: the parameters must be the same bytes in every pytest-xdist worker
     ("u.jsonl", b'{"text": "a"}\n\n{"text": "\xff"}\n', ":3", "not valid UTF-8"),
-    ("u.jsonl", gzip.compress(b'{"text": "a"}\n'), ":1", "name it .jsonl.gz"),
+    ("u.jsonl", gzip.compress(b'{"text": "a"}\n', mtime=0), ":1", "name it .jsonl.gz"),
     ("j.jsonl", b'{"text": "a"}\n{"text": \n', ":2", "not valid JSON"),
     ("o.jsonl", b'[1, 2]\n', ":1", "expected a JSON object, got list"),
     ("s.jsonl", b'{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}', ":1",
@@ -218,7 +219,7 @@ def test_columns_mapping_renames_first(tmp_path):
     ("t.jsonl", b'{"conversations": [{"from": "human"}]}', ":1", "conversations[0] must be an object"),
     ("c.jsonl", b'{"conversations": "hi"}', ":1", "must be a list"),
     ("a.jsonl", b'{"instruction": "i", "output": 3}', ":1", "must be strings"),
-    ("g.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:-20], "", "cannot read as jsonl.gz"),
+    ("g.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100, mtime=0)[:-20], "", "cannot read as jsonl.gz"),
     ("n.jsonl.gz", b"not gzip at all", "", "cannot read as jsonl.gz"),
     ("z.jsonl.zst", b"not zstd at all", "", "cannot read as jsonl.zst"),
     ("p.parquet", b"PAR1 not really parquet PAR1", "", "cannot read as parquet"),
