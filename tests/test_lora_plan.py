@@ -243,3 +243,27 @@ def test_plan_cli_json_lora_block_and_none_for_full_fine_tuning():
     assert js["host_bytes"]["working"] == 2 * js["params"]
     full = json.loads(run_cli("plan", str(FULL_14B), "--json", check=False).stdout)
     assert full["lora"] is None
+
+
+def test_lora_plan_predicts_peak_rss_within_10_percent(tmp_path):
+    """A LoRA run of the tiny model on the demo corpus: the plan's host total (its own process)
+    against the training process's own VmHWM."""
+    import os
+    import subprocess
+    import sys
+
+    from megastream import ops
+
+    ops.have_ext()  # build the C++ ops here if needed: a child's peak RSS would count the compiler's
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text(f"model: {{preset: tiny}}\ndata: {{path: {REPO / 'megastream' / 'demo' / 'corpus.jsonl'}, "
+                   "seq_len: 128}\ntrain: {steps: 4, micro_batch_size: 16, grad_accum: 2, lr: 1.0e-3, warmup_steps: 0}\n"
+                   f"lora: {{rank: 8, alpha: 16, dropout: 0.05}}\noutput: {{dir: {tmp_path / 'run'}, progress: false}}\n")
+    planned = json.loads(run_cli("plan", str(cfg), "--json", isolate=True).stdout)["host_bytes_total"]
+    code = ("import sys; from megastream.cli import main; from megastream.machine import peak_rss; "
+            "rc = main(sys.argv[1:]); print('PEAK', peak_rss()); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "train", str(cfg)], capture_output=True, text=True,
+                          timeout=600, check=False, env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = int(proc.stdout.split("PEAK")[-1])
+    assert abs(planned - peak) <= 0.10 * peak, (planned / 1e9, peak / 1e9)
