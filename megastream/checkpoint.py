@@ -97,6 +97,9 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
     model_dir = Path(model_dir)
     names = hf_names(spec)
     seen: set[str] = set()
+    left: dict[int, int] = {}  # unit -> its tensors not read yet (a packed layer is quantized when complete)
+    for u, _ in names.values():
+        left[u] = left.get(u, 0) + 1
     for f in _weight_files(model_dir):
         for name, t in _read_safetensors(f):
             if name not in names:
@@ -110,6 +113,10 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
                                       f"implies {e.shape}; config.json and weights disagree")
             check_finite(t, name, f)
             store.weights_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))  # dtype cast here
+            if name not in seen:
+                left[u] -= 1
+                if left[u] == 0:
+                    store.finish_unit(u)  # a quantized base: this layer's projections quantized now
             seen.add(name)
             del t
     missing = sorted(set(names) - seen)

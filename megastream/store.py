@@ -12,6 +12,12 @@ see model/layout.py) is a contiguous slice of it:
   embed_grad fp32         the embedding's gradient, accumulated on the host (pinned)
 
 A frozen base (LoRA, trainable=False) holds the working copy only: no master, moments or staging.
+A quantized frozen base (quant="int8" | "nf4") holds each layer's 2-D projections quantized instead
+(adapters/quant.py's flat buffers, in `packed`: per layer [projections quantized | norms and biases
+in the compute dtype], 16-byte aligned); the working arena then holds the embedding and head only.
+A layer's tensors are written (load or init) into a full-precision staging buffer (`weights_of`),
+then packed by `finish_unit` (quantized there) and the staging freed: peak memory is the quantized
+store plus the layers being read.
 
 Model state in host bytes per parameter (bf16 compute): 2 + 4 + 8 = 14 (full precision),
 2 + 4 = 6 (no master, bf16 states), 2 + 2 + 8/256 = 4.03 (no master, int8 states); gradient
@@ -66,20 +72,26 @@ _INIT_PIECE = 1 << 22  # elements per independently seeded piece of a random ini
 
 class HostStore:
     def __init__(self, units: list[UnitLayout], compute_dtype: torch.dtype, grad_dtype: torch.dtype,
-                 pin: bool, master: bool = True, states: str = "fp32", trainable: bool = True):
+                 pin: bool, master: bool = True, states: str = "fp32", trainable: bool = True,
+                 quant: str | None = None):
+        if quant is not None and trainable:
+            raise ValueError("a quantized store is a frozen base (trainable=False)")
         self.units = units
+        self.quant = quant
         self.compute_dtype = compute_dtype
         self.grad_dtype = grad_dtype
         self.states = states
         self.trainable = trainable
         master = master and trainable
         sizes = [u.numel for u in units]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self._plan_packing(quant)
+        wsizes = [0 if u in self.packing else s for u, s in enumerate(sizes)]  # packed layers: not in `working`
+        self.offsets = [sum(wsizes[:i]) for i in range(len(wsizes) + 1)]
         padded = [-(-n // BLOCK) * BLOCK for n in sizes]
         self.state_offsets = [sum(padded[:i]) for i in range(len(padded) + 1)]
         n = self.offsets[-1]
         n_embed = sizes[0]
-        self.numel = n
+        self.numel = sum(sizes)
 
         aliased = compute_dtype == torch.float32
         self.working = torch.zeros(n, dtype=compute_dtype)
@@ -101,8 +113,66 @@ class HostStore:
             if self.master is self.working:
                 self.master = pinned
             self.working = pinned
+            if self.packed.numel():  # a quantized base's layers (an empty arena is not tracked)
+                self.packed = self._pin(self.packed)
             self.grad = self._pin(self.grad)
             self.embed_grad = self._pin(self.embed_grad)
+
+    def _plan_packing(self, quant: str | None) -> None:
+        """packing[u]: (entry, byte offset, bytes, quantized) for each tensor of a packed layer."""
+        from megastream.adapters.quant import quantized_nbytes
+
+        self.packing: dict[int, list[tuple]] = {}
+        self.packed_offsets = [0]
+        self._staging: dict[int, torch.Tensor] = {}
+        item = self.compute_dtype.itemsize
+        for u, unit in enumerate(self.units):
+            if quant is None or not unit.name.startswith("layer."):
+                continue
+            rows, off = [], 0
+            for e in sorted(unit.entries, key=lambda e: not e.decay):  # quantized first: each 16-byte aligned
+                if e.decay and len(e.shape) != 2:
+                    raise ValueError(f"{unit.name}.{e.key}: a {len(e.shape)}-D weight {e.shape}; quantizing a "
+                                     "frozen base is built for 2-D projections only")
+                nb = quantized_nbytes(e.shape, quant) if e.decay else e.numel * item
+                rows.append((e, off, nb, e.decay))
+                off += nb
+            self.packing[u] = rows
+            self.packed_offsets.append(self.packed_offsets[-1] + -(-off // 16) * 16)
+        self._packed_index = {u: k for k, u in enumerate(self.packing)}
+        self.packed = torch.zeros(self.packed_offsets[-1], dtype=torch.uint8)
+
+    def packed_of(self, u: int) -> torch.Tensor:
+        """Layer u's quantized host buffer (uint8): what one H2D copy streams."""
+        k = self._packed_index[u]
+        lo = self.packed_offsets[k]
+        return self.packed[lo:lo + sum(r[2] for r in self.packing[u])]
+
+    def finish_unit(self, u: int) -> None:
+        """Pack (quantize) unit u's staged full-precision weights into `packed` and free the staging."""
+        from megastream.adapters.quant import quantize, to_flat
+
+        flat = self._staging.pop(u, None)
+        if flat is None:
+            return
+        dst, views = self.packed_of(u), self.units[u].views(flat)
+        for e, off, nb, q in self.packing[u]:
+            if q:
+                to_flat(quantize(views[e.key], self.quant), out=dst[off:off + nb])
+            else:
+                dst[off:off + nb].view(self.compute_dtype).copy_(views[e.key].reshape(-1))
+
+    def unpack(self, u: int, src: torch.Tensor, out: torch.Tensor) -> None:
+        """Dequantize layer u's packed buffer `src` (a copy of packed_of(u), on any device) into `out`,
+        the layer's flat layout in the compute dtype, on `out`'s device (no host sync)."""
+        from megastream.adapters.quant import dequantize, from_flat
+
+        views = self.units[u].views(out)
+        for e, off, nb, q in self.packing[u]:
+            if q:
+                views[e.key].copy_(dequantize(from_flat(src[off:off + nb], e.shape, self.quant), self.compute_dtype))
+            else:
+                views[e.key].view(-1).copy_(src[off:off + nb].view(self.compute_dtype))
 
     @property
     def weights(self) -> torch.Tensor:
@@ -133,6 +203,11 @@ class HostStore:
         return self._slice(self.working, u)
 
     def weights_of(self, u: int) -> torch.Tensor:
+        """Unit u's weights; for a packed layer, its full-precision staging buffer (see finish_unit)."""
+        if u in self.packing:
+            if u not in self._staging:
+                self._staging[u] = torch.zeros(self.units[u].numel, dtype=self.compute_dtype)
+            return self._staging[u]
         return self._slice(self.weights, u)
 
     def states_of(self, u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -151,7 +226,9 @@ class HostStore:
         return self.grad[lo:hi]
 
     def sync_working(self) -> None:
-        """working <- master, for all units (after load or init)."""
+        """working <- master, for all units (after load or init); packs what is still staged."""
+        for u in list(self._staging):
+            self.finish_unit(u)
         if self.master is not None and self.working is not self.master:
             self.working.copy_(self.master)
 
@@ -160,7 +237,7 @@ class HostStore:
         def nbytes(*ts):
             return sum(t.numel() * t.element_size() for t in ts)
 
-        out = {"working": nbytes(self.working)}
+        out = {"working": nbytes(self.working, self.packed)}
         if self.master is not None and self.master is not self.working:
             out["master"] = nbytes(self.master)
         out["optimizer states"] = nbytes(self.m, self.v, self.m_scale, self.v_scale)
@@ -182,8 +259,16 @@ class HostStore:
         Matrices are drawn in 4M-element pieces, each from its own generator seeded by (seed, unit,
         tensor, piece), on a thread pool: the values do not depend on the thread count, and a 14B
         model initialises in seconds on 16 cores instead of minutes on one."""
+        n = threads or min(32, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=n) as pool:  # normal_ and copy_ release the GIL
+            for u in range(len(self.units)):  # a unit at a time: a packed layer is quantized before the next
+                self._init_unit(u, std, seed, pool)
+                self.finish_unit(u)
+        self.sync_working()
+
+    def _init_unit(self, u: int, std: float, seed: int, pool: ThreadPoolExecutor) -> None:
         jobs = []
-        for u, unit in enumerate(self.units):
+        for unit in (self.units[u],):
             views = unit.views(self.weights_of(u))
             for k, e in enumerate(unit.entries):
                 t = views[e.key].view(-1)
@@ -203,7 +288,4 @@ class HostStore:
             g = torch.Generator().manual_seed(h)
             dst.copy_(torch.empty(dst.numel(), dtype=torch.float32).normal_(0.0, std, generator=g))
 
-        n = threads or min(32, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=n) as pool:  # normal_ and copy_ release the GIL
-            list(pool.map(draw, jobs))
-        self.sync_working()
+        list(pool.map(draw, jobs))

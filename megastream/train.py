@@ -3,8 +3,8 @@
     build the model in host RAM -> read the data -> for each step: lr, micro-batches,
     engine.step (forward/backward/update), log, maybe save -> wait for the last updates -> save.
 
-With a `lora:` section the base is frozen (held once, in its compute dtype, with no optimizer
-state) and adapters are trained on the device: final/ and the checkpoints are PEFT adapter
+With a `lora:` section the base is frozen (held once, in its compute dtype or with its layers'
+projections quantized (lora.base_dtype int8 / nf4), with no optimizer state) and adapters are trained on the device: final/ and the checkpoints are PEFT adapter
 directories, and lora.merge also writes the merged model to merged/.
 """
 
@@ -68,10 +68,13 @@ def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool =
     (init=False when a training checkpoint will fill it instead). A LoRA run's base is frozen:
     its store holds the weights alone, and a LoRA checkpoint does not hold them (always init)."""
     compute, grad = resolve_dtypes(cfg, device)
+    quant = None
     if cfg.lora is not None:
         compute, init = base_dtype(cfg, compute), True
+        quant = cfg.lora.base_dtype if cfg.lora.base_dtype in _QUANT_BASES else None
     store = HostStore(model_layout(spec), compute, grad, pin=device.type == "cuda",
-                      master=cfg.optim.master == "fp32", states=cfg.optim.states, trainable=cfg.lora is None)
+                      master=cfg.optim.master == "fp32", states=cfg.optim.states, trainable=cfg.lora is None,
+                      quant=quant)
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
         if init:
@@ -83,12 +86,13 @@ def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool =
 
 
 _BASE_DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
+_QUANT_BASES = ("int8", "nf4")  # each layer's projections quantized, dequantized to the compute dtype on the device
 
 
 def base_dtype(cfg: Config, compute: torch.dtype) -> torch.dtype:
     """lora.base_dtype: the dtype the frozen base is held, streamed and computed in."""
     want = cfg.lora.base_dtype
-    if want == "auto":
+    if want == "auto" or want in _QUANT_BASES:
         return compute
     dtype = _BASE_DTYPES[want]
     if cfg.engine.dtype != "auto" and dtype != compute:
@@ -102,9 +106,11 @@ def lora_start(cfg: Config, spec: ModelSpec, log, load_init: bool = True) -> tup
     model, rank and targets) or None (also when resuming: the checkpoint holds the adapter). Cheap:
     runs before anything is written."""
     lo = cfg.lora
-    if lo.base_dtype not in ("auto", *_BASE_DTYPES):  # `plan` already budgets int8 / nf4
-        raise ConfigError(f"lora.base_dtype: {lo.base_dtype} (a quantized base) is not built into training yet; use "
-                          "auto, bf16 or float32 (`megastream plan` shows what each would take)")
+    if lo.base_dtype in _QUANT_BASES and lo.merge:  # the store holds the quantized layers, not the originals
+        raise ConfigError(f"lora.merge with lora.base_dtype: {lo.base_dtype}: the host holds the base's layers "
+                          "quantized, not the full-precision weights a merge must start from; set lora.merge: false "
+                          "(final/ is a PEFT adapter, which merges onto the original model), or train with "
+                          "base_dtype auto, bf16 or float32")
     targets = resolve_targets(lo.target_modules, spec)
     if lo.init is None or not load_init:
         return targets, None

@@ -4,6 +4,10 @@ While layer i computes from one slot, layer i+1 is copied into the other on the 
 The schedule a step walks is 0..L-1, head, L-1..0: the last two layers of the forward pass are
 still resident when backward starts, so they are not copied again. Weights change only between
 steps (the optimizer updates the host copy), so `invalidate()` at the start of each step.
+
+A quantized frozen base (store.quant) streams each layer's packed buffer (store.packed_of: one
+H2D copy into a uint8 slot) and `acquire` dequantizes it on the compute stream into one scratch
+layer in the compute dtype, just before the layer runs: the layer functions see ordinary weights.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ class WeightStreamer:
         self.head_unit = len(store.units) - 1
         dtype = store.compute_dtype
         n_layer = max(u.numel for u in store.units[1:-1])
-        self.slots = [torch.empty(n_layer, dtype=dtype, device=device) for _ in range(2)]
+        if store.packing:  # quantized: slots in the streamed (packed) format, one dequantized scratch layer
+            n_bytes = max(store.packed_of(u).numel() for u in store.packing)
+            self.slots = [torch.empty(n_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+            self.scratch = torch.empty(n_layer, dtype=dtype, device=device)
+        else:
+            self.slots = [torch.empty(n_layer, dtype=dtype, device=device) for _ in range(2)]
         self.slot_unit: list[int | None] = [None, None]
         self.loaded = [DONE, DONE]  # h2d finished writing the slot
         self.free = [DONE, DONE]  # compute finished reading the slot
@@ -44,6 +53,9 @@ class WeightStreamer:
     def _numel(self, u: int) -> int:
         return self.store.units[u].numel
 
+    def _host(self, u: int) -> torch.Tensor:
+        return self.store.packed_of(u) if u in self.store.packing else self.store.working_of(u)
+
     def prefetch(self, u: int, keep: int | None = None) -> None:
         """Start copying unit `u` to the device (async on h2d) unless it is resident.
         The slot holding `keep` (the unit being computed) is never evicted."""
@@ -53,11 +65,11 @@ class WeightStreamer:
             return
         s = 0 if self.slot_unit[0] is None or self.slot_unit[1] == keep else 1
         self.before_copy(u)  # host wait: the optimizer has written this unit's new weights
-        n = self._numel(u)
+        src = self._host(u)
         with self.streams.on(self.streams.h2d):
             self.streams.wait(self.streams.h2d, self.free[s])
-            # H2D: n * itemsize bytes from the pinned working arena (h2d stream)
-            self.slots[s][:n].copy_(self.store.working_of(u), non_blocking=True)
+            # H2D: the unit's bytes from the pinned working (or packed) arena (h2d stream)
+            self.slots[s][:src.numel()].copy_(src, non_blocking=True)
             self.loaded[s] = self.streams.record(self.streams.h2d)
         self.slot_unit[s] = u
 
@@ -70,6 +82,11 @@ class WeightStreamer:
         self.prefetch(u)
         s = self.slot_unit.index(u)
         self.streams.wait(self.streams.compute, self.loaded[s])
+        if u in self.store.packing:
+            n, nb = self._numel(u), self.store.packed_of(u).numel()
+            with self.streams.on(self.streams.compute):  # reads the slot before release(u)'s event
+                self.store.unpack(u, self.slots[s][:nb], self.scratch[:n])
+            return self.scratch[:n]
         return self.slots[s][:self._numel(u)]
 
     def release(self, u: int) -> None:

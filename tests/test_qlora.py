@@ -1,0 +1,141 @@
+"""LoRA over a quantized frozen base (lora.base_dtype: int8 | nf4): each layer's projections held
+quantized on the host, streamed as one buffer, dequantized on the device before the layer runs. A run
+equals, to floating-point tolerance, the same run over a full-precision base whose projections are
+dequantize(quantize(w))."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from helpers import assert_close_normwise, fp_tol, read_metrics, run_cli
+from test_lora import _batches, _lora_config, _peft_model, _rows, _spec
+from test_parity import ACCUM, MB, STEPS
+
+from megastream import memory
+from megastream.adapters.lora import LoraAdapters
+from megastream.adapters.quant import dequantize, quantize, quantized_nbytes, to_flat
+from megastream.config import LORA_TARGETS, Config, EngineConfig, LoraConfig, TrainConfig
+from megastream.engine.engine import Engine
+from megastream.model.layout import model_layout
+from megastream.store import HostStore
+
+RANK, ALPHA = 4, 8.0
+
+
+def _roundtrip(store: HostStore, scheme: str) -> None:
+    """Replace each layer's 2-D projections of an unquantized store by dequantize(quantize(w))."""
+    for u, unit in enumerate(store.units):
+        if unit.name.startswith("layer."):
+            views = unit.views(store.weights_of(u))
+            for e in unit.entries:
+                if e.decay:
+                    views[e.key].copy_(dequantize(quantize(views[e.key], scheme), store.compute_dtype))
+
+
+def _engine(spec, store):
+    ad = LoraAdapters(spec, LORA_TARGETS, rank=RANK, alpha=ALPHA, dropout=0.0, rslora=False,
+                      device=torch.device("cpu"), seed=0)
+    ad.params.copy_(torch.randn(ad.numel, generator=torch.Generator().manual_seed(7)) * 0.3)
+    cfg = Config(train=TrainConfig(grad_clip=1.0), engine=EngineConfig(loss_chunk_tokens=5),
+                 lora=LoraConfig(rank=RANK, alpha=ALPHA, target_modules=LORA_TARGETS))
+    return ad, Engine(spec, store, cfg, torch.device("cpu"), adapters=ad)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied+bias"])
+def test_quantized_base_steps_equal_a_dequantized_full_precision_base(scheme, tied):
+    spec = _spec(tied)
+    layout = model_layout(spec)
+    q = HostStore(layout, torch.float32, torch.float32, pin=False, trainable=False, quant=scheme)
+    q.init_random(0.2, seed=3)
+    ref = HostStore(layout, torch.float32, torch.float32, pin=False, trainable=False)
+    ref.init_random(0.2, seed=3)
+    _roundtrip(ref, scheme)
+
+    # The host holds the quantized bytes: each layer its projections' flat buffers, then norms / biases.
+    assert q.working.numel() == layout[0].numel + layout[-1].numel  # no full-precision layer on the host
+    for u in q.packing:
+        unit = layout[u]
+        assert q.packed_of(u).numel() == memory.frozen_unit_bytes(unit, torch.float32, scheme)
+        assert q.packed_of(u).numel() == sum(quantized_nbytes(e.shape, scheme) if e.decay else e.numel * 4
+                                             for e in unit.entries)
+        for e, off, nb, quantized in q.packing[u]:
+            if quantized:
+                w = ref.working_of(u)[e.offset:e.offset + e.numel].view(e.shape)
+                # (quantize is idempotent on its own output only up to rounding: compare dequantized)
+                back = torch.empty(unit.numel)
+                q.unpack(u, q.packed_of(u), back)
+                assert torch.equal(back[e.offset:e.offset + e.numel].view(e.shape), w)
+    expected = memory.frozen_store_bytes(spec, torch.float32, scheme)["working"]
+    assert expected <= q.breakdown()["working"] < expected + 16 * spec.num_layers
+
+    ad_q, eng_q = _engine(spec, q)
+    ad_r, eng_r = _engine(spec, ref)
+    n = 2 * 9 * spec.intermediate_size
+    for step in range(3):
+        mbs = _batches(spec, M=2, B=1, S=9, seed=step)
+        a, b = eng_q.step(mbs, lr=1e-2), eng_r.step(mbs, lr=1e-2)
+        assert a.loss == pytest.approx(b.loss, rel=fp_tol(torch.float32, n))
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=fp_tol(torch.float32, n))
+    eng_q.close()
+    eng_r.close()
+    assert_close_normwise(ad_q.params, ad_r.params, n, msg="adapters after 3 steps")
+
+    # The comparison can tell: the same steps over the unquantized base end elsewhere.
+    full = HostStore(layout, torch.float32, torch.float32, pin=False, trainable=False)
+    full.init_random(0.2, seed=3)
+    ad_f, eng_f = _engine(spec, full)
+    for step in range(3):
+        eng_f.step(_batches(spec, M=2, B=1, S=9, seed=step), lr=1e-2)
+    eng_f.close()
+    assert float((ad_f.params - ad_r.params).norm() / ad_r.params.norm()) > 100 * fp_tol(torch.float32, n)
+
+
+def test_packed_buffer_is_quantize_to_flat():
+    spec = _spec(False)
+    layout = model_layout(spec)
+    q = HostStore(layout, torch.float32, torch.float32, pin=False, trainable=False, quant="nf4")
+    full = HostStore(layout, torch.float32, torch.float32, pin=False, trainable=False)
+    q.init_random(0.2, seed=5)
+    full.init_random(0.2, seed=5)
+    for u in q.packing:
+        for e, off, nb, quantized in q.packing[u]:
+            w = full.working_of(u)[e.offset:e.offset + e.numel].view(e.shape)
+            got = q.packed_of(u)[off:off + nb]
+            want = to_flat(quantize(w, "nf4")) if quantized else w.reshape(-1).view(torch.uint8)
+            assert torch.equal(got, want), (u, e.key)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_train_cli_over_a_quantized_base_equals_the_dequantized_model(tmp_path, scheme):
+    """`train` with lora.base_dtype: nf4 | int8 (quantized while load_hf_weights reads the safetensors)
+    against `train` over a model directory whose projections were replaced by dequantize(quantize(w))."""
+    import safetensors.torch as st
+
+    pm = _peft_model("llama", tmp_path / "q")
+    rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    shutil.copytree(tmp_path / "q", tmp_path / "ref")
+    path = tmp_path / "ref" / "model" / "model.safetensors"
+    tensors = st.load_file(path)
+    for name, t in tensors.items():
+        if name.startswith("model.layers.") and t.dim() == 2:
+            tensors[name] = dequantize(quantize(t.float(), scheme), torch.float32).to(t.dtype).contiguous()
+    st.save_file(tensors, path, metadata={"format": "pt"})
+
+    run_cli("train", str(_lora_config(tmp_path / "q", rows, base_dtype=scheme)))
+    run_cli("train", str(_lora_config(tmp_path / "ref", rows)))
+    got, want = read_metrics(tmp_path / "q" / "run"), read_metrics(tmp_path / "ref" / "run")
+    got = [m for m in got if "loss" in m and "step" in m]
+    want = [m for m in want if "loss" in m and "step" in m]
+    assert len(got) == len(want) > 0
+    n = 4096
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=fp_tol(torch.float32, n))
+    ad_q = st.load_file(tmp_path / "q" / "run" / "final" / "adapter_model.safetensors")
+    ad_r = st.load_file(tmp_path / "ref" / "run" / "final" / "adapter_model.safetensors")
+    assert ad_q.keys() == ad_r.keys()
+    for k in ad_q:
+        assert_close_normwise(ad_q[k], ad_r[k], n, msg=k)
