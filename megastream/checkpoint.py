@@ -277,11 +277,19 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move `tmp` to `path`; an existing `path` is kept until the new one is in place."""
+    """Move `tmp` to `path`; an existing `path` is kept (and put back on failure) until the new one is in place."""
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old)

@@ -134,3 +134,34 @@ def assert_close_normwise(actual: torch.Tensor, expected: torch.Tensor, n_terms:
     tol = fp_tol(expected.dtype, n_terms, k)
     err = rel_err(actual, expected)
     assert err <= tol, f"{msg}: relative norm-wise error {err:.3g} > {tol:.3g} ({k:g} eps sqrt({n_terms}))"
+
+
+def padded_rows(rows: list[list[int]], seq: int):
+    """(input ids, next-token labels) of a reference micro-batch: each row padded to `seq` with 0,
+    labels -100 on padding and on each row's last token."""
+    import torch
+
+    ids = torch.zeros(len(rows), seq, dtype=torch.long)
+    labels = torch.full((len(rows), seq), -100, dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, :len(r)] = torch.tensor(r)
+        labels[j, :len(r) - 1] = torch.tensor(r[1:])
+    return ids, labels
+
+
+def random_micro_batches(spec, M: int, B: int, S: int, seed: int = 0) -> list:
+    """M micro-batches of B random rows of S tokens, next-token labels, the first row's first 3
+    labels ignored (so the loss-token count is not simply B * S)."""
+    import torch
+
+    from megastream.engine.engine import MicroBatch
+    from megastream.engine.loss import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    mbs = []
+    for _ in range(M):
+        ids = torch.randint(0, spec.vocab_size, (B, S), generator=g)
+        labels = torch.cat([ids[:, 1:], torch.full((B, 1), IGNORE)], dim=1)
+        labels[0, :3] = IGNORE
+        mbs.append(MicroBatch(ids, labels))
+    return mbs

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close_normwise, fp_tol
+from helpers import assert_close_normwise, fp_tol, random_micro_batches
 
 from megastream.config import Config, EngineConfig, TrainConfig
 from megastream.engine.engine import Engine, MicroBatch
@@ -21,15 +21,7 @@ def _spec(tied: bool) -> ModelSpec:
                      qkv_bias=tied, tie_word_embeddings=tied, torch_dtype="float32")
 
 
-def _batches(spec, M, B, S, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mbs = []
-    for _ in range(M):
-        ids = torch.randint(0, spec.vocab_size, (B, S), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full((B, 1), IGNORE)], dim=1)
-        labels[0, :3] = IGNORE
-        mbs.append(MicroBatch(ids, labels))
-    return mbs
+_batches = random_micro_batches
 
 
 def _plain_grads(spec, store, mbs):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import make_hf_model, read_metrics, rel_err, run_cli, write_config, write_ids
+from helpers import make_hf_model, padded_rows, read_metrics, rel_err, run_cli, write_config, write_ids
 from test_parity import ACCUM, LR, MB, MIN_LR, SEQ, STEPS, WARMUP, WD, _lr, _rows
 
 transformers = pytest.importorskip("transformers")
@@ -49,11 +49,7 @@ def _reference(model, rows, clip: float):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for mb in mbs:
-            ids = torch.zeros(len(mb), SEQ, dtype=torch.long)
-            labels = torch.full((len(mb), SEQ), -100, dtype=torch.long)
-            for j, r in enumerate(mb):
-                ids[j, :len(r)] = torch.tensor(r)
-                labels[j, :len(r) - 1] = torch.tensor(r[1:])
+            ids, labels = padded_rows(mb, SEQ)
             out = model(input_ids=ids)
             logits = out.logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),

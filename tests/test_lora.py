@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from helpers import assert_close_normwise, fp_tol
+from helpers import assert_close_normwise, fp_tol, padded_rows, random_micro_batches
 
 from megastream.adapters.lora import LoraAdapters, lora_slots
 from megastream.config import LORA_TARGETS, Config, EngineConfig, LoraConfig, TrainConfig
-from megastream.engine.engine import Engine, MicroBatch
+from megastream.engine.engine import Engine
 from megastream.engine.loss import IGNORE
 from megastream.model.layout import model_layout
 from megastream.model.llama import Adapter, block, rms_norm, rope_tables
@@ -31,15 +31,7 @@ def _spec(tied: bool) -> ModelSpec:
                      qkv_bias=tied, tie_word_embeddings=tied, torch_dtype="float32")
 
 
-def _batches(spec, M, B, S, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mbs = []
-    for _ in range(M):
-        ids = torch.randint(0, spec.vocab_size, (B, S), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full((B, 1), IGNORE)], dim=1)
-        labels[0, :3] = IGNORE
-        mbs.append(MicroBatch(ids, labels))
-    return mbs
+_batches = random_micro_batches
 
 
 def _setup(spec, targets=LORA_TARGETS, dropout=0.0, clip=0.0, wd=0.0, chunk=5, activations="device"):
@@ -119,7 +111,7 @@ def test_frozen_base_holds_and_moves_nothing_it_does_not_need():
     copies = []
     wait = engine.weights.before_copy
     engine.weights.before_copy = lambda u: (copies.append(u), wait(u))
-    L, head = spec.num_layers, spec.num_layers + 1
+    head = spec.num_layers + 1
     seen = []
     for step in range(3):
         copies.clear()
@@ -275,11 +267,7 @@ def _peft_reference(pm, rows, step_hook=None):
         for k, mb in enumerate(mbs):
             if step_hook is not None:
                 step_hook(step + 1, k)
-            ids = torch.zeros(len(mb), SEQ, dtype=torch.long)
-            labels = torch.full((len(mb), SEQ), -100, dtype=torch.long)
-            for j, r in enumerate(mb):
-                ids[j, :len(r)] = torch.tensor(r)
-                labels[j, :len(r) - 1] = torch.tensor(r[1:])
+            ids, labels = padded_rows(mb, SEQ)
             logits = pm(input_ids=ids).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum") / n_tok

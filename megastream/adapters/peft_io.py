@@ -143,7 +143,7 @@ def save_adapter(dir, tensors: dict[str, torch.Tensor], *, rank: int, alpha: flo
     a temporary directory beside `dir` and renamed into place, so a failure leaves an existing `dir`
     as it was; `dir` is replaced as a whole (`extra(tmp_dir)` may add files, e.g. the tokenizer,
     before the rename). Host tensors are written in their own dtype; NaN or infinity is refused."""
-    from megastream.checkpoint import NonFiniteWeights, write_safetensors
+    from megastream.checkpoint import NonFiniteWeights, _replace_dir, write_safetensors
 
     dir = Path(dir)
     rank = _check_rank(rank)
@@ -239,25 +239,6 @@ def save_adapter(dir, tensors: dict[str, torch.Tensor], *, rank: int, alpha: flo
         raise
     _replace_dir(tmp, dir)
     return dir
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move `tmp` to `path`; an existing `path` is kept (and put back on failure) until the new one is in place."""
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.rename(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- load ------------------------------------------------------------------------------------------

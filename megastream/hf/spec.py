@@ -4,24 +4,16 @@ real module names and shapes them (model/layout.py builds the flat layout from t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from megastream.errors import CheckpointError
 from megastream.hf.names import checkpoint_map, checkpoint_names
 from megastream.hf.unit import meta_model, unit_params
-from megastream.model.spec import ModelSpec
+from megastream.model.spec import ModelSpec, read_hf_config
 
 
 def spec_from_dir(path: str | Path) -> ModelSpec:
     """The spec of a Hugging Face model directory (config.json + safetensors), cheap: no weights read."""
-    p = Path(path) / "config.json"
-    try:
-        cfg = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{p} not found: model.path must be a Hugging Face model directory") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e}); re-download or re-save the model") from None
+    cfg, p = read_hf_config(path)
     return spec_from_config(cfg, source=str(p), names=checkpoint_names(path))
 
 

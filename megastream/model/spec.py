@@ -142,13 +142,7 @@ class ModelSpec:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelSpec":
-        p = Path(path) / "config.json"
-        try:
-            cfg = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{p} not found: model.path must be a Hugging Face model directory") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{p}: not valid JSON ({e}); re-download or re-save the model") from None
+        cfg, p = read_hf_config(path)
         return cls.from_hf_config(cfg, source=str(p))
 
     def to_hf_config(self, dtype: str) -> dict:
@@ -185,3 +179,14 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def read_hf_config(path: str | Path) -> tuple[dict, Path]:
+    """(config.json of a Hugging Face model directory, its path); a clear error when missing or broken."""
+    p = Path(path) / "config.json"
+    try:
+        return json.loads(p.read_text()), p
+    except FileNotFoundError:
+        raise CheckpointError(f"{p} not found: model.path must be a Hugging Face model directory") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e}); re-download or re-save the model") from None
