@@ -87,6 +87,9 @@ class Roofline:
     step_s: float
     bound: str  # which term sets step_s
     attention_s: float = 0.0  # of compute_s
+    h2d_bytes: int = 0  # per step: weights host -> device (layers twice, the head once)
+    d2h_bytes: int = 0  # per step: gradients device -> host
+    routed_fraction: float | None = None  # engine.moe_streaming: routed: expected share of experts copied
 
 
 def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
@@ -112,8 +115,13 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     flops = sum(f for f, _ in matmuls) + attn_flops
     model_flops = 6 * b.params * T
     ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
-    h2d = 2 * n_layers * ec + head * ec  # each layer in forward and backward, the head once
-    d2h = n_layers * eg + head * (4 if spec.tie_word_embeddings else eg)
+    # each layer in forward and backward, but for the last two (still resident when backward starts,
+    # engine/weights.py), and the head (lm_head and final norm) once
+    h2d = (sum(u.numel * passes for u, passes in zip(units[1:-1], layer_passes(spec.num_layers)))
+           + head + spec.hidden_size) * ec
+    d2h = (n_layers + spec.hidden_size) * eg + head * (4 if spec.tie_word_embeddings else eg)
+    frac, unrouted_in, unrouted_out = routed_expert_bytes(cfg, spec, units, T)  # routed MoE streaming
+    h2d, d2h = h2d - unrouted_in * ec, d2h - unrouted_out * eg
     mode = mode_name(cfg)
     if b.lora:
         n_ad = b.lora["adapter_params"]
@@ -146,7 +154,32 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
         step = compute + opt + copies
         bound = "compute" if compute >= opt else "optimizer"
     return Roofline(flops=flops, attention_flops=attn_flops, model_flops=model_flops, compute_s=compute, h2d_s=terms["H2D"],
-                    d2h_s=terms["D2H"], optimizer_s=opt, step_s=step, bound=bound, attention_s=attention_s)
+                    d2h_s=terms["D2H"], optimizer_s=opt, step_s=step, bound=bound, attention_s=attention_s,
+                    h2d_bytes=int(h2d), d2h_bytes=int(d2h), routed_fraction=frac)
+
+
+def layer_passes(n_layers: int) -> list[int]:
+    """H2D copies of each layer per step: forward and backward, but once for the last two, which are
+    still resident in the double buffer when backward starts."""
+    return [1 if i >= n_layers - 2 else 2 for i in range(n_layers)]
+
+
+def routed_expert_bytes(cfg: Config, spec: ModelSpec, units, tokens: int) -> tuple[float | None, float, float]:
+    """With `engine.moe_streaming: routed` (engine/experts.py): (expected share of each MoE layer's
+    experts that a step's `tokens` route to, then the elements of expert tensors expected not to
+    cross PCIe per step host -> device and device -> host), assuming each token picks its k experts
+    uniformly and independently (expected_fraction: k/E of the expert bytes for one token, all of
+    them as tokens * k grows past E); (None, 0, 0) otherwise."""
+    from megastream.engine.experts import expected_fraction, moe_shape, unit_experts
+
+    shape = moe_shape(spec.hf_config) if spec.implementation == "hf" else None
+    if cfg.engine.moe_streaming != "routed" or shape is None or cfg.lora is not None:
+        return None, 0.0, 0.0
+    E, k = shape
+    frac = expected_fraction(E, k, tokens)
+    experts = [(E * x.per_expert if (x := unit_experts(u, E)) is not None else 0) for u in units[1:-1]]
+    h2d = sum(n * p for n, p in zip(experts, layer_passes(spec.num_layers)))
+    return frac, h2d * (1.0 - frac), sum(experts) * (1.0 - frac)
 
 
 def _matmuls(spec: ModelSpec, tokens: int) -> list[tuple[float, int]]:
@@ -214,6 +247,8 @@ class Plan:
             "fits_host": self.fits_host, "fits_gpu": self.fits_gpu, "fits": self.fits_host and self.fits_gpu,
             "predicted_step_s": r.step_s, "predicted_tokens_per_s": b.tokens_per_step / r.step_s,
             "roofline": {"flops_per_step": r.flops, "attention_flops_per_step": r.attention_flops, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
+                         "h2d_bytes_per_step": r.h2d_bytes, "d2h_bytes_per_step": r.d2h_bytes,
+                         "routed_expert_fraction": r.routed_fraction,
                          "optimizer_s": r.optimizer_s, "bound": r.bound, "rates": vars(self.rates)},
             "modes": {k: {"host_bytes_total": m.host_total, "state_bytes_per_param": m.state_bytes_per_param,
                           "fits_host": m.host_total <= self.ram_usable} for k, m in self.modes.items()},
@@ -429,6 +464,10 @@ def render(p: Plan) -> str:
     if p.device_type == "cuda":
         lines.append(f"  H2D        at {p.rates.h2d_gbps:g} GB/s{'':22}{r.h2d_s:9.3f} s")
         lines.append(f"  D2H        at {p.rates.d2h_gbps:g} GB/s{'':22}{r.d2h_s:9.3f} s")
+    if r.routed_fraction is not None:
+        lines.append(f"  PCIe per step: H2D {r.h2d_bytes / 1e9:.3f} GB, D2H {r.d2h_bytes / 1e9:.3f} GB: routed experts "
+                     f"only, {r.routed_fraction:.1%} of each MoE layer's (expected if {b.tokens_per_step} tokens "
+                     "route uniformly)")
     if b.lora:
         where = "the adapters' AdamW, on the device" if p.device_type == "cuda" else "the adapters' AdamW"
         lines.append(f"{f'  optimizer  ({where})':<48}{r.optimizer_s:9.3f} s")

@@ -35,6 +35,7 @@ import torch
 from megastream import ops
 from megastream.config import Config
 from megastream.engine.activations import Checkpoints
+from megastream.engine.experts import routed_experts
 from megastream.engine.grads import GradStager
 from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss, head_loss_and_grad
 from megastream.engine.streams import DONE, Streams
@@ -61,6 +62,8 @@ class StepStats:
     grad_norm: float  # before clipping
     lr: float
     skipped: bool = False  # non-finite loss or gradient norm: no update was applied
+    h2d_bytes: int = 0  # weights copied host -> device in the step (layers and head)
+    d2h_bytes: int = 0  # gradients copied device -> host in the step (layers and head)
 
 
 class NativeModel:
@@ -170,6 +173,8 @@ class Engine:
         self.grads = GradStager(store, device, self.streams, tied=tied) if adapters is None else None
         self.ckpts = Checkpoints(device, self.streams, cfg.engine.activations)
         self.fns = model_functions(spec, device, self.dtype)  # what a layer, the embedding and the head compute
+        # engine.moe_streaming: routed: only the routed experts of MoE layers cross PCIe (engine/experts.py)
+        self.experts = routed_experts(cfg, spec, self.units, self.fns, self.weights, self.grads)
 
     def close(self) -> None:
         """Wait for the device and the optimizer thread, then release the pinned checkpoint arena.
@@ -194,6 +199,7 @@ class Engine:
         inv_n = 1.0 / max(n_tok, 1)
         self.adam_steps += 1
         self.weights.invalidate()
+        h2d0, d2h0 = self.weights.h2d_bytes, self.grads.d2h_bytes  # PCIe bytes of this step: the difference
         aux = self.fns.aux
         if aux is not None:
             aux.begin(mbs)
@@ -245,13 +251,14 @@ class Engine:
         loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
         if aux is not None:
             loss += aux.value()
+        pcie = {"h2d_bytes": self.weights.h2d_bytes - h2d0, "d2h_bytes": self.grads.d2h_bytes - d2h0}
         if not (math.isfinite(loss) and math.isfinite(total)):
             self.adam_steps -= 1  # as if the step never happened: bias correction does not advance
-            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True)
+            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True, **pcie)
         coef = clip_coef(total, clip) if clip > 0 else 1.0
         for u in range(len(self.units)):
             self._submit(u, ready.get(u, DONE), lr, coef)
-        return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
+        return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, **pcie)
 
     def _lora_step(self, mbs: list[MicroBatch], lr: float) -> StepStats:
         """The step over a frozen base: forward, head (d(hidden) only), backward computing input and

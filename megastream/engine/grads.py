@@ -4,6 +4,11 @@ to the pinned host staging arena once per unit per step on the d2h stream.
 Two layer accumulators alternate, so the D2H copy of layer i overlaps the backward of layer i-1.
 Each unit's gradient L2 norm is taken on the device as it finishes (no extra host pass for
 clipping); the embedding's gradient is accumulated and normed on the host.
+
+With routed-expert streaming (`partial`, engine/experts.py) a mixture-of-experts layer's gradient
+crosses in parts: the non-expert part and the routed experts' slices; an unrouted expert's gradient
+is exactly zero, and its host staging is zeroed on the host instead. `d2h_bytes` counts every byte
+copied device -> host.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class GradStager:
         self.head_free = DONE
         self.norms = torch.zeros(len(store.units), dtype=torch.float32, device=device)
         self.tied_ready = DONE  # the tied lm_head gradient has landed in embed_grad
+        self.partial = None  # engine.experts.RoutedExperts: what to copy of a MoE layer's gradient (None: all)
+        self.d2h_bytes = 0  # copied so far (the engine reports it per step)
 
     # ---- layers ----------------------------------------------------------------------------------
     def begin(self, u: int) -> torch.Tensor:
@@ -45,7 +52,8 @@ class GradStager:
 
     def finish(self, u: int, acc: torch.Tensor) -> "torch.cuda.Event":
         """Norm the accumulated gradient and start its copy to the host; returns the copy's event."""
-        self.acc_free[self._buf] = done = self._to_host(u, acc, self.store.grad_of(u))
+        parts = self.partial.d2h(u) if self.partial is not None else None
+        self.acc_free[self._buf] = done = self._to_host(u, acc, self.store.grad_of(u), parts)
         return done
 
     # ---- head ------------------------------------------------------------------------------------
@@ -66,6 +74,7 @@ class GradStager:
             self.streams.wait(self.streams.d2h, ready)
             # D2H: V*H*4 bytes (d2h stream), overwriting the host embedding gradient
             self.store.embed_grad.copy_(w, non_blocking=True)
+            self.d2h_bytes += w.numel() * 4
             self.tied_ready = self.head_free = self.streams.record(self.streams.d2h)
         return done
 
@@ -85,14 +94,26 @@ class GradStager:
         return ops.accumulate_sqnorm(self.store.embed_grad) ** 0.5  # one vectorised pass
 
     # ---- common ----------------------------------------------------------------------------------
-    def _to_host(self, u: int, acc: torch.Tensor, host: torch.Tensor):
+    def _to_host(self, u: int, acc: torch.Tensor, host: torch.Tensor, parts=None):
+        """`parts`: (ranges to copy, device ranges to zero, host ranges to zero), or None: all of it."""
+        if parts is not None:
+            for a, b in parts[1]:  # unrouted experts: zero already, unless a kernel left them unwritten
+                acc[a:b].zero_()
+            for a, b in parts[2]:  # host memset: an earlier step's gradient of experts unrouted now
+                host[a:b].zero_()  # (the optimizer finished with it: this step's forward waited for it)
         self.norms[u] = torch.linalg.vector_norm(acc)
         src = acc if host.dtype == acc.dtype else acc.to(host.dtype)  # cast on the device: half the D2H bytes
         ready = self.streams.record(self.streams.compute)
         with self.streams.on(self.streams.d2h):
             self.streams.wait(self.streams.d2h, ready)
-            # D2H: numel * itemsize bytes into the pinned staging arena (d2h stream)
-            host.copy_(src, non_blocking=True)
+            if parts is None:
+                # D2H: numel * itemsize bytes into the pinned staging arena (d2h stream)
+                host.copy_(src, non_blocking=True)
+                self.d2h_bytes += src.numel() * host.element_size()
+            for a, b in parts[0] if parts is not None else ():
+                # D2H: (b - a) * itemsize bytes, one routed part of a MoE layer's gradient (d2h stream)
+                host[a:b].copy_(src[a:b], non_blocking=True)
+                self.d2h_bytes += (b - a) * host.element_size()
             done = self.streams.record(self.streams.d2h)
         if src is not acc and self.streams.cuda:
             src.record_stream(self.streams.d2h)  # keep the cast temp alive until the copy ends

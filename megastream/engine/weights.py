@@ -8,6 +8,10 @@ steps (the optimizer updates the host copy), so `invalidate()` at the start of e
 A quantized frozen base (store.quant) streams each layer's packed buffer (store.packed_of: one
 H2D copy into a uint8 slot) and `acquire` dequantizes it on the compute stream into one scratch
 layer in the compute dtype, just before the layer runs: the layer functions see ordinary weights.
+
+With routed-expert streaming (`partial`, engine/experts.py) a mixture-of-experts layer is copied in
+parts: its non-expert part and the experts known to be routed on prefetch, further experts by `add`
+once the router has chosen them. `h2d_bytes` counts every byte copied host -> device.
 """
 
 from __future__ import annotations
@@ -44,11 +48,15 @@ class WeightStreamer:
         self.head = torch.empty(self.n_vocab_w + store.units[-1].entries[-1].numel, dtype=dtype, device=device)
         self.head_loaded = None
         self.head_free = DONE
+        self.partial = None  # engine.experts.RoutedExperts: what to copy of a MoE layer (None: whole units)
+        self.h2d_bytes = 0  # copied so far (the engine reports it per step)
 
     def invalidate(self) -> None:
         """Forget what is resident: the host weights have been updated."""
         self.slot_unit = [None, None]
         self.head_loaded = None
+        if self.partial is not None:
+            self.partial.reset()
 
     def _numel(self, u: int) -> int:
         return self.store.units[u].numel
@@ -66,12 +74,36 @@ class WeightStreamer:
         s = 0 if self.slot_unit[0] is None or self.slot_unit[1] == keep else 1
         self.before_copy(u)  # host wait: the optimizer has written this unit's new weights
         src = self._host(u)
+        parts = self.partial.h2d(u) if self.partial is not None else None  # (copy, zero) ranges of a MoE layer
         with self.streams.on(self.streams.h2d):
             self.streams.wait(self.streams.h2d, self.free[s])
-            # H2D: the unit's bytes from the pinned working (or packed) arena (h2d stream)
-            self.slots[s][:src.numel()].copy_(src, non_blocking=True)
+            if parts is None:
+                # H2D: the unit's bytes from the pinned working (or packed) arena (h2d stream)
+                self.slots[s][:src.numel()].copy_(src, non_blocking=True)
+                self.h2d_bytes += src.numel() * src.element_size()
+            else:
+                self._copy(s, u, parts[0])
+                for a, b in parts[1]:  # unrouted experts: never read, zeroed on the device (no PCIe)
+                    self.slots[s][a:b].zero_()
             self.loaded[s] = self.streams.record(self.streams.h2d)
         self.slot_unit[s] = u
+
+    def _copy(self, s: int, u: int, ranges) -> None:
+        """Copy element ranges of unit u's host buffer into slot s (on the current stream)."""
+        src = self._host(u)
+        for a, b in ranges:
+            # H2D: (b - a) * itemsize bytes of one routed part of the unit (h2d stream)
+            self.slots[s][a:b].copy_(src[a:b], non_blocking=True)
+            self.h2d_bytes += (b - a) * src.element_size()
+
+    def add(self, u: int, ranges) -> None:
+        """Copy more of resident unit u (experts its router has just chosen) into its slot; the
+        compute stream waits for them. The ranges were never read in this residency of the slot."""
+        s = self.slot_unit.index(u)
+        with self.streams.on(self.streams.h2d):
+            self._copy(s, u, ranges)  # after the slot's earlier copies on h2d, so after its free event too
+            ev = self.streams.record(self.streams.h2d)
+        self.streams.wait(self.streams.compute, ev)
 
     def acquire(self, u: int) -> torch.Tensor:
         """The flat device buffer of unit `u`, ready for the compute stream."""
@@ -111,4 +143,5 @@ class WeightStreamer:
                 self.head[self.n_vocab_w:].copy_(self.store.working_of(self.head_unit), non_blocking=True)
             else:
                 self.head.copy_(self.store.working_of(self.head_unit), non_blocking=True)
+            self.h2d_bytes += self.head.numel() * self.head.element_size()
             self.head_loaded = self.streams.record(self.streams.h2d)

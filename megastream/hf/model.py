@@ -9,6 +9,7 @@ and the router's load-balancing loss of a mixture of experts.
     embed(x), embed_grad(ids, dy)                            after the row gather, and its backward
     head_kw                                                  the final norm (a module call) and soft-capping
     aux                                                      RouterAux, or None
+    route_experts(modules, route)                            a hook before each MoE layer's experts compute
 
 Each is taken from the `transformers` model itself: its rotary module (per layer type where it has
 one per type, Gemma 3), the embedding's `embed_scale` and `padding_idx` (whose row gets no gradient
@@ -111,6 +112,14 @@ class HFModel:
         if self.aux is not None:
             self.aux.captured.clear()
         return call_layer(self.parts.layers[i], x, w, m, pe[t] if self.rope_per_type else pe, pos)
+
+    def route_experts(self, modules: dict[int, str], route) -> None:
+        """Call `route(i, top_k_index)` before the experts module `modules[i]` (its path within layer
+        i) computes: routed-expert streaming (engine/experts.py) copies the experts it needs then."""
+        for i, path in modules.items():
+            def hook(module, args, kwargs, i=i):
+                route(i, args[1] if len(args) > 1 else kwargs["top_k_index"])
+            self.parts.layers[i].get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
 
     # ---- head ------------------------------------------------------------------------------------
     def _head_norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
