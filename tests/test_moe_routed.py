@@ -70,11 +70,14 @@ def _routing(model_dir, rows) -> list[set[int]]:
     return seen
 
 
-def _moe_config(tmp_path, model_dir, data, name, mode, **extra) -> str:
-    """tests/test_hf_generic.py's run configuration, for STEPS steps, with engine.moe_streaming: `mode`."""
+def _moe_config(tmp_path, model_dir, data, name, mode, val=None, **extra) -> str:
+    """tests/test_hf_generic.py's run configuration, for STEPS steps, with engine.moe_streaming: `mode`
+    (and an evaluation on `val` every other step)."""
     path = _config(tmp_path, model_dir, data, name, steps=STEPS, **extra)
     cfg = yaml.safe_load(open(path))
     cfg["engine"]["moe_streaming"] = mode
+    if val is not None:
+        cfg["data"]["val_path"], cfg["train"]["eval_every"] = str(val), 2
     write_config(tmp_path / f"{name}.yaml", cfg)
     return path
 
@@ -92,17 +95,22 @@ def test_routed_streaming_equals_whole_layers_and_moves_only_routed_experts(tmp_
     rows = _rows(V)
     data = write_ids(tmp_path / "train.jsonl", rows)
 
+    val = write_ids(tmp_path / "val.jsonl", rows[ACCUM * MB:3 * ACCUM * MB])  # an evaluation between steps too
+
     def run(name, mode, **extra):
-        path = _moe_config(tmp_path, model_dir, data, name, mode, **extra)
+        path = _moe_config(tmp_path, model_dir, data, name, mode, val=val, **extra)
         run_cli("train", path)
         return read_metrics(tmp_path / name), path
 
     whole, whole_cfg = run("whole", "whole")
     routed, routed_cfg = run("routed", "routed", save_every=1)
 
-    # The same run: losses, gradient norms and every saved weight (bit-identical in practice: the routed
-    # tokens read the same numbers, and unrouted experts get a zero gradient either way).
+    # The same run: losses, gradient norms, evaluations and every saved weight (bit-identical in practice:
+    # the routed tokens read the same numbers, and unrouted experts get a zero gradient either way).
+    assert [m["step"] for m in routed if "eval_loss" in m] == [2, 4]
     for a, b in zip(routed, whole):
+        assert ("eval_loss" in a) == ("eval_loss" in b)
+        assert a.get("eval_loss", 0) == pytest.approx(b.get("eval_loss", 0), rel=1e-6)
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * b["grad_norm"], (a["step"], a["grad_norm"],
                                                                                  b["grad_norm"])
@@ -206,3 +214,18 @@ def test_plan_expects_about_top_k_of_experts_at_small_batches(tmp_path):
         (46 * 2 + 2) * experts * (1 - frac), abs=4)
     assert whole["d2h_bytes_per_step"] - routed["d2h_bytes_per_step"] == pytest.approx(48 * experts * (1 - frac), abs=4)
     assert routed["h2d_bytes_per_step"] / whole["h2d_bytes_per_step"] < 0.16
+
+
+def test_expert_ranges_merge_consecutive_experts():
+    """A unit's expert slices: per fused tensor, runs of consecutive experts as one copy each; the
+    non-expert rest around them."""
+    from megastream.engine.experts import unit_experts
+    from megastream.model.layout import _unit
+
+    unit = _unit("layer.0", [("attn.w", "a", (3, 2)), ("mlp.experts.gate_up_proj", "b", (4, 6, 2)),
+                             ("mlp.experts.down_proj", "c", (4, 2, 3)), ("norm.weight", "d", (5,))])
+    x = unit_experts(unit, 4)
+    assert x.module == "mlp.experts" and x.tensors == ((6, 12), (54, 6)) and x.dense == ((0, 6), (78, 83))
+    assert x.ranges({0, 1, 3}) == [(6, 30), (42, 54), (54, 66), (72, 78)]
+    assert x.others({0, 1, 3}) == [(30, 42), (66, 72)]
+    assert unit_experts(unit, 5) is None  # no 3-D parameter has 5 experts first
