@@ -112,7 +112,7 @@ def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) ->
                 raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                                       f"implies {e.shape}; config.json and weights disagree")
             check_finite(t, name, f)
-            store.weights_of(u)[e.offset:e.offset + e.numel].copy_(t.reshape(-1))  # dtype cast here
+            store.write_entry(u, e.offset, t.reshape(-1))  # dtype cast here
             if name not in seen:
                 left[u] -= 1
                 if left[u] == 0:

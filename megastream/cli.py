@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megastream import __version__
-from megastream.errors import Interrupted, MegastreamError
+from megastream.errors import ConfigError, Interrupted, MegastreamError
 from megastream.tokenizer import DEMO_DIR
 
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
@@ -106,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megastream: interrupted: {e}", file=sys.stderr)
         return e.exit_code
     except MegastreamError as e:
-        print(f"megastream: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+        if rank == "0":
+            print(f"megastream: error: {e}", file=sys.stderr)
+        elif not isinstance(e, ConfigError):  # a config error is the same on every rank: rank 0 says it
+            print(f"megastream [rank {rank}]: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("megastream: interrupted", file=sys.stderr)

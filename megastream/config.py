@@ -89,6 +89,9 @@ class EngineConfig:
     activations: Literal["device", "host"] = "device"  # layer-boundary checkpoints: on the device, or offloaded
     # mixture-of-experts layers (model.implementation: hf): stream all experts, or only those the step's tokens route to
     moe_streaming: Literal["whole", "routed"] = "whole"
+    # torchrun jobs: seconds a collective may wait for another rank before the job fails (a rank that died
+    # makes the others exit instead of hanging for torch's default 30 minutes)
+    dist_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,7 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     need(e.loss_chunk_tokens >= 0, "engine.loss_chunk_tokens",
          f"must be >= 0 (0 = automatic), got {e.loss_chunk_tokens}")
     need(e.gpu_memory_gb >= 0, "engine.gpu_memory_gb", f"must be >= 0 (0 = the whole GPU), got {e.gpu_memory_gb}")
+    need(e.dist_timeout_s > 0, "engine.dist_timeout_s", f"must be > 0 seconds, got {e.dist_timeout_s}")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     need(e.threads >= 0, "engine.threads", f"must be >= 0 (0 = torch's default), got {e.threads}")
     need(bool(out.dir), "output.dir", "required: the directory for metrics and checkpoints")

@@ -48,10 +48,11 @@ class AdamWHyper:
     grad_scale: float = 1.0  # clipping coefficient
 
 
-def sr_key(seed: int, step: int, unit: int) -> int:
+def sr_key(seed: int, step: int, unit: int, shard: int = 0) -> int:
     """32-bit key for stochastic rounding of one unit's update: a function of (seed, step, unit)
-    only, so runs reproduce whatever the threading."""
-    return zlib.crc32(f"{seed}:{step}:{unit}".encode())
+    only, so runs reproduce whatever the threading; and of the shard (megastream.dist), so that
+    ranks do not round their slices with the same stream."""
+    return zlib.crc32(f"{seed}:{step}:{unit}".encode() + (f":{shard}".encode() if shard else b""))
 
 
 class OptimizerWorker:

@@ -6,6 +6,11 @@ A checkpoint is a Hugging Face model directory (loadable as is) plus
                          precision (and int8 block scales), streamed from the arenas (no copies).
   rng_state.safetensors  the torch RNG state
   trainer_state.json     completed steps, AdamW step count, the config it was written with
+A data-parallel run (megastream.dist) writes its shards instead of the per-unit files:
+  optimizer/rank-<r>-of-<n>.safetensors  rank r's slice of every unit ("<unit>.weights", ...)
+  optimizer/manifest.json                the element range [lo, hi) of each unit in each file
+Reading takes the element ranges the store holds from whichever files hold them, so a checkpoint
+resumes on any number of ranks (moment blocks of 256 never straddle two shards).
 Everything else a step depends on derives from the step number: the learning rate, the data
 position (rows are addressed by step), and the stochastic-rounding keys (seed, step, unit).
 The directory is written under a temporary name and renamed, so a crash mid-save leaves the
@@ -26,7 +31,7 @@ from safetensors.torch import save_file
 
 from megastream.checkpoint import check_finite, write_safetensors
 from megastream.errors import CheckpointError
-from megastream.store import HostStore
+from megastream.store import BLOCK, HostStore
 
 STATE_FILE = "trainer_state.json"
 OPTIM_DIR = "optimizer"
@@ -53,7 +58,7 @@ def layout_digest(store: HostStore) -> str:
     state is stored flat per unit, so it resumes only onto the same layout (the native and the
     generic path order some parameters differently)."""
     h = hashlib.blake2b(digest_size=8)
-    for unit in store.units:
+    for unit in store.full_units:
         h.update(unit.name.encode())
         for e in unit.entries:
             h.update(f"|{e.hf_name}:{tuple(e.shape)}@{e.offset}".encode())
@@ -68,10 +73,47 @@ def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: 
         # they are written, as on load: a checkpoint that is written can be resumed.
         write_safetensors(tmp / OPTIM_DIR / f"{unit.name}.safetensors",
                           [(k, t, tuple(t.shape)) for k, t in unit_tensors(store, u).items()], finite=True)
+    write_trainer_state(tmp, store, step=step, adam_steps=adam_steps, config=config)
+
+
+def write_trainer_state(tmp: Path, store: HostStore, *, step: int, adam_steps: int, config: dict,
+                        world: int = 1) -> None:
+    """trainer_state.json and the RNG state (after the optimizer files)."""
     save_file({"rng_state": torch.get_rng_state()}, str(tmp / RNG_FILE))
     state = {"step": step, "adam_steps": adam_steps, "master": "fp32" if store.master is not None else "none",
-             "states": store.states, "layout": layout_digest(store), "config": config}
+             "states": store.states, "layout": layout_digest(store), "world": world, "config": config}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+MANIFEST = "manifest.json"
+
+
+def _pieces(path: Path, store: HostStore) -> dict[str, list[tuple[Path, str, int, int]]]:
+    """unit name -> [(file, tensor-name prefix, lo, hi)]: where each element range of it is stored."""
+    odir = path / OPTIM_DIR
+    manifest = odir / MANIFEST
+    if not manifest.is_file():
+        if any(odir.glob("rank-*.safetensors")):
+            raise CheckpointError(f"{odir} holds the shards of a multi-rank run but no {MANIFEST}, which says where "
+                                  "each unit's elements are; the checkpoint is incomplete (a save that was cut "
+                                  "short?): resume from an earlier one")
+        return {u.name: [(odir / f"{u.name}.safetensors", "", 0, u.numel)] for u in store.full_units}
+    try:
+        m = json.loads(manifest.read_text())
+        files = [odir / f for f in m["files"]]
+        out = {name: [(f, f"{name}.", lo, hi) for f, (lo, hi) in zip(files, ranges)]
+               for name, ranges in m["units"].items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest}: not a valid shard manifest ({e}); resume from an earlier checkpoint") from None
+    for u in store.full_units:
+        covered = sorted((lo, hi) for _, _, lo, hi in out.get(u.name, ()) if hi > lo)
+        end = 0
+        for lo, hi in covered:
+            end = hi if lo <= end else end
+        if end < u.numel:
+            raise CheckpointError(f"{manifest}: the shards do not cover unit {u.name} ({end} of {u.numel} elements); "
+                                  "the checkpoint was written for another model")
+    return out
 
 
 def read_training_state(path: Path, store: HostStore) -> dict:
@@ -97,30 +139,48 @@ def read_training_state(path: Path, store: HostStore) -> dict:
             f"{path} was written for another parameter layout of this model (model.implementation was {impl!r} "
             "then, and the native and hf paths store some parameters in another order), so its optimizer state "
             "cannot be resumed here; resume with the model.implementation it was written with")
-    for u, unit in enumerate(store.units):
-        f = path / OPTIM_DIR / f"{unit.name}.safetensors"
-        want = unit_tensors(store, u)
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                missing = sorted(set(want) - set(sf.keys()))
-                if missing:
-                    raise CheckpointError(f"{f}: missing {', '.join(missing)}; the checkpoint does not match "
-                                          "this configuration")
-                for name, dst in want.items():
-                    t = sf.get_tensor(name)
-                    if t.shape != dst.shape or t.dtype != dst.dtype:
-                        raise CheckpointError(f"{f}: {name} is {t.dtype} {tuple(t.shape)}, expected {dst.dtype} "
-                                              f"{tuple(dst.shape)}; the checkpoint does not match this model")
-                    check_finite(t, name, f)  # in the same pass, one tensor at a time
-                    dst.copy_(t)
-        except (SafetensorError, FileNotFoundError) as e:
-            raise CheckpointError(f"{f}: cannot read ({e}); the checkpoint is incomplete or corrupt, resume "
-                                  "from an earlier one") from None
+    pieces = _pieces(path, store)
+    for u, unit in enumerate(store.full_units):
+        lo, hi = store.unit_range(u)
+        for f, prefix, plo, phi in pieces[unit.name]:
+            a, b = max(lo, plo), min(hi, phi)
+            if a < b:
+                _read_range(f, prefix, unit_tensors(store, u), (a - plo, b - plo), (a - lo, b - lo), phi - plo)
     if (path / RNG_FILE).is_file():
         with safe_open(str(path / RNG_FILE), framework="pt") as sf:
             torch.set_rng_state(sf.get_tensor("rng_state"))
     store.sync_working()
     return state
+
+
+def _read_range(f: Path, prefix: str, want: dict[str, torch.Tensor], src: tuple[int, int], dst: tuple[int, int],
+                n_src: int) -> None:
+    """want[k][dst] <- file f's tensor prefix+k [src] (elements; int8 scales by their 256-element block),
+    checked for shape, dtype and finiteness as it is read."""
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            missing = sorted(prefix + k for k in want if prefix + k not in sf.keys())
+            if missing:
+                raise CheckpointError(f"{f}: missing {', '.join(missing)}; the checkpoint does not match "
+                                      "this configuration")
+            for name, t in want.items():
+                blocks = name.endswith("_scale")
+                (s0, s1), (d0, d1), n = src, dst, n_src
+                if blocks:  # ranges start on block boundaries; a range's last block may be partial
+                    s0, s1, d0, d1, n = s0 // BLOCK, -(-s1 // BLOCK), d0 // BLOCK, -(-d1 // BLOCK), -(-n // BLOCK)
+                sl = sf.get_slice(prefix + name)
+                if tuple(sl.get_shape()) != (n,) or _ST_DTYPES.get(sl.get_dtype()) != t.dtype:
+                    raise CheckpointError(f"{f}: {prefix + name} is {sl.get_dtype()} {tuple(sl.get_shape())}, expected "
+                                          f"{t.dtype} ({n},); the checkpoint does not match this model and config")
+                piece = sl[s0:s1]
+                check_finite(piece, prefix + name, f)  # in the same pass, one range at a time
+                t[d0:d1].copy_(piece)
+    except (SafetensorError, FileNotFoundError) as e:
+        raise CheckpointError(f"{f}: cannot read ({e}); the checkpoint is incomplete or corrupt, resume "
+                              "from an earlier one") from None
+
+
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8}
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

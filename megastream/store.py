@@ -77,6 +77,7 @@ class HostStore:
         if quant is not None and trainable:
             raise ValueError("a quantized store is a frozen base (trainable=False)")
         self.units = units
+        self.full_units = units  # the units as the model sees them (a ShardedStore holds slices of them)
         self.quant = quant
         self.compute_dtype = compute_dtype
         self.grad_dtype = grad_dtype
@@ -280,12 +281,23 @@ class HostStore:
                 else:
                     t.fill_(1.0)
 
-        def draw(job):
-            dst, key = job
-            h = 0
-            for part in key:  # a fixed mix (Python's hash() is not promised to stay the same)
-                h = (h * 0x9E3779B97F4A7C15 + part + 1) % (1 << 63)
-            g = torch.Generator().manual_seed(h)
-            dst.copy_(torch.empty(dst.numel(), dtype=torch.float32).normal_(0.0, std, generator=g))
+        list(pool.map(lambda job: job[0].copy_(init_piece(job[1], job[0].numel(), std)), jobs))
 
-        list(pool.map(draw, jobs))
+    def unit_range(self, u: int) -> tuple[int, int]:
+        """The elements [lo, hi) of unit u (in the whole unit's flat layout) this store holds."""
+        return 0, self.units[u].numel
+
+    def write_entry(self, u: int, offset: int, flat: torch.Tensor) -> None:
+        """Unit u's elements [offset, offset + flat.numel()) <- flat (dtype cast here): a tensor as read
+        from a checkpoint. A ShardedStore keeps the part in its shard."""
+        self.weights_of(u)[offset:offset + flat.numel()].copy_(flat)
+
+
+def init_piece(key: tuple[int, ...], n: int, std: float) -> torch.Tensor:
+    """The N(0, std) values (fp32) of one piece of a random init, from a generator seeded by `key`
+    (seed, unit, tensor, piece): the same values wherever and however the piece is drawn."""
+    h = 0
+    for part in key:  # a fixed mix (Python's hash() is not promised to stay the same)
+        h = (h * 0x9E3779B97F4A7C15 + part + 1) % (1 << 63)
+    g = torch.Generator().manual_seed(h)
+    return torch.empty(n, dtype=torch.float32).normal_(0.0, std, generator=g)

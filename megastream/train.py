@@ -41,10 +41,12 @@ from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
 from megastream.plan import Plan, make_plan
-from megastream.resolve import (check_model_inputs, mode_name, model_spec, resolve_device, resolve_dtypes,
+from megastream.resolve import (check_model_inputs, mode_name, model_spec, resolve_dtypes,
                                 tokenizer_path)
+from megastream.dist.comm import DistError, agreed, check_distributed, collective_failure, join
+from megastream.dist.state import GatheredStore, run_on_main, write_all_shards
 from megastream.resume import (latest_checkpoint, prune, read_training_state, training_state_bytes,
-                               write_training_state)
+                               write_trainer_state, write_training_state)
 from megastream.store import HostStore
 from megastream.telemetry import Monitor, Scalars
 from megastream.tokenizer import TextTokenizer, load_tokenizer
@@ -63,18 +65,24 @@ class Model:
 
 
 
-def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool = True) -> Model:
+def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool = True, comm=None) -> Model:
     """Allocate the host store and fill it from the checkpoint or a seeded random init
     (init=False when a training checkpoint will fill it instead). A LoRA run's base is frozen:
-    its store holds the weights alone, and a LoRA checkpoint does not hold them (always init)."""
+    its store holds the weights alone, and a LoRA checkpoint does not hold them (always init).
+    With `comm` (a data-parallel rank), the store is this rank's shard of the model (megastream.dist)."""
     compute, grad = resolve_dtypes(cfg, device)
     quant = None
     if cfg.lora is not None:
         compute, init = base_dtype(cfg, compute), True
         quant = cfg.lora.base_dtype if cfg.lora.base_dtype in _QUANT_BASES else None
-    store = HostStore(model_layout(spec), compute, grad, pin=device.type == "cuda",
-                      master=cfg.optim.master == "fp32", states=cfg.optim.states, trainable=cfg.lora is None,
-                      quant=quant)
+    kw = dict(pin=device.type == "cuda", master=cfg.optim.master == "fp32", states=cfg.optim.states,
+              trainable=cfg.lora is None)
+    if comm is not None:
+        from megastream.dist.shard import sharded_store
+
+        store = sharded_store(model_layout(spec), comm, compute_dtype=compute, grad_dtype=grad, **kw)
+    else:
+        store = HostStore(model_layout(spec), compute, grad, quant=quant, **kw)
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
         if init:
@@ -221,16 +229,33 @@ def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer]
 
 
 def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: Model,
-                     tokenizers: list[TextTokenizer]) -> None:
-    """checkpoint-<step>/: the HF model plus the exact training state, written atomically."""
+                     tokenizers: list[TextTokenizer], comm=None) -> None:
+    """checkpoint-<step>/: the HF model plus the exact training state, written atomically. With
+    `comm`, rank 0 writes it, gathering the weights unit by unit, and each rank adds its optimizer shard."""
+    store = model.store
+
     def extra(tmp: Path) -> None:
-        write_training_state(tmp, model.store, step=step, adam_steps=adam_steps, config=cfg.to_dict())
+        if comm is None:
+            write_training_state(tmp, store, step=step, adam_steps=adam_steps, config=cfg.to_dict())
+        else:
+            write_all_shards(tmp, store, comm)
+            write_trainer_state(tmp, store, step=step, adam_steps=adam_steps, config=cfg.to_dict(),
+                                world=comm.local_world)
         if os.environ.get("MEGASTREAM_TEST_CRASH_DURING_SAVE") == str(step):  # fault injection for tests
             os._exit(3)
 
-    _save(out / f"checkpoint-{step}", cfg, model, tokenizers, extra=extra,
-          extra_bytes=training_state_bytes(model.store))
-    prune(out, cfg.output.keep_last)
+    def save() -> None:
+        n = 1 if comm is None else comm.local_world
+        _save(out / f"checkpoint-{step}", cfg, _gathered(model, comm), tokenizers, extra=extra,
+              extra_bytes=training_state_bytes(store) * n)
+        prune(out, cfg.output.keep_last)
+
+    run_on_main(comm, store, save)
+
+
+def _gathered(model: Model, comm) -> Model:
+    """The model as rank 0 saves it: each unit gathered from the ranks' shards as it is written."""
+    return model if comm is None else dataclasses.replace(model, store=GatheredStore(model.store, comm))
 
 
 def _save_adapter(path: Path, cfg: Config, model: Model, adapters: LoraAdapters, tokenizers: list[TextTokenizer],
@@ -270,15 +295,16 @@ def _save_lora_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, mo
 
 
 def _save_final(out: Path, cfg: Config, model: Model, adapters: LoraAdapters | None,
-                tokenizers: list[TextTokenizer], log) -> None:
-    """final/: the model, or for LoRA the adapter (and, with lora.merge, merged/: base + adapter)."""
+                tokenizers: list[TextTokenizer], log, comm=None) -> None:
+    """final/: the model, or for LoRA the adapter (and, with lora.merge, merged/: base + adapter).
+    With `comm`, rank 0 writes, the others serve it their shards."""
     if adapters is None:
-        _save(out / "final", cfg, model, tokenizers)
+        run_on_main(comm, model.store, lambda: _save(out / "final", cfg, _gathered(model, comm), tokenizers))
         return
-    _save_adapter(out / "final", cfg, model, adapters, tokenizers)
+    run_on_main(comm, model.store, lambda: _save_adapter(out / "final", cfg, model, adapters, tokenizers))
     if cfg.lora.merge:
-        adapters.merge_into(model.store)  # the base is no longer needed as it was
-        _save(out / "merged", cfg, model, tokenizers)
+        adapters.merge_into(model.store)  # the base is no longer needed as it was (each rank: its shard)
+        run_on_main(comm, model.store, lambda: _save(out / "merged", cfg, _gathered(model, comm), tokenizers))
         log(f"megastream: merged model (base + adapter) saved to {out / 'merged'}")
 
 
@@ -320,14 +346,19 @@ def _config_changes(old: dict, new: dict) -> list[str]:
     return changed
 
 
-def evaluate(engine: Engine, val: Dataset, micro_batch_size: int, group: int) -> tuple[float, int]:
-    """Token-mean loss over the whole validation set, `group` micro-batches per layer-major pass."""
+def evaluate(engine: Engine, val: Dataset, micro_batch_size: int, group: int, comm=None) -> tuple[float, int]:
+    """Token-mean loss over the whole validation set, `group` micro-batches per layer-major pass
+    (per rank: each pass takes group x ranks micro-batches, and rank r every r-th of them; a rank
+    left without one still streams the weights with the others)."""
     total, n = 0.0, 0
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
     batches = val.in_order(micro_batch_size)
-    while mbs := list(itertools.islice(batches, group)):
-        loss, k = engine.eval_loss(mbs)
+    while mbs := list(itertools.islice(batches, group * world)):
+        loss, k = engine.eval_loss(mbs[rank::world])
         total, n = total + loss * k, n + k
-    return total / max(n, 1), n
+    if comm is not None:
+        total, n = comm.sum(total, n)
+    return total / max(n, 1), int(n)
 
 
 class _StopRequest:
@@ -398,7 +429,7 @@ def limit_gpu_memory(gb: float, device: torch.device) -> None:
 
 
 def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device: torch.device, data: Dataset,
-             adapters: LoraAdapters | None = None) -> str:
+             adapters: LoraAdapters | None = None, comm=None) -> str:
     b, t = plan.budget, cfg.train
     mode = mode_name(cfg) or "custom"
     optim = f"master {cfg.optim.master}, states {cfg.optim.states} ({mode} mode)"
@@ -418,7 +449,11 @@ def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device:
             f"| {gpu}\n"
             f"megastream: {len(data)} sequences of {cfg.data.seq_len} ({_packing(data)}), "
             f"{b.tokens_per_step} tokens/step, {t.steps} steps; roofline "
-            f"{plan.roofline.step_s:.3g} s/step ({plan.roofline.bound}-bound, {plan.rates.source.split(' (')[0]})")
+            f"{plan.roofline.step_s:.3g} s/step ({plan.roofline.bound}-bound, {plan.rates.source.split(' (')[0]})"
+            + ("" if comm is None else
+               f"\nmegastream: data parallel over {comm.world} ranks ({comm.local_world} per node x {comm.nodes} "
+               f"node(s)): each holds 1/{comm.local_world} of the host state ({store.host_bytes() / 1e9:.2f} GB here), "
+               f"runs {cfg.train.grad_accum // comm.world} of the {cfg.train.grad_accum} micro-batches per step"))
 
 
 def _packing(data: Dataset) -> str:
@@ -427,40 +462,11 @@ def _packing(data: Dataset) -> str:
             f"fill {lay.fill:.1%}" if lay.mode != "none" else f"one document per row, fill {lay.fill:.1%}")
 
 
-def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, force: bool = False,
-          log=print) -> list[dict]:
-    """Run a whole training job (or continue one: resume = "latest" or a checkpoint path);
-    returns the per-step metrics of this invocation. Refuses (ResourceError) a run the memory
-    plan says cannot fit, unless `force`."""
-    device = resolve_device(cfg)
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
-    torch.manual_seed(cfg.train.seed)
-    out = Path(cfg.output.dir)
-    resume_from = _resume_point(cfg, out, resume) if resume else None
-    # Refuse early, create only once inputs are valid; a resumed run continues its own directory.
-    _prepare_output(out, cfg, overwrite, resume_from is not None, create=False)
-
-    # Shape checks and the memory plan first (cheap), so nothing big is allocated for a run that cannot fit.
-    spec = model_spec(cfg)
-    check_model_inputs(cfg, spec, log)
-    if cfg.lora is not None:  # targets and lora.init checked against the model before anything is written
-        lora_targets, lora_init = lora_start(cfg, spec, log, load_init=resume_from is None)
-    plan = make_plan(cfg, spec)
-    if not force:
-        refuse_if_too_big(plan)
-    cap_gpu_memory(cfg, device)
-    make_tok, used_toks = _tokenizer_for(cfg)
-    data: Dataset = load_dataset(cfg, spec.vocab_size, "train", make_tok, log)
-    val: Dataset | None = None
-    if cfg.data.val_path is not None:
-        val = load_dataset(cfg, spec.vocab_size, "val", make_tok, log)
-    if not used_toks and any(d is not None and d.cache.header["used_tokenizer"] for d in (data, val)):
-        make_tok()  # the cache was built earlier: the tokenizer still goes beside the model
-    if data.n_truncated or data.n_dropped:
-        log(f"megastream: warning: {data.n_truncated} row(s) longer than data.seq_len={cfg.data.seq_len} truncated, "
-            f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")
-    model = build_model(cfg, spec, device, init=resume_from is None)
+def _build(cfg: Config, spec: ModelSpec, device: torch.device, comm, resume_from: Path | None, out: Path, log,
+           lora_targets, lora_init) -> tuple[Model, LoraAdapters | None, int, int]:
+    """The model in host RAM (this rank's shard under torchrun), the adapters, and where training
+    starts: (model, adapters, step, AdamW steps), from the checkpoint when resuming."""
+    model = build_model(cfg, spec, device, init=resume_from is None, comm=comm)
     store = model.store
     adapters = make_adapters(cfg, spec, lora_targets, lora_init, device) if cfg.lora is not None else None
     start_step, adam_steps = 0, 0
@@ -477,31 +483,108 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
             log(f"megastream: warning: resuming with a changed setting, {change}")
         log(f"megastream: resuming from {resume_from} at step {start_step}"
             + ("; all steps are done, writing final/ only" if start_step == cfg.train.steps else ""))
-    _prepare_output(out, cfg, overwrite, resume_from is not None, create=True)
+        written = state.get("world", 1)
+        if comm is not None or written != 1:
+            log(f"megastream: the checkpoint's state was written by {written} rank(s) and is read by "
+                f"{1 if comm is None else comm.local_world} per node (resharded by element ranges)")
+    return model, adapters, start_step, adam_steps
+
+
+def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, force: bool = False,
+          log=print) -> list[dict]:
+    """Run a whole training job (or continue one: resume = "latest" or a checkpoint path);
+    returns the per-step metrics of this invocation. Refuses (ResourceError) a run the memory
+    plan says cannot fit, unless `force`. Under torchrun (more than one process), each process is a
+    data-parallel rank holding its shard of the host state (megastream.dist); rank 0 logs and writes."""
+    comm, device = join(cfg)
+    main = comm is None or comm.main
+    try:
+        return _train(cfg, comm, device, main, overwrite, resume, force, log if main else (lambda *a, **k: None))
+    except (RuntimeError, torch.distributed.DistError) as e:
+        if comm is None or not collective_failure(e):
+            raise
+        raise DistError(f"rank {comm.rank}: a collective failed, so another rank of the job stopped or cannot be "
+                        "reached (torchrun's summary names the rank that failed first; with a hang instead, "
+                        f"engine.dist_timeout_s={cfg.engine.dist_timeout_s:g} bounds the wait). "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        if comm is not None:
+            comm.close()
+
+
+def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool, resume: str | None, force: bool,
+           log) -> list[dict]:
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.output.dir)
+    with agreed(comm):  # every rank checks; any rank's refusal stops them all (rank 0 says why)
+        resume_from = _resume_point(cfg, out, resume) if resume else None
+        # Refuse early, create only once inputs are valid; a resumed run continues its own directory.
+        _prepare_output(out, cfg, overwrite, resume_from is not None, create=False)
+
+        # Shape checks and the memory plan first (cheap), so nothing big is allocated for a run that cannot fit.
+        spec = model_spec(cfg)
+        check_model_inputs(cfg, spec, log)
+        if comm is not None:
+            check_distributed(cfg, spec)
+        if cfg.lora is not None:  # targets and lora.init checked against the model before anything is written
+            lora_targets, lora_init = lora_start(cfg, spec, log, load_init=resume_from is None)
+        plan = make_plan(cfg, spec)
+        if not force:
+            refuse_if_too_big(plan)
+        cap_gpu_memory(cfg, device)
+    make_tok, used_toks = _tokenizer_for(cfg)
+    for turn in ((True,) if comm is None else (True, False)):  # rank 0 builds the token cache, then the others read it
+        with agreed(comm):
+            if main == turn:
+                data: Dataset = load_dataset(cfg, spec.vocab_size, "train", make_tok, log)
+                val: Dataset | None = None
+                if cfg.data.val_path is not None:
+                    val = load_dataset(cfg, spec.vocab_size, "val", make_tok, log)
+    if not used_toks and any(d is not None and d.cache.header["used_tokenizer"] for d in (data, val)):
+        make_tok()  # the cache was built earlier: the tokenizer still goes beside the model
+    if data.n_truncated or data.n_dropped:
+        log(f"megastream: warning: {data.n_truncated} row(s) longer than data.seq_len={cfg.data.seq_len} truncated, "
+            f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")
+    with agreed(comm):
+        model, adapters, start_step, adam_steps = _build(cfg, spec, device, comm, resume_from, out, log,
+                                                         *((lora_targets, lora_init) if cfg.lora else (None, None)))
+    store = model.store
+    if main:
+        _prepare_output(out, cfg, overwrite, resume_from is not None, create=True)
+    if comm is not None:
+        comm.barrier()  # output.dir exists before any rank writes a checkpoint shard into it
 
     t = cfg.train
     tokens_per_step = plan.budget.tokens_per_step
-    log(_summary(cfg, spec, plan, store, device, data, adapters))
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log(_summary(cfg, spec, plan, store, device, data, adapters, comm))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     with _gpu_oom(plan, "while allocating the device buffers"):
-        engine = Engine(spec, store, cfg, device, adapters=adapters)
+        engine = Engine(spec, store, cfg, device, adapters=adapters, comm=comm)
     engine.adam_steps = adam_steps
     history = []
     metrics_path = out / "metrics.jsonl"
-    if resume_from is not None:  # keep the records up to the checkpoint, drop any written after it
+    if resume_from is not None and main:  # keep the records up to the checkpoint, drop any written after it
         kept = _metrics_up_to(metrics_path, start_step, log)
         metrics_path.write_text("".join(line + "\n" for line in kept))
     monitor = Monitor(device)
-    scalars = Scalars(out, cfg.output.tensorboard, log)
+    scalars = Scalars(out, cfg.output.tensorboard and main, log)
     bad_run, skipped = 0, 0  # consecutive / total steps skipped for a non-finite loss or gradient norm
+    per_rank = t.grad_accum // (1 if comm is None else comm.world)  # micro-batches each rank runs
     try:
-        with _StopRequest(log) as stop, open(metrics_path, "a" if resume_from is not None else "w") as metrics, \
-                _ProgressBar(t.steps, start_step, disable=not cfg.output.progress) as bar:
+        with _StopRequest(log) as stop, \
+                open(metrics_path if main else os.devnull, "a" if resume_from is not None else "w") as metrics, \
+                _ProgressBar(t.steps, start_step, disable=not (cfg.output.progress and main)) as bar:
             for step in range(start_step, t.steps):
                 lr = lr_at(step, t)
                 rows = data.step_rows(step, t.grad_accum, t.micro_batch_size, cfg.data.shuffle, t.seed)
-                mbs = [data.batch(r) for r in rows]  # read from the token cache now
+                rank = 0 if comm is None else comm.rank
+                mbs = [data.batch(r) for r in rows[rank * per_rank:(rank + 1) * per_rank]]  # read from the token cache now
+                if os.environ.get("MEGASTREAM_TEST_KILL_RANK") == f"{rank}:{step + 1}":  # fault injection for tests
+                    os.kill(os.getpid(), signal.SIGKILL)
                 t0 = time.perf_counter()
                 with _gpu_oom(plan, f"in step {step + 1}"):
                     stats = engine.step(mbs, lr)  # returns after a device sync (loss, grad norm)
@@ -520,7 +603,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                     bad_run = 0
                 rec["skipped_steps"] = skipped
                 if val is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-                    rec["eval_loss"], rec["eval_tokens"] = evaluate(engine, val, t.micro_batch_size, t.grad_accum)
+                    rec["eval_loss"], rec["eval_tokens"] = evaluate(engine, val, t.micro_batch_size, per_rank, comm)
                 rec.update(monitor.sample())
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
@@ -536,14 +619,17 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                         f"train.grad_clip on, check the data near step {step + 1 - bad_run + 1}, then --resume")
                 saving = cfg.output.save_every and (step + 1) % cfg.output.save_every == 0
                 last = step + 1 == t.steps
+                if comm is not None and comm.max(stop.signum or 0):  # one rank asked to stop: all stop here
+                    stop.signum = stop.signum or int(comm.max(stop.signum or 0))
                 # A stop request checkpoints this step; in the last one only if the run has no checkpoint
                 # yet (final/ follows), so that a second Ctrl-C during final/ still leaves one to --resume.
                 if saving or (stop.signum is not None and not (last and latest_checkpoint(out))):
                     engine.worker.wait_all()  # the step's updates must have landed
                     if adapters is not None:
-                        _save_lora_checkpoint(out, step + 1, engine.adam_steps, cfg, model, adapters, used_toks)
+                        run_on_main(comm, store, lambda: _save_lora_checkpoint(out, step + 1, engine.adam_steps, cfg,
+                                                                               model, adapters, used_toks))
                     else:
-                        _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks)
+                        _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks, comm)
                 if stop.signum is not None and not last:
                     bar.close()
                     saved = out / f"checkpoint-{step + 1}"
@@ -553,7 +639,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
             stop.doing = "finishing the save of final/"
             stop.abortable = latest_checkpoint(out) is not None
             engine.worker.wait_all()
-            _save_final(out, cfg, model, adapters, used_toks, log)
+            _save_final(out, cfg, model, adapters, used_toks, log, comm)
             if stop.signum is not None:
                 raise Interrupted(f"all {t.steps} steps were done; the save of {out / 'final'} was let finish and "
                                   "is complete, so there is nothing to resume", stop.signum)

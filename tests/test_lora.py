@@ -118,8 +118,9 @@ def test_frozen_base_holds_and_moves_nothing_it_does_not_need():
         engine.step(_batches(spec, M=2, B=1, S=6, seed=step), lr=1e-3)
         seen.append(list(copies))
     engine.close()
-    assert seen[0] == [1, 2, 3, head, 1], seen  # forward 1..L, head, backward L-2..1
-    assert seen[1] == seen[2] == [3, 1], seen  # units 1, 2 and the head are still resident
+    # 0: the embedding rows' wait (the step's rows gathered on the host, not the table copied)
+    assert seen[0] == [0, 1, 2, 3, head, 1], seen  # forward 1..L, head, backward L-2..1
+    assert seen[1] == seen[2] == [0, 3, 1], seen  # units 1, 2 and the head are still resident
 
 
 def test_update_is_torch_adamw_with_clipping_and_decay():

@@ -169,9 +169,13 @@ class LoraAdapters:
         """W += scale * B @ A for every adapted projection, in the host store's weights (fp32 sum,
         rounded once to the store's dtype): the base becomes the merged model. Ends training."""
         for s in self.slots:
-            e = next(e for e in store.units[s.layer + 1].entries if e.key == s.key)
-            w = store.weights_of(s.layer + 1)[e.offset:e.offset + e.numel].view(e.shape)
-            w.copy_(w.float() + self.delta(s))
+            u = s.layer + 1
+            e = next(e for e in store.full_units[u].entries if e.key == s.key)
+            lo, hi = store.unit_range(u)  # a sharded store (megastream.dist) merges into its slice
+            a, b = max(lo, e.offset), min(hi, e.offset + e.numel)
+            if a < b:
+                w = store.weights_of(u)[a - lo:b - lo]
+                w.copy_(w.float() + self.delta(s).view(-1)[a - e.offset:b - e.offset])
         store.sync_working()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

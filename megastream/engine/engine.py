@@ -151,15 +151,19 @@ def lora_layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayou
 
 
 class Engine:
-    def __init__(self, spec: ModelSpec, store: HostStore, cfg: Config, device: torch.device, adapters=None):
+    def __init__(self, spec: ModelSpec, store: HostStore, cfg: Config, device: torch.device, adapters=None,
+                 comm=None):
         """`adapters` (megastream.adapters.lora.LoraAdapters): train them over a frozen base instead
-        of the base itself."""
+        of the base itself. `comm` (megastream.dist.comm.Comm): one rank of a data-parallel job whose
+        `store` is this rank's shard (megastream.dist): weights all-gathered, gradients reduce-scattered,
+        token counts, losses and norms summed over the ranks."""
         self.spec = spec
         self.store = store
         self.cfg = cfg
         self.device = device
         self.dtype = store.compute_dtype
-        self.units = store.units
+        self.units = store.full_units  # what the model computes on (a sharded store holds slices of them)
+        self.comm = comm
         self.L = spec.num_layers
         self.head_unit = self.L + 1
         self.adam_steps = 0
@@ -167,10 +171,18 @@ class Engine:
         self.streams = Streams(device)
         self.worker = OptimizerWorker(self._update_unit, threads=cfg.engine.threads)
         tied = spec.tie_word_embeddings
-        self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait)
         self.adapters = adapters
-        # Frozen base: no weight gradient buffers on the device at all.
-        self.grads = GradStager(store, device, self.streams, tied=tied) if adapters is None else None
+        if comm is None:
+            self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait)
+            # Frozen base: no weight gradient buffers on the device at all.
+            self.grads = GradStager(store, device, self.streams, tied=tied) if adapters is None else None
+        else:
+            from megastream.dist.streaming import streamers
+
+            self.weights, self.grads = streamers(store, device, self.streams, tied=tied, before_copy=self.worker.wait,
+                                                 comm=comm)
+            if adapters is not None:
+                self.grads = None
         self.ckpts = Checkpoints(device, self.streams, cfg.engine.activations)
         self.fns = model_functions(spec, device, self.dtype)  # what a layer, the embedding and the head compute
         # engine.moe_streaming: routed: only the routed experts of MoE layers cross PCIe (engine/experts.py)
@@ -195,7 +207,7 @@ class Engine:
         spec, L, head = self.spec, self.L, self.head_unit
         clip = self.cfg.train.grad_clip
         ropes, masks = self._attention_inputs(mbs)  # per micro-batch: (cos, sin), mask or None
-        n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))  # host tensors: no sync
+        n_tok = self._loss_tokens(mbs)
         inv_n = 1.0 / max(n_tok, 1)
         self.adam_steps += 1
         self.weights.invalidate()
@@ -247,8 +259,12 @@ class Engine:
         # 6. Global norm (sync point: waits for all backward work), then the updates.
         norms = self.grads.norms.cpu()
         norms[0] = embed_norm
-        total = float(torch.linalg.vector_norm(norms))
-        loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
+        if self.comm is None:
+            total = float(torch.linalg.vector_norm(norms))
+            loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
+        else:  # each rank normed its shards: the global norm is the root of the summed squares
+            sq, loss = self.comm.sum(float(norms.double().square().sum()), float(loss_sum))
+            total, loss = math.sqrt(sq), loss * inv_n
         if aux is not None:
             loss += aux.value()
         pcie = {"h2d_bytes": self.weights.h2d_bytes - h2d0, "d2h_bytes": self.grads.d2h_bytes - d2h0}
@@ -266,7 +282,7 @@ class Engine:
         but the loss and the norm, and nothing is invalidated: the base does not change."""
         spec, L, head, ad = self.spec, self.L, self.head_unit, self.adapters
         ropes, masks = self._attention_inputs(mbs)
-        n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))  # host tensors: no sync
+        n_tok = self._loss_tokens(mbs)
         inv_n = 1.0 / max(n_tok, 1)
         self.adam_steps += 1  # also keys the dropout masks: the recompute draws the forward's again
         ad.begin_step()
@@ -302,6 +318,9 @@ class Engine:
             if i > 0:
                 self.weights.prefetch(u - 1, keep=u)
 
+        if self.comm is not None:
+            self.comm.all_reduce(ad.grad)  # replicated adapters: every rank applies the summed gradient
+            loss_sum = torch.tensor(self.comm.sum(float(loss_sum))[0])
         total = float(ad.grad_norm())  # sync point: waits for all backward work
         loss = float(loss_sum) * inv_n
         if not (math.isfinite(loss) and math.isfinite(total)):
@@ -312,6 +331,11 @@ class Engine:
         ad.adamw(lr=lr, beta1=o.betas[0], beta2=o.betas[1], eps=o.eps, weight_decay=self.cfg.train.weight_decay,
                  step=self.adam_steps, grad_scale=clip_coef(total, clip) if clip > 0 else 1.0)
         return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
+
+    def _loss_tokens(self, mbs: list[MicroBatch]) -> int:
+        """Tokens that carry a loss in the step (every rank's): the loss is their mean."""
+        n = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))  # host tensors: no sync
+        return n if self.comm is None else int(self.comm.sum(n)[0])
 
     def _lora(self, i: int, k: int, x: torch.Tensor, train: bool, grad: bool = False) -> dict[str, Adapter]:
         """Layer i's adapters for micro-batch k (input x), with its dropout masks when training."""
@@ -340,11 +364,7 @@ class Engine:
         """Embedding rows, then layers 0..L-1 layer-major (every micro-batch passes layer i before
         layer i+1); with `keep` (training), each layer's inputs go to self.ckpts and adapters apply
         their dropout. Returns the last hidden states."""
-        spec = self.spec
-        self.worker.wait(0)  # host wait: the embedding's pending update
-        table = self.store.working_of(0).view(spec.vocab_size, spec.hidden_size)
-        # H2D: tokens * H * itemsize bytes per micro-batch (small, pageable)
-        xs = [table[mb.input_ids].to(self.device, non_blocking=True) for mb in mbs]
+        xs = self.weights.embed_rows([mb.input_ids for mb in mbs])  # waits for the embedding's pending update
         if self.fns.embed is not None:  # e.g. Gemma's sqrt(hidden) scale
             xs = [self.fns.embed(x) for x in xs]
         aux = self.fns.aux if keep and self.adapters is None else None
@@ -406,7 +426,7 @@ class Engine:
         m, v, m_scale, v_scale = s.states_of(u)
         separate_working = s.master is not None and s.working is not s.master
         ops.adamw_step(s.weights_of(u), s.grad_of(u), m, v, m_scale, v_scale,
-                       s.working_of(u) if separate_working else None, n_decay=self.units[u].n_decay,
+                       s.working_of(u) if separate_working else None, n_decay=s.units[u].n_decay,
                        lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
                        weight_decay=hyper.weight_decay, step=hyper.step, grad_scale=hyper.grad_scale,
-                       key=sr_key(self.cfg.train.seed, hyper.step, u))
+                       key=sr_key(self.cfg.train.seed, hyper.step, u, getattr(s, "shard_rank", 0)))

@@ -51,6 +51,14 @@ class WeightStreamer:
         self.partial = None  # engine.experts.RoutedExperts: what to copy of a MoE layer (None: whole units)
         self.h2d_bytes = 0  # copied so far (the engine reports it per step)
 
+    def embed_rows(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each micro-batch's embedding rows (B, S, H) on the device: gathered on the host from the
+        working copy, once the optimizer is done with it."""
+        self.before_copy(0)  # host wait: the embedding's pending update
+        table = self.store.working_of(0).view(-1, self.store.full_units[0].entries[0].shape[-1])
+        # H2D: tokens * H * itemsize bytes per micro-batch (small, pageable)
+        return [table[i].to(self.head.device, non_blocking=True) for i in ids]
+
     def invalidate(self) -> None:
         """Forget what is resident: the host weights have been updated."""
         self.slot_unit = [None, None]
