@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="path to a YAML config")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pl.add_argument("--ranks-per-node", type=int, default=0, metavar="N",
+                    help="plan a torchrun job of N processes (GPUs) per node: per-rank and per-node memory, "
+                         "collective bytes and the step's terms")
+    pl.add_argument("--nodes", type=int, default=1, metavar="M", help="with --ranks-per-node: M nodes (HSDP)")
+    pl.add_argument("--peer-gbps", type=float, default=None, metavar="GB/S",
+                    help="with --ranks-per-node: GPU-to-GPU bus bandwidth per GPU in a node (default 450, NVLink 4)")
+    pl.add_argument("--net-gbps", type=float, default=None, metavar="GB/S",
+                    help="with --nodes: network bandwidth per GPU between nodes (default 45, 400 Gb/s InfiniBand)")
     pr = sub.add_parser("probe", help="measure bandwidths, matmul and optimizer rates here; cache them for `plan`")
     pr.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     pr.add_argument("--quick", action="store_true",
@@ -78,6 +86,23 @@ def _probe(device: str, quick: bool = False) -> int:
     return 0
 
 
+def _topology(args):
+    """`plan --ranks-per-node N [--nodes M] [--peer-gbps X] [--net-gbps Y]`, or None."""
+    if not args.ranks_per_node:
+        if args.nodes != 1 or args.peer_gbps or args.net_gbps:
+            raise ConfigError("plan: --nodes, --peer-gbps and --net-gbps describe a torchrun job; give its "
+                              "--ranks-per-node N too (the processes, one per GPU, on each node)")
+        return None
+    from megastream.dist.cost import DEFAULT_NET_GBPS, DEFAULT_PEER_GBPS, Topology
+
+    for flag, v in (("--ranks-per-node", args.ranks_per_node), ("--nodes", args.nodes),
+                    ("--peer-gbps", args.peer_gbps or 1), ("--net-gbps", args.net_gbps or 1)):
+        if v <= 0:
+            raise ConfigError(f"plan: {flag} must be > 0, got {v}")
+    return Topology(args.ranks_per_node, args.nodes, args.peer_gbps or DEFAULT_PEER_GBPS,
+                    args.net_gbps or DEFAULT_NET_GBPS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -96,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, args.set)
         if args.command == "plan":
             from megastream.plan import plan_main
-            return plan_main(cfg, args.json)
+            return plan_main(cfg, args.json, _topology(args))
         if args.command == "prepare":
             from megastream.data.loader import prepare_main
             return prepare_main(cfg, args.json)

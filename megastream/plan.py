@@ -212,6 +212,7 @@ class Plan:
     modes: dict[str, Budget]
     data: dict = field(default_factory=dict)  # megastream.data.loader.data_plan: rows and fill from the cache
     lora_bases: dict[str, Budget] = field(default_factory=dict)  # LoRA: lora.base_dtype -> its budget
+    dist: dict = field(default_factory=dict)  # data parallel (a Topology was given): per rank, per node, per step
 
     def lora_json(self) -> dict | None:
         """The LoRA block of `plan --json` (None for full fine-tuning)."""
@@ -252,7 +253,7 @@ class Plan:
                          "optimizer_s": r.optimizer_s, "bound": r.bound, "rates": vars(self.rates)},
             "modes": {k: {"host_bytes_total": m.host_total, "state_bytes_per_param": m.state_bytes_per_param,
                           "fits_host": m.host_total <= self.ram_usable} for k, m in self.modes.items()},
-            "lora": self.lora_json(),
+            "lora": self.lora_json(), "distributed": self.dist or None,
             "data": self.data, "warnings": self.warnings, "suggestions": self.suggestions,
         }
 
@@ -287,8 +288,11 @@ def _with(cfg: Config, **sections) -> Config:
     return replace(cfg, **{k: replace(getattr(cfg, k), **v) for k, v in sections.items()})
 
 
-def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, host: Machine | None = None) -> Plan:
-    """The budget and verdict of `cfg` on this machine (or on `host`, a Machine to plan for)."""
+def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, host: Machine | None = None,
+              topology=None) -> Plan:
+    """The budget and verdict of `cfg` on this machine (or on `host`, a Machine to plan for). With a
+    `topology` (megastream.dist.cost.Topology: ranks per node, nodes, link bandwidths), `budget.host` is
+    one rank's, the host verdict is for a node (all its ranks), and `dist` holds the data-parallel model."""
     device_type = plan_device(cfg)
     compute, grad = resolve_dtypes(cfg, torch.device(device_type))
     runtime = rss() if runtime_bytes is None else runtime_bytes
@@ -301,7 +305,12 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
     rates = rates_for(device_type)
     roof = roofline(cfg, spec, b, rates)
     ram_usable = m.ram_available + (rss() if host is None else runtime)
-    fits_host = b.host_total <= ram_usable
+    dist = {}
+    if topology is not None:
+        dist = _dist_plan(cfg, spec, b, roof, topology, budget_of, rates)
+        b.host = dist.pop("host_per_rank")
+    per_node = b.host_total * (topology.ranks_per_node if topology is not None else 1)
+    fits_host = per_node <= ram_usable
 
     gpu_budget, source = None, "no GPU here"
     if device_type == "cuda":
@@ -337,7 +346,39 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
                  for k in LORA_BASES}
     suggestions = _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type, bases)
     return Plan(cfg, spec, device_type, b, m, rates, roof, ram_usable, gpu_budget, source, fits_host, fits_gpu,
-                warnings, suggestions, modes, lora_bases=bases)
+                warnings, suggestions, modes, lora_bases=bases, dist=dist)
+
+
+def _dist_plan(cfg: Config, spec: ModelSpec, b: Budget, roof: Roofline, topo, budget_of, rates: Rates) -> dict:
+    """Per rank and per node: host RAM, GPU, PCIe and collective bytes per step, the step's terms,
+    and the scaling efficiency against one GPU at the same tokens per step per GPU."""
+    from megastream.dist.cost import comm_bytes, dist_terms, per_rank_host
+
+    n, world = topo.ranks_per_node, topo.world
+    units = model_layout(spec)
+    moved = comm_bytes(units, spec.tie_word_embeddings, b.compute_dtype.itemsize, n, topo.nodes,
+                       b.lora.get("adapter_params", 0) if b.lora else 0)
+    terms = dist_terms(topo, roof, moved)
+    one = None
+    if cfg.train.grad_accum % world == 0:  # one GPU with this GPU's share of the step's tokens
+        c1 = _with(cfg, train={"grad_accum": cfg.train.grad_accum // world})
+        one = roofline(c1, spec, budget_of(c1), rates).step_s
+    host = per_rank_host(b.host, n)
+    return {"ranks_per_node": n, "nodes": topo.nodes, "world": world, "peer_gbps": topo.peer_gbps,
+            "net_gbps": topo.net_gbps, "host_per_rank": host, "host_bytes_per_rank": sum(host.values()),
+            "host_bytes_per_node": n * sum(host.values()), "host_bytes_one_process": b.host_total,
+            "gpu_bytes_per_rank": b.gpu_total,
+            "h2d_bytes_per_step_per_rank": _pcie(roof, rates, "h2d") / n,
+            "d2h_bytes_per_step_per_rank": _pcie(roof, rates, "d2h") / n,
+            **{f"{k}_per_step_per_rank": v for k, v in moved.items()}, **terms,
+            "tokens_per_s": b.tokens_per_step / terms["step_s"],
+            "one_gpu_step_s": one,
+            "scaling_efficiency": (one / terms["step_s"]) if one else None}
+
+
+def _pcie(roof: Roofline, rates: Rates, way: str) -> float:
+    """Bytes of one direction per step, back from the roofline's seconds."""
+    return (roof.h2d_s * rates.h2d_gbps if way == "h2d" else roof.d2h_s * rates.d2h_gbps) * 1e9
 
 
 LORA_BASES = ("bf16", "int8", "nf4")  # lora.base_dtype choices `plan` compares
@@ -446,7 +487,9 @@ def render(p: Plan) -> str:
     if m.gpus:
         lines.append("  GPU " + "; ".join(f"{g.index}: {g.name}, {g.total_bytes / 1e9:.0f} GB" for g in m.gpus))
     host_v = "yes" if p.fits_host else "NO"
-    lines.append(f"  host RAM: {b.host_total / 1e9:.2f} GB of {p.ram_usable / 1e9:.2f} GB usable -> fits: {host_v}")
+    need = p.dist["host_bytes_per_node"] if p.dist else b.host_total
+    lines.append(f"  host RAM{' (the node: all its ranks)' if p.dist else ''}: {need / 1e9:.2f} GB of "
+                 f"{p.ram_usable / 1e9:.2f} GB usable -> fits: {host_v}")
     if p.device_type == "cuda":
         budget_txt = f"{p.gpu_budget / 1e9:.2f} GB ({p.gpu_budget_source})" if p.gpu_budget else p.gpu_budget_source
         lines.append(f"  GPU: {b.gpu_total / 1e9:.2f} GB of {budget_txt} -> fits: {'yes' if p.fits_gpu else 'NO'}"
@@ -476,6 +519,8 @@ def render(p: Plan) -> str:
     tps = b.tokens_per_step / r.step_s
     lines.append(f"  predicted step {r.step_s:.3f} s ({r.bound}-bound), {tps:,.0f} tokens/s; "
                  f"{p.cfg.train.steps} steps in {_duration(r.step_s * p.cfg.train.steps)}")
+    if p.dist:
+        lines += [""] + _dist_lines(p)
     for w in p.warnings:
         lines.append(f"warning: {w}")
     verdict = "fits" if p.fits_host and p.fits_gpu else "does NOT fit"
@@ -483,6 +528,25 @@ def render(p: Plan) -> str:
     for s in p.suggestions:
         lines.append(f"  suggestion: {s}")
     return "\n".join(lines)
+
+
+def _dist_lines(p: Plan) -> list[str]:
+    d = p.dist
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    eff = f", {d['scaling_efficiency']:.0%} scaling efficiency" if d["scaling_efficiency"] else ""
+    return [f"data parallel: {d['world']} ranks = {d['ranks_per_node']} per node x {d['nodes']} node(s) (host state "
+            f"sharded {d['ranks_per_node']} ways in a node, replicated across nodes)",
+            f"  host RAM per rank {gb(d['host_bytes_per_rank'])} (the table above), per node "
+            f"{gb(d['host_bytes_per_node'])} (one process: {gb(d['host_bytes_one_process'])}); GPU per rank "
+            f"{gb(d['gpu_bytes_per_rank'])}",
+            f"  per rank per step: H2D {gb(d['h2d_bytes_per_step_per_rank'])}, D2H "
+            f"{gb(d['d2h_bytes_per_step_per_rank'])}, all-gather {gb(d['all_gather_bytes_per_step_per_rank'])}, "
+            f"reduce-scatter {gb(d['reduce_scatter_bytes_per_step_per_rank'])}, all-reduce across nodes "
+            f"{gb(d['all_reduce_bytes_per_step_per_rank'])}",
+            f"  links: peer {d['peer_gbps']:g} GB/s per GPU, network {d['net_gbps']:g} GB/s per GPU -> all-gather "
+            f"{d['all_gather_s']:.3f} s, reduce-scatter {d['reduce_scatter_s']:.3f} s, all-reduce {d['all_reduce_s']:.3f} s",
+            f"  predicted step {d['step_s']:.3f} s ({d['bound']}-bound), {d['tokens_per_s']:,.0f} tokens/s{eff} "
+            "(documented, unmeasured on GPUs)"]
 
 
 def _lora_lines(p: Plan) -> list[str]:
@@ -519,10 +583,10 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def plan_main(cfg: Config, as_json: bool) -> int:
+def plan_main(cfg: Config, as_json: bool, topology=None) -> int:
     spec = model_spec(cfg)
     check_model_inputs(cfg, spec, log=lambda msg: print(msg, file=sys.stderr))  # stdout: the plan (or its JSON)
-    p = make_plan(cfg, spec)
+    p = make_plan(cfg, spec, topology=topology)
     from megastream.data.loader import data_plan
 
     p.data = data_plan(cfg, spec.vocab_size)

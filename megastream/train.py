@@ -44,6 +44,7 @@ from megastream.plan import Plan, make_plan
 from megastream.resolve import (check_model_inputs, mode_name, model_spec, resolve_dtypes,
                                 tokenizer_path)
 from megastream.dist.comm import DistError, agreed, check_distributed, collective_failure, join
+from megastream.dist.cost import Topology
 from megastream.dist.state import GatheredStore, run_on_main, write_all_shards
 from megastream.resume import (latest_checkpoint, prune, read_training_state, training_state_bytes,
                                write_trainer_state, write_training_state)
@@ -530,7 +531,7 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
             check_distributed(cfg, spec)
         if cfg.lora is not None:  # targets and lora.init checked against the model before anything is written
             lora_targets, lora_init = lora_start(cfg, spec, log, load_init=resume_from is None)
-        plan = make_plan(cfg, spec)
+        plan = make_plan(cfg, spec, topology=None if comm is None else Topology(comm.local_world, comm.nodes))
         if not force:
             refuse_if_too_big(plan)
         cap_gpu_memory(cfg, device)
@@ -589,11 +590,13 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
                 with _gpu_oom(plan, f"in step {step + 1}"):
                     stats = engine.step(mbs, lr)  # returns after a device sync (loss, grad norm)
                 dt = time.perf_counter() - t0
+                moved = comm.take_counters() if comm is not None else {}  # this rank's collective bytes
                 rec = {"step": step + 1, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                        "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens, "fill": round(data.fill(rows), 4),
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
                 if adapters is None:  # PCIe bytes the step moved (weights in, gradients out)
                     rec["h2d_bytes"], rec["d2h_bytes"] = stats.h2d_bytes, stats.d2h_bytes
+                rec.update(moved)
                 if stats.skipped:
                     bad_run, skipped = bad_run + 1, skipped + 1
                     rec["skipped"] = True

@@ -262,9 +262,10 @@ class Engine:
         if self.comm is None:
             total = float(torch.linalg.vector_norm(norms))
             loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
-        else:  # each rank normed its shards: the global norm is the root of the summed squares
+        else:  # each rank normed its shards: the global norm is the root of the summed squares (each
+            # shard is held by one rank per node, so the sum over every rank counts it once per node)
             sq, loss = self.comm.sum(float(norms.double().square().sum()), float(loss_sum))
-            total, loss = math.sqrt(sq), loss * inv_n
+            total, loss = math.sqrt(sq / self.comm.nodes), loss * inv_n
         if aux is not None:
             loss += aux.value()
         pcie = {"h2d_bytes": self.weights.h2d_bytes - h2d0, "d2h_bytes": self.grads.d2h_bytes - d2h0}
