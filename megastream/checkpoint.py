@@ -159,12 +159,14 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor, t
     header length, JSON header of dtype/shape/data_offsets, then the raw bytes), which
     safetensors.safe_open and transformers read. safetensors' own save_file needs every tensor
     materialised at once (and refuses views that share one arena). With `finite`, each chunk is
-    checked in the same pass and a NaN or infinity raises NonFiniteWeights before it is written."""
+    checked in the same pass and a NaN or infinity raises NonFiniteWeights before it is written.
+    A tensor may be given as a function returning it (with `dtype` set): it is called when its turn
+    comes, so a source that builds each tensor (a sharded run gathering units) holds one at a time."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t, shape in tensors:
         d = dtype or t.dtype
-        n = t.numel() * d.itemsize
+        n = math.prod(shape) * d.itemsize
         header[name] = {"dtype": _ST_NAMES[d], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -173,7 +175,7 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor, t
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, t, _ in tensors:
-            flat = t.reshape(-1)
+            flat = (t() if callable(t) else t).reshape(-1)
             for lo in range(0, flat.numel(), WRITE_CHUNK):
                 piece = flat[lo:lo + WRITE_CHUNK]
                 if dtype is not None and piece.dtype != dtype:
@@ -181,6 +183,8 @@ def write_safetensors(path: str | Path, tensors: list[tuple[str, torch.Tensor, t
                 if finite and not bool(torch.isfinite(piece).all()):
                     raise NonFiniteWeights(f"tensor {name!r} of {Path(path).name} holds NaN or infinite values")
                 f.write(memoryview(piece.contiguous().view(torch.uint8).numpy()))
+                del piece
+            del flat  # before the next tensor is built (a gathered unit is freed first)
         f.flush()
         os.fsync(f.fileno())
 
@@ -236,7 +240,8 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            entries = [(name, store.weights_of(u)[e.offset:e.offset + e.numel], e.shape) for name, u, e in shard]
+            entries = [(name, lambda u=u, e=e: store.weights_of(u)[e.offset:e.offset + e.numel], e.shape)
+                       for name, u, e in shard]
             write_safetensors(tmp / fname, entries, torch_dtype, finite=True)
             weight_map.update({name: fname for name, _, _ in entries})
         if n > 1:

@@ -309,6 +309,9 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
     if topology is not None:
         dist = _dist_plan(cfg, spec, b, roof, topology, budget_of, rates)
         b.host = dist.pop("host_per_rank")
+        if cfg.train.grad_accum % topology.world:
+            dist["warning"] = (f"train.grad_accum {cfg.train.grad_accum} cannot be split evenly across {topology.world} "
+                            f"ranks, so `megastream train` would refuse it; set it to a multiple of {topology.world}")
     per_node = b.host_total * (topology.ranks_per_node if topology is not None else 1)
     fits_host = per_node <= ram_usable
 
@@ -325,7 +328,7 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
             gpu_budget, source = physical, f"{m.gpus[0].name}, {physical / 1e9:.0f} GB"
     fits_gpu = device_type == "cpu" or (gpu_budget is not None and b.gpu_total <= gpu_budget)
 
-    warnings = []
+    warnings = [dist["warning"]] if "warning" in dist else []
     if device_type == "cuda" and gpu_budget is None:
         warnings.append("no GPU is visible here and engine.gpu_memory_gb is unset, so the GPU verdict is 'no'; "
                         "set engine.gpu_memory_gb to the card you will run on")
@@ -364,6 +367,9 @@ def _dist_plan(cfg: Config, spec: ModelSpec, b: Budget, roof: Roofline, topo, bu
         c1 = _with(cfg, train={"grad_accum": cfg.train.grad_accum // world})
         one = roofline(c1, spec, budget_of(c1), rates).step_s
     host = per_rank_host(b.host, n)
+    if n > 1:  # rank 0 saves: one unit at a time gathered from the ranks' slices, in the weights' dtype
+        w = 4 if cfg.lora is None and cfg.optim.master == "fp32" else b.compute_dtype.itemsize
+        host["a unit gathered to save (rank 0)"] = max(u.numel for u in units) * w
     return {"ranks_per_node": n, "nodes": topo.nodes, "world": world, "peer_gbps": topo.peer_gbps,
             "net_gbps": topo.net_gbps, "host_per_rank": host, "host_bytes_per_rank": sum(host.values()),
             "host_bytes_per_node": n * sum(host.values()), "host_bytes_one_process": b.host_total,

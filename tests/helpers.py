@@ -165,3 +165,15 @@ def random_micro_batches(spec, M: int, B: int, S: int, seed: int = 0) -> list:
         labels[0, :3] = IGNORE
         mbs.append(MicroBatch(ids, labels))
     return mbs
+
+
+def torchrun(*args: str, nproc: int = 2, env: dict | None = None, check: bool = True,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m megastream ARGS` (one thread per rank: 2 cores)."""
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "megastream", *args]
+    proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}:\n{proc.stderr[-5000:]}")
+    return proc

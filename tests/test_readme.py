@@ -72,6 +72,9 @@ COMMANDS: dict[str, Case] = {
     "megastream prepare configs/demo.yaml --json": Case(0, says=('"fill":', '"packed_rows":')),
     "megastream plan configs/qwen2.5-14b-24gb.yaml": Case(1, says=("verdict:",), plan_verdict=True),
     "megastream plan configs/qwen2.5-14b-24gb.yaml --json": Case(1, says=('"fits":',), plan_verdict=True),
+    "megastream plan configs/qwen2.5-14b-24gb.yaml --ranks-per-node 2 --nodes 2":
+        Case(1, says=("data parallel: 4 ranks = 2 per node x 2 node(s)", "all-gather", "scaling efficiency"),
+             plan_verdict=True),
     "megastream probe": Case(0, ("--quick",), says=("cached in",), writes=("cache/probe.json",)),
     # A CPU machine: refused up front with the reason, nothing written.
     "megastream train configs/qwen2.5-14b-24gb.yaml": Case(2, says=("megastream: error: engine.device: 'cuda'",),
