@@ -359,8 +359,8 @@ def _dist_plan(cfg: Config, spec: ModelSpec, b: Budget, roof: Roofline, topo, bu
 
     n, world = topo.ranks_per_node, topo.world
     units = model_layout(spec)
-    moved = comm_bytes(units, spec.tie_word_embeddings, b.compute_dtype.itemsize, n, topo.nodes,
-                       b.lora.get("adapter_params", 0) if b.lora else 0)
+    moved = comm_bytes(units, spec.tie_word_embeddings, b.compute_dtype.itemsize, b.grad_dtype.itemsize, n,
+                       topo.nodes, b.lora.get("adapter_params", 0) if b.lora else 0)
     terms = dist_terms(topo, roof, moved)
     one = None
     if cfg.train.grad_accum % world == 0:  # one GPU with this GPU's share of the step's tokens
@@ -374,17 +374,10 @@ def _dist_plan(cfg: Config, spec: ModelSpec, b: Budget, roof: Roofline, topo, bu
             "net_gbps": topo.net_gbps, "host_per_rank": host, "host_bytes_per_rank": sum(host.values()),
             "host_bytes_per_node": n * sum(host.values()), "host_bytes_one_process": b.host_total,
             "gpu_bytes_per_rank": b.gpu_total,
-            "h2d_bytes_per_step_per_rank": _pcie(roof, rates, "h2d") / n,
-            "d2h_bytes_per_step_per_rank": _pcie(roof, rates, "d2h") / n,
             **{f"{k}_per_step_per_rank": v for k, v in moved.items()}, **terms,
             "tokens_per_s": b.tokens_per_step / terms["step_s"],
             "one_gpu_step_s": one,
             "scaling_efficiency": (one / terms["step_s"]) if one else None}
-
-
-def _pcie(roof: Roofline, rates: Rates, way: str) -> float:
-    """Bytes of one direction per step, back from the roofline's seconds."""
-    return (roof.h2d_s * rates.h2d_gbps if way == "h2d" else roof.d2h_s * rates.d2h_gbps) * 1e9
 
 
 LORA_BASES = ("bf16", "int8", "nf4")  # lora.base_dtype choices `plan` compares
