@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from megastream.errors import ConfigError, MegastreamError
-from megastream.presets import PRESETS
+from megastream.presets import HF_PRESETS, PRESETS
 
 
 @dataclass(frozen=True)
@@ -384,9 +384,10 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
     m, d, t, o, e, out = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.engine, cfg.output
     need((m.path is None) != (m.preset is None), "model",
          "set exactly one of model.path (a Hugging Face directory) or model.preset "
-         f"({', '.join(PRESETS)})")
+         f"({', '.join([*PRESETS, *HF_PRESETS])})")
     if m.preset is not None:
-        need(m.preset in PRESETS, "model.preset", f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
+        need(m.preset in PRESETS or m.preset in HF_PRESETS, "model.preset",
+             f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}; on the generic path: {', '.join(HF_PRESETS)}")
     if m.path is not None:
         p = Path(m.path)
         if not p.is_dir():

@@ -12,7 +12,7 @@ import torch
 from megastream.config import Config
 from megastream.errors import ConfigError
 from megastream.model.spec import ModelSpec, UnsupportedModel
-from megastream.presets import PRESETS
+from megastream.presets import HF_PRESETS, PRESETS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -58,6 +58,16 @@ def model_spec(cfg: Config) -> ModelSpec:
     how its layers run (model.implementation): megastream's own functions, or the transformers
     modules on the generic path (megastream.hf); `auto` takes the native path when it has the model."""
     impl = cfg.model.implementation
+    if cfg.model.path is None and cfg.model.preset in HF_PRESETS:  # a generic-path shape
+        if impl == "native":
+            raise ConfigError(f"model.preset: {cfg.model.preset} runs on the generic path (transformers' own layer "
+                              "modules); set model.implementation: auto or hf")
+        if importlib.util.find_spec("transformers") is None:
+            raise UnsupportedModel(f"model.preset: {cfg.model.preset} runs on the generic path, which needs "
+                                   "transformers: pip install 'megastream[hf]'")
+        from megastream.hf.spec import spec_from_config
+
+        return spec_from_config(HF_PRESETS[cfg.model.preset], source=f"model.preset {cfg.model.preset}")
     if cfg.model.path is None:
         if impl == "hf":
             raise ConfigError("model.implementation: hf loads a Hugging Face directory (model.path); presets are "
