@@ -76,6 +76,9 @@ class OptimConfig:
     eps: float = 1.0e-8
     master: Literal["fp32", "none"] = "fp32"  # none: the bf16 weights are updated with stochastic rounding
     states: Literal["fp32", "bf16", "int8"] = "fp32"  # AdamW moments; int8: blockwise, dynamic-exponent code
+    # global: clip by this step's global norm, updates after the whole backward (exact); previous: each unit
+    # updated as soon as its gradient lands, clipped by the previous step's norm (no whole-model staging)
+    clip: Literal["global", "previous"] = "global"
 
 
 @dataclass(frozen=True)
@@ -440,6 +443,9 @@ def _check_values(cfg: Config, errors: list[str]) -> None:
          f"must be >= 0 (0 = automatic), got {e.loss_chunk_tokens}")
     need(e.gpu_memory_gb >= 0, "engine.gpu_memory_gb", f"must be >= 0 (0 = the whole GPU), got {e.gpu_memory_gb}")
     need(e.dist_timeout_s > 0, "engine.dist_timeout_s", f"must be > 0 seconds, got {e.dist_timeout_s}")
+    need(cfg.lora is None or o.clip == "global", "optim.clip",
+         "previous applies to full fine-tuning (the host optimizer); LoRA adapters are updated on the device right "
+         "after the backward, clipped by the step's own norm: set optim.clip: global")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     need(e.threads >= 0, "engine.threads", f"must be >= 0 (0 = torch's default), got {e.threads}")
     need(bool(out.dir), "output.dir", "required: the directory for metrics and checkpoints")

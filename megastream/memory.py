@@ -120,8 +120,10 @@ class Budget:
         return (self.host["working"] + self.host.get("master", 0) + self.host["optimizer states"]) / self.params
 
 
-def store_bytes(spec: ModelSpec, compute: torch.dtype, grad: torch.dtype, master: bool, states: str) -> dict[str, int]:
-    """The host store's arenas (store.HostStore allocates exactly these)."""
+def store_bytes(spec: ModelSpec, compute: torch.dtype, grad: torch.dtype, master: bool, states: str,
+                rotating_grads: bool = False) -> dict[str, int]:
+    """The host store's arenas (store.HostStore allocates exactly these). `rotating_grads`
+    (optim.clip: previous): the head's staging and two slots of the largest layer, not one per unit."""
     units = model_layout(spec)
     sizes = [u.numel for u in units]
     n, n_embed = sum(sizes), sizes[0]
@@ -131,7 +133,8 @@ def store_bytes(spec: ModelSpec, compute: torch.dtype, grad: torch.dtype, master
     if master and compute != torch.float32:
         out["master"] = n * 4
     out["optimizer states"] = ns * (m_dtype.itemsize + v_dtype.itemsize) + (ns // BLOCK * 8 if states == "int8" else 0)
-    out["gradient staging"] = (n - n_embed) * grad.itemsize + n_embed * 4
+    staged = 2 * max(sizes[1:-1]) + sizes[-1] if rotating_grads else n - n_embed
+    out["gradient staging"] = staged * grad.itemsize + n_embed * 4
     return out
 
 
@@ -334,7 +337,8 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
 
     # ---- host ----------------------------------------------------------------------------------
     if lo is None:
-        host = store_bytes(spec, compute, grad, cfg.optim.master == "fp32", cfg.optim.states)
+        host = store_bytes(spec, compute, grad, cfg.optim.master == "fp32", cfg.optim.states,
+                           rotating_grads=cfg.optim.clip == "previous")
     else:
         host = frozen_store_bytes(spec, compute, scheme)
         b.notes["working"] = f"the frozen base in {b.lora['base_dtype']} (no master, moments or staging)"

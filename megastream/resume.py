@@ -65,7 +65,8 @@ def layout_digest(store: HostStore) -> str:
     return h.hexdigest()
 
 
-def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: int, config: dict) -> None:
+def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: int, config: dict,
+                         extra: dict | None = None) -> None:
     """Add the optimizer state and trainer state to a checkpoint directory being written."""
     (tmp / OPTIM_DIR).mkdir()
     for u, unit in enumerate(store.units):
@@ -73,15 +74,15 @@ def write_training_state(tmp: Path, store: HostStore, *, step: int, adam_steps: 
         # they are written, as on load: a checkpoint that is written can be resumed.
         write_safetensors(tmp / OPTIM_DIR / f"{unit.name}.safetensors",
                           [(k, t, tuple(t.shape)) for k, t in unit_tensors(store, u).items()], finite=True)
-    write_trainer_state(tmp, store, step=step, adam_steps=adam_steps, config=config)
+    write_trainer_state(tmp, store, step=step, adam_steps=adam_steps, config=config, extra=extra)
 
 
 def write_trainer_state(tmp: Path, store: HostStore, *, step: int, adam_steps: int, config: dict,
-                        world: int = 1) -> None:
+                        world: int = 1, extra: dict | None = None) -> None:
     """trainer_state.json and the RNG state (after the optimizer files)."""
     save_file({"rng_state": torch.get_rng_state()}, str(tmp / RNG_FILE))
     state = {"step": step, "adam_steps": adam_steps, "master": "fp32" if store.master is not None else "none",
-             "states": store.states, "layout": layout_digest(store), "world": world, "config": config}
+             "states": store.states, "layout": layout_digest(store), "world": world, **(extra or {}), "config": config}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 

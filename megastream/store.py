@@ -73,7 +73,10 @@ _INIT_PIECE = 1 << 22  # elements per independently seeded piece of a random ini
 class HostStore:
     def __init__(self, units: list[UnitLayout], compute_dtype: torch.dtype, grad_dtype: torch.dtype,
                  pin: bool, master: bool = True, states: str = "fp32", trainable: bool = True,
-                 quant: str | None = None):
+                 quant: str | None = None, rotating_grads: bool = False):
+        """`rotating_grads` (optim.clip: previous): gradient staging is the head's slice and two slots of
+        the largest layer, used by layers of alternating parity (a layer's update consumes its gradient
+        before the layer two further down the backward lands there), not one slice per unit."""
         if quant is not None and trainable:
             raise ValueError("a quantized store is a frozen base (trainable=False)")
         self.units = units
@@ -105,7 +108,10 @@ class HostStore:
         self.m_scale = torch.zeros(n_blocks, dtype=torch.float32)
         self.v_scale = torch.zeros(n_blocks, dtype=torch.float32)
         # Gradient staging for units 1.. (the embedding accumulates separately, in fp32).
-        self.grad = torch.zeros(n - n_embed if trainable else 0, dtype=grad_dtype)
+        self.rotating = rotating_grads and trainable
+        self._slot = max(sizes[1:-1]) if self.rotating else 0
+        self.grad = torch.zeros((2 * self._slot + sizes[-1] if self.rotating else n - n_embed) if trainable else 0,
+                                dtype=grad_dtype)
         self.embed_grad = torch.zeros(n_embed if trainable else 0, dtype=torch.float32)
 
         self._pinned: list[torch.Tensor] = []
@@ -223,6 +229,9 @@ class HostStore:
     def grad_of(self, u: int) -> torch.Tensor:
         if u == 0:
             return self.embed_grad
+        if self.rotating:  # layers of one parity share a slot; the head has its own, after them
+            lo = (u % 2) * self._slot if u < len(self.units) - 1 else 2 * self._slot
+            return self.grad[lo:lo + self.units[u].numel]
         lo, hi = self.offsets[u] - self.offsets[1], self.offsets[u + 1] - self.offsets[1]
         return self.grad[lo:hi]
 

@@ -78,6 +78,8 @@ def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool =
         quant = cfg.lora.base_dtype if cfg.lora.base_dtype in _QUANT_BASES else None
     kw = dict(pin=device.type == "cuda", master=cfg.optim.master == "fp32", states=cfg.optim.states,
               trainable=cfg.lora is None)
+    if cfg.optim.clip == "previous":
+        kw["rotating_grads"] = True
     if comm is not None:
         from megastream.dist.shard import sharded_store
 
@@ -230,18 +232,19 @@ def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer]
 
 
 def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: Model,
-                     tokenizers: list[TextTokenizer], comm=None) -> None:
+                     tokenizers: list[TextTokenizer], comm=None, prev_norm: float | None = None) -> None:
     """checkpoint-<step>/: the HF model plus the exact training state, written atomically. With
     `comm`, rank 0 writes it, gathering the weights unit by unit, and each rank adds its optimizer shard."""
     store = model.store
 
     def extra(tmp: Path) -> None:
+        extra = {"prev_grad_norm": prev_norm}  # optim.clip: previous clips the next step by it
         if comm is None:
-            write_training_state(tmp, store, step=step, adam_steps=adam_steps, config=cfg.to_dict())
+            write_training_state(tmp, store, step=step, adam_steps=adam_steps, config=cfg.to_dict(), extra=extra)
         else:
             write_all_shards(tmp, store, comm)
             write_trainer_state(tmp, store, step=step, adam_steps=adam_steps, config=cfg.to_dict(),
-                                world=comm.local_world)
+                                world=comm.local_world, extra=extra)
         if os.environ.get("MEGASTREAM_TEST_CRASH_DURING_SAVE") == str(step):  # fault injection for tests
             os._exit(3)
 
@@ -464,18 +467,20 @@ def _packing(data: Dataset) -> str:
 
 
 def _build(cfg: Config, spec: ModelSpec, device: torch.device, comm, resume_from: Path | None, out: Path, log,
-           lora_targets, lora_init) -> tuple[Model, LoraAdapters | None, int, int]:
+           lora_targets, lora_init) -> tuple[Model, LoraAdapters | None, int, int, float | None]:
     """The model in host RAM (this rank's shard under torchrun), the adapters, and where training
-    starts: (model, adapters, step, AdamW steps), from the checkpoint when resuming."""
+    starts: (model, adapters, step, AdamW steps, the last step's gradient norm or None), from the
+    checkpoint when resuming."""
     model = build_model(cfg, spec, device, init=resume_from is None, comm=comm)
     store = model.store
     adapters = make_adapters(cfg, spec, lora_targets, lora_init, device) if cfg.lora is not None else None
-    start_step, adam_steps = 0, 0
+    start_step, adam_steps, prev_norm = 0, 0, None
     if resume_from is not None:
         if adapters is None and (resume_from / "adapter_config.json").is_file():
             raise ConfigError(f"--resume: {resume_from} is a LoRA checkpoint; resume it with the run's lora: section")
         state = read_lora_state(resume_from, adapters) if adapters else read_training_state(resume_from, store)
         start_step, adam_steps = state["step"], state["adam_steps"]
+        prev_norm = state.get("prev_grad_norm")  # optim.clip: previous
         if start_step > cfg.train.steps or (start_step == cfg.train.steps and (out / "final").is_dir()):
             done = f"; the run is complete ({out / 'final'} holds its model)" if (out / "final").is_dir() else ""
             raise ConfigError(f"--resume: {resume_from} is at step {start_step}, and train.steps is "
@@ -488,7 +493,7 @@ def _build(cfg: Config, spec: ModelSpec, device: torch.device, comm, resume_from
         if comm is not None or written != 1:
             log(f"megastream: the checkpoint's state was written by {written} rank(s) and is read by "
                 f"{1 if comm is None else comm.local_world} per node (resharded by element ranges)")
-    return model, adapters, start_step, adam_steps
+    return model, adapters, start_step, adam_steps, prev_norm
 
 
 def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, force: bool = False,
@@ -549,7 +554,7 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
         log(f"megastream: warning: {data.n_truncated} row(s) longer than data.seq_len={cfg.data.seq_len} truncated, "
             f"{data.n_dropped} dropped (data.overflow: {cfg.data.overflow})")
     with agreed(comm):
-        model, adapters, start_step, adam_steps = _build(cfg, spec, device, comm, resume_from, out, log,
+        model, adapters, start_step, adam_steps, prev_norm = _build(cfg, spec, device, comm, resume_from, out, log,
                                                          *((lora_targets, lora_init) if cfg.lora else (None, None)))
     store = model.store
     if main:
@@ -566,6 +571,7 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
     with _gpu_oom(plan, "while allocating the device buffers"):
         engine = Engine(spec, store, cfg, device, adapters=adapters, comm=comm)
     engine.adam_steps = adam_steps
+    engine.prev_norm = prev_norm
     history = []
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None and main:  # keep the records up to the checkpoint, drop any written after it
@@ -632,7 +638,8 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
                         run_on_main(comm, store, lambda: _save_lora_checkpoint(out, step + 1, engine.adam_steps, cfg,
                                                                                model, adapters, used_toks))
                     else:
-                        _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks, comm)
+                        _save_checkpoint(out, step + 1, engine.adam_steps, cfg, model, used_toks, comm,
+                                         prev_norm=engine.prev_norm)
                 if stop.signum is not None and not last:
                     bar.close()
                     saved = out / f"checkpoint-{step + 1}"

@@ -167,6 +167,7 @@ class Engine:
         self.L = spec.num_layers
         self.head_unit = self.L + 1
         self.adam_steps = 0
+        self.prev_norm: float | None = None  # optim.clip: previous: the last step's global norm (checkpointed)
         self.chunk_tokens = cfg.engine.loss_chunk_tokens or auto_chunk_tokens(spec.vocab_size)
         self.streams = Streams(device)
         self.worker = OptimizerWorker(self._update_unit, threads=cfg.engine.threads)
@@ -204,12 +205,32 @@ class Engine:
     def step(self, mbs: list[MicroBatch], lr: float) -> StepStats:
         if self.adapters is not None:
             return self._lora_step(mbs, lr)
+        if self.cfg.optim.clip == "previous" and self.prev_norm is None:
+            # The first step has no previous norm: it is clipped by its own, found by a pass that
+            # only norms the gradients (the step's forward and backward run twice, once per run).
+            self.grads.norms_only = True
+            try:
+                self.prev_norm = self._step(mbs, lr, norms_only=True).grad_norm
+            finally:
+                self.grads.norms_only = False
+        return self._step(mbs, lr)
+
+    def _step(self, mbs: list[MicroBatch], lr: float, norms_only: bool = False) -> StepStats:
+        """The full fine-tuning step. optim.clip: global: updates once the step's global norm is
+        known (exact). previous: each unit's update is queued as soon as its gradient has landed,
+        clipped by the previous step's norm, so the host optimizer overlaps the rest of backward;
+        the staging holds two units' gradients, not the model's (store.rotating)."""
         spec, L, head = self.spec, self.L, self.head_unit
         clip = self.cfg.train.grad_clip
+        early = self.cfg.optim.clip == "previous" and not norms_only
+        if early:
+            prev = self.prev_norm
+            coef_early = clip_coef(prev, clip) if clip > 0 and math.isfinite(prev) else 1.0
         ropes, masks = self._attention_inputs(mbs)  # per micro-batch: (cos, sin), mask or None
         n_tok = self._loss_tokens(mbs)
         inv_n = 1.0 / max(n_tok, 1)
-        self.adam_steps += 1
+        if not norms_only:
+            self.adam_steps += 1
         self.weights.invalidate()
         h2d0, d2h0 = self.weights.h2d_bytes, self.grads.d2h_bytes  # PCIe bytes of this step: the difference
         aux = self.fns.aux
@@ -235,6 +256,8 @@ class Engine:
         del xs
         self.weights.release(head)
         ready = {head: self.grads.finish_head()}  # unit -> event: its gradient is on the host
+        if early:
+            self._submit(head, ready[head], lr, coef_early)
 
         # 4. Backward, layer-major in reverse, recomputing each layer from its checkpoint.
         for i in reversed(range(L)):
@@ -249,12 +272,19 @@ class Engine:
             self.weights.release(u)
             if i > 0:
                 self.weights.prefetch(u - 1, keep=u)  # previous layer on h2d under this backward
+            if early and u + 2 < head:
+                self.worker.wait(u + 2)  # host wait: the update reading this staging slot is done with it
             ready[u] = self.grads.finish(u, acc)
+            if early:
+                self._submit(u, ready[u], lr, coef_early)
 
         # 5. Embedding gradient: scatter-add on the host.
         if self.fns.embed_grad is not None:  # e.g. Gemma's embedding scale
             dys = [self.fns.embed_grad(mb.input_ids, dy) for mb, dy in zip(mbs, dys)]
         embed_norm = self.grads.embed_backward([mb.input_ids for mb in mbs], dys)
+        if early:
+            self.grads.norms_host[0] = embed_norm
+            self._submit(0, DONE, lr, coef_early)
 
         # 6. Global norm (sync point: waits for all backward work), then the updates.
         norms = self.grads.norms.cpu()
@@ -269,7 +299,14 @@ class Engine:
         if aux is not None:
             loss += aux.value()
         pcie = {"h2d_bytes": self.weights.h2d_bytes - h2d0, "d2h_bytes": self.grads.d2h_bytes - d2h0}
-        if not (math.isfinite(loss) and math.isfinite(total)):
+        finite = math.isfinite(loss) and math.isfinite(total)
+        if norms_only:
+            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True, **pcie)
+        if early:  # the updates are queued already; a unit whose own gradient is not finite skips its own
+            if finite:
+                self.prev_norm = total
+            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=not finite, **pcie)
+        if not finite:
             self.adam_steps -= 1  # as if the step never happened: bias correction does not advance
             return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True, **pcie)
         coef = clip_coef(total, clip) if clip > 0 else 1.0
@@ -424,6 +461,8 @@ class Engine:
         """Runs on the optimizer thread: one fused pass over unit u's host buffers (csrc/adamw.cpp)
         reads the staged gradient, updates weights and moments, writes the bf16 working copy."""
         s = self.store
+        if self.cfg.optim.clip == "previous" and not math.isfinite(float(self.grads.norms_host[u])):
+            return  # optim.clip: previous: a non-finite gradient skips its unit (the others are updated)
         m, v, m_scale, v_scale = s.states_of(u)
         separate_working = s.master is not None and s.working is not s.master
         ops.adamw_step(s.weights_of(u), s.grad_of(u), m, v, m_scale, v_scale,

@@ -37,6 +37,9 @@ class GradStager:
         self.norms = torch.zeros(len(store.units), dtype=torch.float32, device=device)
         self.tied_ready = DONE  # the tied lm_head gradient has landed in embed_grad
         self.partial = None  # engine.experts.RoutedExperts: what to copy of a MoE layer's gradient (None: all)
+        self.norms_only = False  # a pass that only norms the gradients (optim.clip: previous, first step)
+        # each unit's norm on the host, landed with its gradient (an update can check it without a device sync)
+        self.norms_host = torch.zeros(len(store.units), dtype=torch.float32, pin_memory=streams.cuda)
         self.d2h_bytes = 0  # copied so far (the engine reports it per step)
 
     # ---- layers ----------------------------------------------------------------------------------
@@ -96,6 +99,9 @@ class GradStager:
     # ---- common ----------------------------------------------------------------------------------
     def _to_host(self, u: int, acc: torch.Tensor, host: torch.Tensor, parts=None):
         """`parts`: (ranges to copy, device ranges to zero, host ranges to zero), or None: all of it."""
+        if self.norms_only:
+            self.norms[u] = torch.linalg.vector_norm(acc)
+            return DONE
         if parts is not None:
             for a, b in parts[1]:  # unrouted experts: zero already, unless a kernel left them unwritten
                 acc[a:b].zero_()
@@ -114,6 +120,8 @@ class GradStager:
                 # D2H: (b - a) * itemsize bytes, one routed part of a MoE layer's gradient (d2h stream)
                 host[a:b].copy_(src[a:b], non_blocking=True)
                 self.d2h_bytes += (b - a) * host.element_size()
+            # D2H: 4 bytes, the unit's norm, landing with its gradient
+            self.norms_host[u:u + 1].copy_(self.norms[u:u + 1], non_blocking=True)
             done = self.streams.record(self.streams.d2h)
         if src is not acc and self.streams.cuda:
             src.record_stream(self.streams.d2h)  # keep the cast temp alive until the copy ends
