@@ -80,11 +80,11 @@ def test_nonfinite_weights_are_never_saved(tmp_path, monkeypatch):
     real = train_mod._save_checkpoint
     calls = []
 
-    def save(out_dir, step, adam_steps, cfg, model, toks):
+    def save(out_dir, step, adam_steps, cfg, model, toks, *args, **kw):
         if step == 4:
             model.store.weights_of(2)[5] = float("nan")
         calls.append(step)
-        return real(out_dir, step, adam_steps, cfg, model, toks)
+        return real(out_dir, step, adam_steps, cfg, model, toks, *args, **kw)
 
     monkeypatch.setattr(train_mod, "_save_checkpoint", save)
     with pytest.raises(CheckpointError, match="NaN or infinite"):
