@@ -123,3 +123,19 @@ def test_ranks_with_different_configs_are_refused():
 
     with pytest.raises(ConfigError, match="rank\\(s\\) 1 differ from rank 0"):
         check_same_config(TwoRanks(), {"train": {"lr": 1e-3}})
+
+
+@pytest.mark.parametrize("setting,says", [("lora.base_dtype=nf4", "quantized base"),
+                                          ("engine.moe_streaming=routed", "routed experts"),
+                                          ("optim.clip=previous", "as its gradient lands")])
+def test_what_is_not_sharded_yet_is_refused_before_anything_starts(setting, says):
+    from megastream.config import load_config
+    from megastream.dist.comm import check_distributed
+    from megastream.errors import ConfigError
+    from megastream.resolve import model_spec
+    from megastream.tokenizer import DEMO_DIR
+
+    sets = [setting] + (["lora.rank=4"] if setting.startswith("lora") else [])
+    cfg = load_config(DEMO_DIR / "demo.yaml", sets)
+    with pytest.raises(ConfigError, match=says):
+        check_distributed(cfg, model_spec(cfg))
