@@ -94,6 +94,13 @@ def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
     if spec.implementation == "hf" and getattr(cfg, "lora", None) is not None:
         raise ConfigError(f"lora: adapters are trained on the native path only, and {spec.architecture} runs on the "
                           "generic one (model.implementation: hf); drop the lora: section or use a native model")
+    if cfg.engine.attention == "flex":
+        if spec.implementation == "hf":
+            raise ConfigError(f"engine.attention: flex is megastream's native attention; {spec.architecture} runs on the "
+                              "generic path (transformers' own attention): set engine.attention: sdpa")
+        if plan_device(cfg) == "cpu":
+            raise ConfigError("engine.attention: flex on the CPU: torch's FlexAttention has no backward there, so it "
+                              "cannot train; set engine.attention: sdpa (or train on a GPU)")
     if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
                           "megastream computes full causal attention, which equals sliding-window attention only "

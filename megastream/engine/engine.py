@@ -41,6 +41,7 @@ from megastream.engine.loss import IGNORE, auto_chunk_tokens, head_loss, head_lo
 from megastream.engine.streams import DONE, Streams
 from megastream.engine.weights import WeightStreamer
 from megastream.model.layout import UnitLayout
+from megastream.model.flex import document_block_mask
 from megastream.model.llama import Adapter, block, document_mask, rope_tables
 from megastream.model.spec import ModelSpec
 from megastream.optim import AdamWHyper, OptimizerWorker, clip_coef, sr_key
@@ -72,8 +73,9 @@ class NativeModel:
     head_kw: dict = {}
     aux = None
 
-    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention: str = "sdpa"):
         self.spec, self.device, self.dtype = spec, device, dtype
+        self.flex = attention == "flex"  # packed rows: a FlexAttention block mask instead of a dense one
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def layer(self, i: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope, mask: torch.Tensor | None = None,
@@ -97,17 +99,18 @@ class NativeModel:
             else:
                 cos, sin = rope_tables(self.spec, mb.positions.to(self.device), self.dtype)  # (B, S, hd)
                 ropes.append((cos[:, None], sin[:, None]))  # (B, 1, S, hd): broadcast over heads
-                masks.append(document_mask(mb.doc_ids.to(self.device)))  # (B, 1, S, S) bool
+                doc = mb.doc_ids.to(self.device)
+                masks.append(document_block_mask(doc) if self.flex else document_mask(doc))  # (B, 1, S, S) bool
         return ropes, masks
 
 
-def model_functions(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+def model_functions(spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention: str = "sdpa"):
     """The layer functions of `spec`'s implementation (the generic path imports transformers)."""
     if spec.implementation == "hf":
         from megastream.hf import HFModel
 
         return HFModel(spec, device, dtype)
-    return NativeModel(spec, device, dtype)
+    return NativeModel(spec, device, dtype, attention)
 
 
 def layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy: torch.Tensor,
@@ -185,7 +188,8 @@ class Engine:
             if adapters is not None:
                 self.grads = None
         self.ckpts = Checkpoints(device, self.streams, cfg.engine.activations)
-        self.fns = model_functions(spec, device, self.dtype)  # what a layer, the embedding and the head compute
+        # what a layer, the embedding and the head compute
+        self.fns = model_functions(spec, device, self.dtype, cfg.engine.attention)
         # engine.moe_streaming: routed: only the routed experts of MoE layers cross PCIe (engine/experts.py)
         self.experts = routed_experts(cfg, spec, self.units, self.fns, self.weights, self.grads)
 

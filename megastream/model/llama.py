@@ -75,7 +75,12 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal grouped-query attention. q: (B, nh, S, hd); k, v: (B, nkv, S, hd); mask: optional
-    (B, 1, S, S) boolean (True = may attend), replacing the plain causal mask."""
+    (B, 1, S, S) boolean (True = may attend), replacing the plain causal mask, or a FlexAttention
+    BlockMask of the same documents (model/flex.py: no dense mask)."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        from megastream.model.flex import flex_document_attention
+
+        return flex_document_attention(q, k, v, mask)
     if q.shape[1] != k.shape[1] and not _SDPA_GQA:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
