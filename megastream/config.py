@@ -92,6 +92,7 @@ class EngineConfig:
     activations: Literal["device", "host"] = "device"  # layer-boundary checkpoints: on the device, or offloaded
     # packed rows' document mask: sdpa (a dense boolean mask) or flex (FlexAttention, block-sparse; CUDA to train)
     attention: Literal["sdpa", "flex"] = "sdpa"
+    compile: bool = False  # torch.compile the native layer function (forward, and backward's recompute)
     # mixture-of-experts layers (model.implementation: hf): stream all experts, or only those the step's tokens route to
     moe_streaming: Literal["whole", "routed"] = "whole"
     # torchrun jobs: seconds a collective may wait for another rank before the job fails (a rank that died

@@ -94,6 +94,9 @@ def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
     if spec.implementation == "hf" and getattr(cfg, "lora", None) is not None:
         raise ConfigError(f"lora: adapters are trained on the native path only, and {spec.architecture} runs on the "
                           "generic one (model.implementation: hf); drop the lora: section or use a native model")
+    if cfg.engine.compile and spec.implementation == "hf":
+        raise ConfigError(f"engine.compile compiles megastream's native layer function; {spec.architecture} runs on the "
+                          "generic path (transformers' modules): set engine.compile: false")
     if cfg.engine.attention == "flex":
         if spec.implementation == "hf":
             raise ConfigError(f"engine.attention: flex is megastream's native attention; {spec.architecture} runs on the "

@@ -73,14 +73,18 @@ class NativeModel:
     head_kw: dict = {}
     aux = None
 
-    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention: str = "sdpa"):
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention: str = "sdpa",
+                 compile: bool = False):
         self.spec, self.device, self.dtype = spec, device, dtype
+        # engine.compile: one compiled graph per shape (no CUDA graphs: the weights are new views each
+        # step); the forward (no grad) and the backward's recompute (with grad) compile separately
+        self.block = torch.compile(block, dynamic=False) if compile else block
         self.flex = attention == "flex"  # packed rows: a FlexAttention block mask instead of a dense one
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def layer(self, i: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope, mask: torch.Tensor | None = None,
               lora: dict[str, Adapter] | None = None) -> torch.Tensor:
-        return block(x, w, rope, self.spec, mask, lora)
+        return self.block(x, w, rope, self.spec, mask, lora)
 
     def rope(self, seq_len: int):
         if seq_len not in self._rope:
@@ -104,13 +108,14 @@ class NativeModel:
         return ropes, masks
 
 
-def model_functions(spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention: str = "sdpa"):
+def model_functions(spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention: str = "sdpa",
+                    compile: bool = False):
     """The layer functions of `spec`'s implementation (the generic path imports transformers)."""
     if spec.implementation == "hf":
         from megastream.hf import HFModel
 
         return HFModel(spec, device, dtype)
-    return NativeModel(spec, device, dtype, attention)
+    return NativeModel(spec, device, dtype, attention, compile)
 
 
 def layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayout, dy: torch.Tensor,
@@ -189,7 +194,7 @@ class Engine:
                 self.grads = None
         self.ckpts = Checkpoints(device, self.streams, cfg.engine.activations)
         # what a layer, the embedding and the head compute
-        self.fns = model_functions(spec, device, self.dtype, cfg.engine.attention)
+        self.fns = model_functions(spec, device, self.dtype, cfg.engine.attention, cfg.engine.compile)
         # engine.moe_streaming: routed: only the routed experts of MoE layers cross PCIe (engine/experts.py)
         self.experts = routed_experts(cfg, spec, self.units, self.fns, self.weights, self.grads)
 
@@ -396,7 +401,9 @@ class Engine:
     def _layer_fn(self, i: int, k: int) -> tuple:
         """(layer, extra) for layer_backward: None, None on the native path (model/llama.py's block)."""
         if isinstance(self.fns, NativeModel):
-            return None, None
+            if self.fns.block is block:
+                return None, None
+            return (lambda x, w, r, m: self.fns.block(x, w, r, self.spec, m)), None  # engine.compile
         aux = self.fns.aux
         return ((lambda x, w, r, m: self.fns.layer(i, x, w, r, m)),
                 None if aux is None else (lambda: aux.term(i, k)))
