@@ -112,6 +112,7 @@ class OutputConfig:
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_EXTRA = ("embed_tokens", "lm_head")  # what lora.train_extra may name
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class LoraConfig:
     init: Optional[str] = None  # a PEFT adapter directory to start from
     base_dtype: Literal["auto", "bf16", "float32", "int8", "nf4"] = "auto"  # auto: the compute dtype
     merge: bool = False  # also write the merged full model (output.dir/merged) at the end
+    # modules trained in full beside the adapters (saved as PEFT modules_to_save): embed_tokens, lm_head
+    train_extra: Union[tuple[()], tuple[str, ...]] = ()
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,8 @@ def _describe(tp) -> str:
         return "a mapping of names to names"
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return f"a non-empty list of {_describe(args[0])}s"
+    if origin is tuple and not args:
+        return "an empty list"
     if origin is tuple:
         return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
@@ -470,6 +475,12 @@ def _check_lora(lo: LoraConfig, need, errors: list[str]) -> None:
              f"{', '.join(LORA_TARGETS)}")
         dup = sorted({t for t in lo.target_modules if lo.target_modules.count(t) > 1})
         need(not dup, "lora.target_modules", f"{', '.join(dup)} listed more than once")
+    unknown = [m for m in lo.train_extra if m not in LORA_EXTRA]
+    need(not unknown, "lora.train_extra",
+         f"{', '.join(map(repr, unknown))} cannot be trained in full; allowed: {', '.join(LORA_EXTRA)} (the input "
+         "embedding and the output head; the projections take adapters through lora.target_modules)")
+    dup = sorted({m for m in lo.train_extra if lo.train_extra.count(m) > 1})
+    need(not dup, "lora.train_extra", f"{', '.join(dup)} listed more than once")
     if lo.init is not None:
         p = Path(lo.init)
         if not p.is_dir():

@@ -26,7 +26,7 @@ host  the frozen base alone, held in lora.base_dtype (int8 / nf4: each layer's s
       the compute dtype); no master, optimizer states or gradient staging
 GPU   persistent: two layer buffers in the streamed format, the dequantized layer (int8 / nf4), the
       head, and every adapter's A and B with their gradients and AdamW moments, 16 B a parameter
-      (fp32, adapters/lora.py); no gradient accumulators. Phases as above, except that backward of
+      (fp32, adapters/lora.py), also for each (V, H) module of lora.train_extra; no gradient accumulators. Phases as above, except that backward of
       a frozen layer has no weight gradients (one layer's adapters and their gradients instead), the
       adapters' dropout masks and dropped inputs join the recomputed layer's activations, and the
       loss chunk computes no lm_head gradient.
@@ -260,13 +260,17 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
             keep["dequantized layer"] = max_layer * ec
             b.notes["dequantized layer"] = f"the {scheme} layer's projections in {str(compute)[6:]}, for its matmuls"
         keep["head weight buffer"] = head * ec  # resident across steps
-        keep["adapters, gradients, AdamW moments"] = ADAPTER_BYTES * n_ad
-        b.notes["adapters, gradients, AdamW moments"] = f"{n_ad:,} adapter parameters x {ADAPTER_BYTES} B (fp32)"
+        n_x = len(lo.train_extra) * V * H  # modules trained in full, beside the adapters, same 16 B each
+        keep["adapters, gradients, AdamW moments"] = ADAPTER_BYTES * (n_ad + n_x)
+        b.notes["adapters, gradients, AdamW moments"] = (
+            f"{n_ad:,} adapter parameters" + (f" + {n_x:,} of {', '.join(lo.train_extra)} (lora.train_extra)"
+                                              if n_x else "") + f" x {ADAPTER_BYTES} B (fp32)")
         # dropout: a mask and the dropped input per target, each as wide as the target's input
         drop_in = sum(a[1] for a, _ in list(shapes.values())[:len(targets)]) if lo.dropout > 0 else 0
         widest = max((2 * a[1] if lo.dropout > 0 else 0) + 2 * b_[0] for a, b_ in list(shapes.values())[:len(targets)])
         b.lora = {"rank": lo.rank, "targets": list(targets), "adapter_params": n_ad,
-                  "adapter_bytes": ADAPTER_BYTES * n_ad,
+                  "adapter_bytes": ADAPTER_BYTES * (n_ad + n_x),
+                  "train_extra": list(lo.train_extra), "extra_params": n_x,
                   "base_dtype": scheme or {torch.bfloat16: "bf16", torch.float32: "float32"}.get(compute, str(compute)[6:]),
                   "base_bytes": sum(unit_bytes),
                   # each layer twice (forward, backward's recompute); the head stays resident and the
@@ -285,7 +289,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     th = T * H * ec  # one layer's hidden states, all micro-batches
     labels = T * 8  # int64, on the device from the loss to the end of the step
     chunk = min(e.loss_chunk_tokens or auto_chunk_tokens(V), mb_tokens)
-    logits, stage = loss_chunk_bytes(spec, chunk, ec, frozen_head=lo is not None)
+    logits, stage = loss_chunk_bytes(spec, chunk, ec, frozen_head=lo is not None and "lm_head" not in lo.train_extra)
     # Not counted: a gradient's grad-dtype cast (engine/grads.py) or an offloaded checkpoint whose copy
     # is still in flight. Freed tensors with pending stream uses leave the allocated bytes at once,
     # and the allocator waits for their copies before it would report out of memory.
@@ -319,6 +323,8 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
         if drop_in:
             phases[PHASE_BACKWARD]["adapter dropout masks and inputs"] = 2 * mb_tokens * drop_in * ec
         phases[PHASE_FORWARD]["adapter transients"] = mb_tokens * widest * ec + layer_ad * ec
+        if "lm_head" in lo.train_extra and ec != 4:  # the trained fp32 head, cast for the step's loss chunks
+            phases[PHASE_LOSS]["trained lm_head in the compute dtype"] = V * H * ec
     b.device_persistent, b.phases = keep, phases
     b.notes["logits chunk"] = (f"{chunk} tokens x {V} vocab; peak at the {stage} stage ("
                                f"{LOGITS_TEMPS} fp32 (chunk, V) tensors at logsumexp)")
@@ -354,7 +360,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
         # host copies of the adapters (4 B a parameter) for the PEFT adapter; a training checkpoint adds
         # the exact state (parameters and both moments, 12 B); lora.merge adds B @ A and the weight in
         # fp32 beside the sum, for the largest projection.
-        io = max(io, 4 * n_ad + (12 * n_ad if cfg.output.save_every else 0))
+        io = max(io, 4 * (n_ad + n_x) + (12 * (n_ad + n_x) if cfg.output.save_every else 0))
         if lo.merge:
             io = max(io, 3 * 4 * max(en.numel for en in units[1].entries))
     elif cfg.output.save_every:

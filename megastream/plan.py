@@ -125,10 +125,12 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     mode = mode_name(cfg)
     if b.lora:
         n_ad = b.lora["adapter_params"]
-        flops = 6 * n_layers * T + 8 * n_ad * T + attn_flops + 4 * head * T
+        head_passes = 6 if "lm_head" in b.lora["train_extra"] else 4  # a trained head adds its weight gradient
+        flops = 6 * n_layers * T + 8 * n_ad * T + attn_flops + head_passes * head * T
         model_flops = 4 * b.params * T + 6 * n_ad * T  # forward and input gradients; adapters in full
         h2d, d2h = b.lora["h2d_bytes_per_step"], b.lora["d2h_bytes_per_step"]
-        opt = 0.0 if b.device_type == "cuda" else n_ad * 28 / (rates.host_gbps * 1e9)
+        n_opt = n_ad + b.lora["extra_params"]
+        opt = 0.0 if b.device_type == "cuda" else n_opt * 28 / (rates.host_gbps * 1e9)
     elif mode in rates.optimizer_ns_per_param and b.compute_dtype == torch.bfloat16:
         opt = b.params * rates.optimizer_ns_per_param[mode] * 1e-9
     else:
@@ -139,7 +141,7 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     attention_s = attn_flops / (attn_rate * 1e12)
     mms = _matmuls(spec, T)
     if b.lora:  # no weight gradients: layers 6 of 8, the head 4 of 6; the adapters' matmuls are rank-wide
-        mms = ([(f * 6 / 8, w) for f, w in mms[:-1]] + [(mms[-1][0] * 4 / 6, mms[-1][1])]
+        mms = ([(f * 6 / 8, w) for f, w in mms[:-1]] + [(mms[-1][0] * head_passes / 6, mms[-1][1])]
                + [(8.0 * b.lora["adapter_params"] * T, b.lora["rank"])])
     compute = sum(f / (gemm_rate(rates.matmul_by_width, w, rates.matmul_tflops) * 1e12)
                   for f, w in mms) + attention_s
@@ -221,6 +223,7 @@ class Plan:
             return None
         return {"rank": lo["rank"], "alpha": self.cfg.lora.alpha, "targets": lo["targets"],
                 "adapter_params": lo["adapter_params"], "adapter_fraction": lo["adapter_params"] / b.params,
+                "train_extra": lo["train_extra"], "extra_params": lo["extra_params"],
                 "adapter_state_bytes_gpu": lo["adapter_bytes"], "adapter_state_gb_gpu": lo["adapter_bytes"] / 1e9,
                 "base_dtype": lo["base_dtype"], "base_bytes_host": lo["base_bytes"],
                 "base_bytes_per_param_host": lo["base_bytes"] / b.params,
@@ -554,6 +557,8 @@ def _lora_lines(p: Plan) -> list[str]:
     what = "all-linear" if len(targets) == 7 else ", ".join(targets)
     lines = [f"LoRA: rank {lo['rank']} on {what} ({len(targets)} targets x {p.spec.num_layers} layers), "
              f"{lo['adapter_params'] / 1e6:.4g}M adapter parameters ({lo['adapter_params'] / b.params:.2%} of the base)",
+             *([f"  + {', '.join(lo['train_extra'])} trained in full (lora.train_extra): "
+                f"{lo['extra_params'] / 1e6:.4g}M parameters, with the adapters on the device"] if lo["extra_params"] else []),
              f"  {'GPU   adapters, gradients, AdamW moments (fp32, 16 B/param)':<60}{lo['adapter_bytes'] / 1e9:8.2f} GB",
              f"  {'host  frozen base in ' + lo['base_dtype']:<60}"
              f"{lo['base_bytes'] / 1e9:8.2f} GB   ({lo['base_bytes'] / b.params:.2f} B/param; no master, optimizer "

@@ -122,15 +122,21 @@ def lora_start(cfg: Config, spec: ModelSpec, log, load_init: bool = True) -> tup
                           "quantized, not the full-precision weights a merge must start from; set lora.merge: false "
                           "(final/ is a PEFT adapter, which merges onto the original model), or train with "
                           "base_dtype auto, bf16 or float32")
+    if lo.merge and lo.train_extra and spec.tie_word_embeddings:
+        raise ConfigError(f"lora.merge with lora.train_extra {list(lo.train_extra)} on a model with tied embeddings "
+                          "(tie_word_embeddings): the trained copy breaks the tie, so there is no single merged table "
+                          "to write; set lora.merge: false (final/ is a PEFT adapter with the trained module as "
+                          "modules_to_save), or drop lora.train_extra")
     targets = resolve_targets(lo.target_modules, spec)
     if lo.init is None or not load_init:
         return targets, None
     tensors, acfg = load_adapter(lo.init, spec, rank=lo.rank, targets=targets,
                                  base_model_name_or_path=cfg.model.path, log=lambda m: log(f"megastream: {m}"))
-    if acfg.get("modules_to_save"):
-        raise ConfigError(f"lora.init: {lo.init} also trains {', '.join(acfg['modules_to_save'])} in full "
-                          "(modules_to_save), which this version does not train; point lora.init at a plain LoRA "
-                          "adapter, or set lora.init: null")
+    theirs = sorted(acfg.get("modules_to_save") or ())
+    if theirs != sorted(lo.train_extra):
+        raise ConfigError(f"lora.init: {lo.init} trains {', '.join(theirs) or 'no module'} in full (modules_to_save) "
+                          f"and lora.train_extra is {list(lo.train_extra)}; set lora.train_extra: {theirs} to continue "
+                          "this adapter as it was trained, or set lora.init: null to start a new one")
     for key, ours, theirs in (("lora.alpha", lo.alpha, acfg.get("lora_alpha")),
                               ("lora.rslora", lo.rslora, bool(acfg.get("use_rslora", False)))):
         if theirs != ours:
@@ -140,15 +146,21 @@ def lora_start(cfg: Config, spec: ModelSpec, log, load_init: bool = True) -> tup
 
 
 def make_adapters(cfg: Config, spec: ModelSpec, targets: tuple[str, ...], init: dict | None,
-                  device: torch.device) -> LoraAdapters:
-    """The adapters on the device: from lora.init, else PEFT's default init seeded by train.seed."""
+                  device: torch.device, store: HostStore) -> LoraAdapters:
+    """The adapters on the device: from lora.init, else PEFT's default init seeded by train.seed; the
+    modules of lora.train_extra from lora.init, else copied from the base in `store`."""
     lo = cfg.lora
+    if lo.train_extra and store.unit_range(0) != (0, store.full_units[0].numel):  # a rank's shard (torchrun)
+        raise ConfigError(f"lora.train_extra {list(lo.train_extra)} with data parallel (torchrun): each rank holds "
+                          "a slice of the embedding and head, and the trained copies start from the whole tables, "
+                          "which this version does not gather; train them on one process, or drop lora.train_extra")
     ad = LoraAdapters(spec, targets, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora,
-                      device=device, seed=cfg.train.seed)
+                      device=device, seed=cfg.train.seed, extra=lo.train_extra)
     if init is not None:
         ad.load(init, f"lora.init ({lo.init})")
     else:
         ad.init_default()
+        ad.init_extra(store)
     return ad
 
 
@@ -278,7 +290,7 @@ def _save_adapter(path: Path, cfg: Config, model: Model, adapters: LoraAdapters,
 
     lo = cfg.lora
     save_adapter(path, adapters.tensors(), rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=adapters.targets,
-                 rslora=lo.rslora, base_model_name_or_path=cfg.model.path, extra=add)
+                 rslora=lo.rslora, base_model_name_or_path=cfg.model.path, modules_to_save=adapters.extra, extra=add)
 
 
 def _save_lora_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: Model, adapters: LoraAdapters,
@@ -438,8 +450,11 @@ def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device:
     mode = mode_name(cfg) or "custom"
     optim = f"master {cfg.optim.master}, states {cfg.optim.states} ({mode} mode)"
     if adapters is not None:
-        optim = (f"LoRA r={adapters.rank} on {', '.join(adapters.targets)}: {adapters.numel / 1e6:.2f}M adapter params "
-                 f"({adapters.nbytes() / 1e6:.1f} MB with gradients and moments, on the device), base frozen")
+        trained = (f" + {', '.join(adapters.extra)} in full ({(adapters.numel - adapters.n_adapter) / 1e6:.2f}M)"
+                   if adapters.extra else "")
+        optim = (f"LoRA r={adapters.rank} on {', '.join(adapters.targets)}: {adapters.n_adapter / 1e6:.2f}M adapter "
+                 f"params{trained} ({adapters.nbytes() / 1e6:.1f} MB with gradients and moments, on the device), "
+                 "base frozen")
     parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in b.host.items())
     gpu = (f"GPU {b.gpu_total / 1e9:.2f} GB planned"
            + (f" of {plan.gpu_budget / 1e9:.1f} GB ({plan.gpu_budget_source})" if plan.gpu_budget else "")
@@ -473,7 +488,7 @@ def _build(cfg: Config, spec: ModelSpec, device: torch.device, comm, resume_from
     checkpoint when resuming."""
     model = build_model(cfg, spec, device, init=resume_from is None, comm=comm)
     store = model.store
-    adapters = make_adapters(cfg, spec, lora_targets, lora_init, device) if cfg.lora is not None else None
+    adapters = make_adapters(cfg, spec, lora_targets, lora_init, device, store) if cfg.lora is not None else None
     start_step, adam_steps, prev_norm = 0, 0, None
     if resume_from is not None:
         if adapters is None and (resume_from / "adapter_config.json").is_file():

@@ -4,6 +4,7 @@ the merged model)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -218,15 +219,15 @@ from test_parity import ACCUM, LR, MB, MIN_LR, SEQ, STEPS, WARMUP, WD, _lr, _row
 CLIP = 0.2
 
 
-def _peft_model(kind: str, tmp_path: Path, dropout: float = 0.0):
+def _peft_model(kind: str, tmp_path: Path, dropout: float = 0.0, modules_to_save=None):
     """A tiny random HF model (saved in fp32) under a peft LoRA adapter with non-zero A and B
-    (init_lora_weights=False), the adapter saved with save_pretrained."""
+    (init_lora_weights=False), `modules_to_save` trained in full, the adapter saved with save_pretrained."""
     import peft
 
     base = make_hf_model(kind, tmp_path / "model")
     torch.manual_seed(11)
     pcfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
-                           init_lora_weights=False, task_type="CAUSAL_LM")
+                           init_lora_weights=False, task_type="CAUSAL_LM", modules_to_save=modules_to_save)
     pm = peft.get_peft_model(base, pcfg)
     pm.save_pretrained(tmp_path / "init")
     return pm
@@ -283,8 +284,10 @@ def _peft_reference(pm, rows, step_hook=None):
 
 
 def _adapter_params(pm) -> dict[str, torch.Tensor]:
-    """peft's trainable tensors under their saved names (no adapter name)."""
-    return {n.replace(".default", ""): p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    """peft's trainable tensors under their saved names (no adapter name; a module to save by its own
+    weight's name, as save_pretrained writes it)."""
+    return {n.replace(".modules_to_save.default", "").replace(".default", ""): p.detach().clone()
+            for n, p in pm.named_parameters() if p.requires_grad}
 
 
 def _check_against_reference(run: Path, pm, init: dict, ref_losses, ref_norms):
@@ -312,6 +315,45 @@ def test_lora_run_matches_transformers_peft_adamw(tmp_path, kind):
     rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
     run = _lora_run(tmp_path, rows)
     _check_against_reference(run, pm, init, *_peft_reference(pm, rows))
+
+
+@pytest.mark.parametrize("kind,extra", [("llama", ["embed_tokens", "lm_head"]), ("qwen2", ["lm_head"])],
+                         ids=["llama-embed+head", "qwen2-tied-head"])
+def test_train_extra_matches_peft_modules_to_save(tmp_path, kind, extra):
+    """lora.train_extra trains the named modules in full, as peft's modules_to_save does (with tied
+    embeddings: a copy of the head, the embedding stays frozen), from a lora.init that has them; final/
+    loads in peft with every tensor in place and gives megastream's logits."""
+    import peft
+    import transformers
+
+    pm = _peft_model(kind, tmp_path, modules_to_save=extra)
+    init = _adapter_params(pm)
+    assert {k for k in init if ".lora_" not in k} == {"base_model.model." + ("lm_head.weight" if m == "lm_head"
+                                                                            else "model.embed_tokens.weight")
+                                                      for m in extra}
+    rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    merge = not pm.config.tie_word_embeddings  # refused with tied embeddings (the trained copy breaks the tie)
+    run = _lora_run(tmp_path, rows, train_extra=extra, merge=merge)
+    _check_against_reference(run, pm, init, *_peft_reference(pm, rows))
+
+    final = run / "final"
+    assert sorted(json.loads((final / "adapter_config.json").read_text())["modules_to_save"]) == sorted(extra)
+    saved = load_file(final / "adapter_model.safetensors")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, final)
+    trained = {n.replace(".modules_to_save.default", "").replace(".default", ""): p
+               for n, p in loaded.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    assert set(trained) == set(saved)  # nothing missing, nothing unexpected
+    assert all(torch.equal(trained[k].detach(), saved[k]) for k in saved)
+    ids = torch.tensor([rows[1], rows[2]])
+    loaded.eval()
+    with torch.no_grad():
+        want = loaded(input_ids=ids).logits
+    assert rel_err(_megastream_logits(tmp_path / "model", final, ids), want) <= 1e-5
+    if merge:  # the trained modules replace the base's in merged/
+        merged = transformers.AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
+        with torch.no_grad():
+            assert rel_err(merged(input_ids=ids).logits, want) <= 1e-5
 
 
 def _keep(step: int, layer: int, mb: int, key: str, shape) -> torch.Tensor:
@@ -368,14 +410,17 @@ def _megastream_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) ->
     load_hf_weights(store, spec, model_dir)
     tensors, acfg = load_adapter(adapter_dir, spec)
     ad = LoraAdapters(spec, tuple(acfg["target_modules"]), rank=acfg["r"], alpha=acfg["lora_alpha"], dropout=0.0,
-                      rslora=acfg["use_rslora"], device=torch.device("cpu"), seed=0)
+                      rslora=acfg["use_rslora"], device=torch.device("cpu"), seed=0,
+                      extra=tuple(acfg["modules_to_save"] or ()))
     ad.load(tensors)
     views = [unit.views(store.weights_of(u)) for u, unit in enumerate(store.units)]
     rope = rope_tables(spec, torch.arange(ids.shape[1]), torch.float32)
-    x = views[0]["embed"][ids]
+    x = ad.embed_rows(ids, torch.float32) if ad.trains("embed_tokens") else views[0]["embed"][ids]
     for i in range(spec.num_layers):
         x = block(x, views[i + 1], rope, spec, None, ad.layer(i, torch.float32))
     w = views[0]["embed"] if spec.tie_word_embeddings else views[-1]["lm_head"]
+    if ad.trains("lm_head"):
+        w = ad.head_weight(torch.float32)
     return F.linear(rms_norm(x, views[-1]["norm"], spec.rms_norm_eps), w)
 
 
@@ -412,14 +457,16 @@ def test_final_loads_in_peft_and_merged_in_transformers(tmp_path):
     assert rel_err(got_merged, want) <= 1e-5
 
 
-def test_resume_is_bit_exact_with_dropout(tmp_path):
-    """Stopped after checkpoint-2 and resumed, a LoRA run (dropout on) ends exactly as the straight run."""
+@pytest.mark.parametrize("extra", [[], ["embed_tokens", "lm_head"]], ids=["adapters", "train-extra"])
+def test_resume_is_bit_exact_with_dropout(tmp_path, extra):
+    """Stopped after checkpoint-2 and resumed, a LoRA run (dropout on; with lora.train_extra too) ends
+    exactly as the straight run."""
     import shutil
 
-    pm = _peft_model("llama", tmp_path)
+    pm = _peft_model("llama", tmp_path, modules_to_save=extra or None)
     rows = _rows(pm.config.vocab_size, 4 * ACCUM * MB, seed=2)
     steps = {"steps": 4}
-    straight = _lora_run(tmp_path, rows, dropout=0.2, train=steps, output={"save_every": 2})
+    straight = _lora_run(tmp_path, rows, dropout=0.2, train=steps, output={"save_every": 2}, train_extra=extra)
     ck = straight / "checkpoint-2"
     assert {"adapter_config.json", "adapter_model.safetensors", "lora_state.safetensors",
             "trainer_state.json"} <= {p.name for p in ck.iterdir()}
@@ -431,7 +478,7 @@ def test_resume_is_bit_exact_with_dropout(tmp_path):
     (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in
                                                    (straight / "metrics.jsonl").read_text().splitlines()[:2]))
     cfg = _lora_config(tmp_path, rows, dropout=0.2, train=steps, output={"save_every": 2, "dir": str(resumed)},
-                       name="resume.yaml")
+                       name="resume.yaml", train_extra=extra)
     proc = run_cli("train", str(cfg), "--resume")
     assert "at step 2" in proc.stdout
     a, b = read_metrics(straight), read_metrics(resumed)
@@ -448,6 +495,11 @@ def test_resume_is_bit_exact_with_dropout(tmp_path):
                                                  if k != "lora"})
     _user_error(run_cli("train", str(full), "--resume", str(resumed / "checkpoint-2"), check=False),
                 "is a LoRA checkpoint")
+    if extra:  # nor without the modules it trains in full
+        other = _lora_config(tmp_path, rows, dropout=0.2, train=steps, output={"dir": str(resumed)},
+                             name="no-extra.yaml", train_extra=[])
+        _user_error(run_cli("train", str(other), "--resume", str(resumed / "checkpoint-2"), check=False),
+                    "lora.train_extra")
 
 
 def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
@@ -470,6 +522,8 @@ def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
     refused("lora.merge", "quantized", base_dtype="nf4", merge=True)  # the host holds no full-precision base
     refused("lora.rank is 8", "r=4", rank=8)  # the init adapter has r=4
     refused("lora.target_modules", "q_proj", target_modules=["q_proj", "v_proj"])  # it adapts all seven
+    refused("lora.train_extra", "'embed'", "embed_tokens, lm_head", train_extra=["embed"])
+    refused("lora.train_extra", "no module", "set lora.train_extra: []", train_extra=["lm_head"])  # init has none
 
     other = tmp_path / "other"  # an adapter of another model (Qwen2 shapes) on this Llama
     qwen = make_hf_model("qwen2", other / "model")
@@ -480,6 +534,7 @@ def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
 
 
 def test_lora_config_keys_match_peft_io():
-    from megastream.adapters.peft_io import LINEAR_TARGETS
+    from megastream.adapters.peft_io import EXTRA_MODULES, LINEAR_TARGETS
+    from megastream.config import LORA_EXTRA
 
-    assert LORA_TARGETS == LINEAR_TARGETS
+    assert LORA_TARGETS == LINEAR_TARGETS and LORA_EXTRA == tuple(EXTRA_MODULES)

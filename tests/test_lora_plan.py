@@ -135,6 +135,28 @@ def test_adapter_params_are_the_sum_of_adapter_shapes_at_16_bytes_each_on_the_gp
     assert b.device_persistent["layer weight buffers"] == 2 * 2 * max(u.numel for u in model_layout(spec)[1:-1])
 
 
+def test_train_extra_counts_each_module_at_16_bytes_a_parameter_on_the_gpu():
+    """lora.train_extra's (V, H) modules live beside the adapters (fp32 weights, gradients, moments);
+    a trained head also computes its weight gradient in the loss chunks and in the roofline."""
+    from megastream.plan import DEFAULT_RATES, Rates, roofline
+
+    spec = PRESETS["qwen2.5-14b"]
+    cfg = _load(LORA_14B)
+    plain = _budget(cfg)
+    extra = _budget(replace(cfg, lora=replace(cfg.lora, train_extra=("embed_tokens", "lm_head"))))
+    n_x = 2 * spec.vocab_size * spec.hidden_size
+    assert extra.lora["extra_params"] == n_x and extra.lora["train_extra"] == ["embed_tokens", "lm_head"]
+    assert extra.lora["adapter_params"] == plain.lora["adapter_params"]
+    key = "adapters, gradients, AdamW moments"
+    assert extra.device_persistent[key] - plain.device_persistent[key] == 16 * n_x == extra.lora["adapter_bytes"] - \
+        plain.lora["adapter_bytes"]
+    assert extra.gpu_total > plain.gpu_total + 16 * n_x  # and the head's gradient block, its bf16 cast
+    assert extra.host["working"] == plain.host["working"]  # the base on the host is unchanged
+    rates = Rates(**DEFAULT_RATES["cuda"])
+    assert roofline(cfg, spec, extra, rates).flops - roofline(cfg, spec, plain, rates).flops == \
+        2 * spec.vocab_size * spec.hidden_size * plain.tokens_per_step
+
+
 def test_lora_gpu_is_the_full_working_set_less_weight_gradients_plus_the_adapters():
     cfg = _load(LORA_14B, "lora.dropout=0")
     lo, full = _budget(cfg), _budget(load_config(FULL_14B, ["data.seq_len=1024", "train.micro_batch_size=4",

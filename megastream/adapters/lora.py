@@ -11,6 +11,14 @@ micro-batches of a step; the update is one AdamW pass over the flat buffers, don
 after the global norm is known (clipping needs it), exactly as torch.optim.AdamW (single-tensor
 path) with decoupled weight decay on every adapter parameter (all are matrices).
 
+With lora.train_extra, whole modules are trained beside the adapters (PEFT's `modules_to_save`): the
+input embedding and / or the output head, each a (V, H) fp32 copy of the base's weight appended to the
+same flat buffers (so the same norm, clipping, AdamW, checkpoint and resume cover them: 16 B per
+parameter on the device). The forward gathers embedding rows from the trained copy on the device and
+the head computes its weight gradient into it; the frozen base in the host store is left as it was.
+With tied embeddings each named module gets its own copy, as PEFT does (the tie is broken; the one
+not named stays the frozen base weight).
+
 Dropout (training only) is a mask on the input of A, one per (step, layer, micro-batch, target),
 drawn from a generator seeded by those numbers: the backward recompute draws the same mask again
 instead of keeping it, and a resumed run draws what the straight run drew.
@@ -34,12 +42,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megastream.adapters.peft_io import EXTRA_MODULES
 from megastream.checkpoint import check_finite, write_safetensors
 from megastream.errors import CheckpointError
 from megastream.model.layout import layer_layout
 from megastream.model.llama import Adapter
 from megastream.model.spec import ModelSpec
 
+EXTRA = tuple(EXTRA_MODULES)  # what lora.train_extra may name, in buffer order: embed_tokens, lm_head
 _CHUNK = 1 << 24  # elements per AdamW pass: bounds the temporaries of a large adapter set
 
 
@@ -82,7 +92,7 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 
 class LoraAdapters:
     def __init__(self, spec: ModelSpec, targets: tuple[str, ...], *, rank: int, alpha: float, dropout: float,
-                 rslora: bool, device: torch.device, seed: int):
+                 rslora: bool, device: torch.device, seed: int, extra: tuple[str, ...] = ()):
         self.spec = spec
         self.targets = tuple(targets)
         self.rank = rank
@@ -100,7 +110,14 @@ class LoraAdapters:
         self.by_layer: dict[int, list[Slot]] = {}
         for s in self.slots:
             self.by_layer.setdefault(s.layer, []).append(s)
-        self.numel = self.slots[-1].offset + self.slots[-1].numel
+        self.n_adapter = self.slots[-1].offset + self.slots[-1].numel
+        # lora.train_extra: whole (V, H) weights after the adapters, in EXTRA order
+        self.extra = tuple(m for m in EXTRA if m in extra)
+        self.extra_offsets, offset = {}, self.n_adapter
+        for m in self.extra:
+            self.extra_offsets[m] = offset
+            offset += spec.vocab_size * spec.hidden_size
+        self.numel = offset
         # 4 x 4 B per adapter parameter, on the device.
         self.params = torch.zeros(self.numel, dtype=torch.float32, device=device)
         self.grad = torch.zeros_like(self.params)
@@ -113,6 +130,16 @@ class LoraAdapters:
         b = flat[s.offset + s.a_numel:s.offset + s.numel].view(s.b_shape)
         return a, b
 
+    def _extra(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """The (V, H) view of a module trained in full (lora.train_extra) in a flat buffer."""
+        V, H = self.spec.vocab_size, self.spec.hidden_size
+        lo = self.extra_offsets[name]
+        return flat[lo:lo + V * H].view(V, H)
+
+    def trains(self, name: str) -> bool:
+        """Whether `name` (embed_tokens, lm_head) is trained in full (lora.train_extra)."""
+        return name in self.extra_offsets
+
     def nbytes(self) -> int:
         """Device bytes of parameters, gradients and moments."""
         return 4 * 4 * self.numel
@@ -123,11 +150,22 @@ class LoraAdapters:
         Drawn on the host from one generator seeded by train.seed, in slot order: the same values on
         every device."""
         g = torch.Generator().manual_seed(self.seed)
-        host = torch.zeros(self.numel, dtype=torch.float32)
+        host = torch.zeros(self.n_adapter, dtype=torch.float32)
         for s in self.slots:
             a, _ = self._ab(host, s)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-        self.params.copy_(host)  # H2D: 4 B per adapter parameter, once
+        self.params[:self.n_adapter].copy_(host)  # H2D: 4 B per adapter parameter, once
+
+    def init_extra(self, store) -> None:
+        """The modules trained in full start as the base's weights (PEFT's modules_to_save copies the
+        module), read from the host store; with tied embeddings both start from the one table."""
+        head_u = len(store.units) - 1
+        for m in self.extra:
+            if m == "embed_tokens" or self.spec.tie_word_embeddings:
+                src = store.working_of(0)
+            else:
+                src = store.units[head_u].views(store.working_of(head_u))["lm_head"]
+            self._extra(self.params, m).copy_(src.view(self.spec.vocab_size, self.spec.hidden_size))  # H2D, once
 
     def load(self, tensors: dict[str, torch.Tensor], source: str = "lora.init") -> None:
         """Fill from tensors keyed "<module path>.lora_A" / ".lora_B" (peft_io.load_adapter's output)."""
@@ -148,6 +186,19 @@ class LoraAdapters:
         extra = sorted(k for k in tensors if k not in want and (k.endswith(".lora_A") or k.endswith(".lora_B")))
         if extra:
             raise CheckpointError(f"{source}: adapts {extra[0]}, which lora.target_modules does not name")
+        for m, path in EXTRA_MODULES.items():
+            t = tensors.get(path)
+            if self.trains(m) != (t is not None):
+                raise CheckpointError(f"{source}: " + (f"has no {path} weight (modules_to_save), and lora.train_extra "
+                                                       f"names {m}" if t is None else f"also trains {m} in full "
+                                                       "(modules_to_save), and lora.train_extra does not name it")
+                                      + f"; set lora.train_extra to the modules the adapter trains")
+            if t is not None:
+                view = self._extra(host, m)
+                if tuple(t.shape) != tuple(view.shape):
+                    raise CheckpointError(f"{source}: {path} has shape {tuple(t.shape)}, this model needs "
+                                          f"{tuple(view.shape)}")
+                view.copy_(t)
         self.params.copy_(host)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -157,6 +208,8 @@ class LoraAdapters:
         for s in self.slots:
             a, b = self._ab(host, s)
             out[s.module + ".lora_A"], out[s.module + ".lora_B"] = a, b
+        for m in self.extra:
+            out[EXTRA_MODULES[m]] = self._extra(host, m)
         return out
 
     def delta(self, s: Slot) -> torch.Tensor:
@@ -168,6 +221,8 @@ class LoraAdapters:
     def merge_into(self, store) -> None:
         """W += scale * B @ A for every adapted projection, in the host store's weights (fp32 sum,
         rounded once to the store's dtype): the base becomes the merged model. Ends training."""
+        if self.extra and self.spec.tie_word_embeddings:
+            raise ValueError("merge_into: a tied model with modules trained in full has no single merged table")
         for s in self.slots:
             u = s.layer + 1
             e = next(e for e in store.full_units[u].entries if e.key == s.key)
@@ -176,6 +231,15 @@ class LoraAdapters:
             if a < b:
                 w = store.weights_of(u)[a - lo:b - lo]
                 w.copy_(w.float() + self.delta(s).view(-1)[a - e.offset:b - e.offset])
+        head_u = len(store.full_units) - 1
+        for m in self.extra:  # the trained copies replace the base's weights, rounded once to its dtype
+            u, key = (0, "embed") if m == "embed_tokens" else (head_u, "lm_head")
+            e = next(e for e in store.full_units[u].entries if e.key == key)
+            lo, hi = store.unit_range(u)
+            a, b = max(lo, e.offset), min(hi, e.offset + e.numel)
+            if a < b:
+                trained = self._extra(self.params, m).view(-1)
+                store.weights_of(u)[a - lo:b - lo].copy_(trained[a - e.offset:b - e.offset])
         store.sync_working()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -223,6 +287,23 @@ class LoraAdapters:
                 out[s.key] = Adapter(a, b, self.scale, drop_for(s), self.keep_scale)
         return out
 
+    def embed_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """ids (B, S) -> (B, S, H) rows of the trained embedding, gathered on the device, in `dtype`."""
+        return self._extra(self.params, "embed_tokens")[ids.to(self.device, non_blocking=True)].to(dtype)
+
+    def embed_backward(self, ids: torch.Tensor, dy: torch.Tensor) -> None:
+        """Scatter-add d(embedding rows) (B, S, H) into the trained embedding's fp32 gradient."""
+        flat = ids.reshape(-1).to(self.device, non_blocking=True)
+        self._extra(self.grad, "embed_tokens").index_add_(0, flat, dy.reshape(flat.numel(), -1).float())
+
+    def head_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The trained lm_head (V, H) in `dtype` (no copy in fp32)."""
+        return self._extra(self.params, "lm_head").to(dtype)
+
+    def head_grad(self) -> torch.Tensor:
+        """The trained lm_head's fp32 gradient (V, H), accumulated by the chunked head loss."""
+        return self._extra(self.grad, "lm_head")
+
     def add_grads(self, i: int, grads: list[torch.Tensor]) -> None:
         """Add layer i's (dA, dB, dA, dB, ...) in `layer` order into the fp32 gradient."""
         for s, ga, gb in zip(self.by_layer.get(i, ()), grads[0::2], grads[1::2]):
@@ -260,7 +341,10 @@ RNG_FILE = "rng_state.safetensors"
 
 
 def _shape(ad: LoraAdapters) -> dict:
-    return {"rank": ad.rank, "targets": list(ad.targets), "numel": ad.numel}
+    out = {"rank": ad.rank, "targets": list(ad.targets), "numel": ad.numel}
+    if ad.extra:  # absent without lora.train_extra, as in checkpoints written before it existed
+        out["train_extra"] = list(ad.extra)
+    return out
 
 
 def lora_state_bytes(ad: LoraAdapters) -> int:
@@ -293,7 +377,8 @@ def read_lora_state(path: Path, ad: LoraAdapters) -> dict:
                               "resume it without a lora: section, or start the LoRA run in a new output.dir")
     if state["lora"] != _shape(ad):
         raise CheckpointError(f"{path} holds an adapter of {state['lora']}, but the config asks for {_shape(ad)}; "
-                              "set lora.rank / lora.target_modules as the checkpoint has them to resume it")
+                              "set lora.rank / lora.target_modules / lora.train_extra as the checkpoint has them to "
+                              "resume it")
     try:
         with safe_open(str(f), framework="pt") as sf:
             tensors = {}

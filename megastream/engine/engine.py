@@ -15,6 +15,9 @@ same streaming schedule, but the backward recompute computes only input and adap
 (no weight gradient of the base, no head or embedding gradient, nothing copied back to the host,
 no host optimizer), and the adapters are updated on the device. The base never changes, so
 what is resident on the device stays valid from one step to the next (the head is copied once).
+Modules trained in full beside the adapters (lora.train_extra) live with them on the device: the
+embedding rows are gathered from the trained copy, the head uses its trained weight and accumulates
+its gradient, and the embedding's gradient is scattered from layer 0's input gradient.
 
 What a layer computes is the model's business, not the schedule's: the engine calls the model
 functions of its spec (`self.fns`), NativeModel below (model/llama.py's `block` and friends) for
@@ -338,16 +341,20 @@ class Engine:
         labels = [mb.labels.to(self.device, non_blocking=True) for mb in mbs]
         norm_w, head_w = self._head_views(self.weights.acquire(head))  # resident after the first step
         self.weights.prefetch(L, keep=head)
+        acc_head = None  # frozen head: d(hidden) only
+        if ad.trains("lm_head"):  # lora.train_extra: the trained copy, and its gradient
+            head_w, acc_head = ad.head_weight(self.dtype), ad.head_grad()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         dys = []
         for x, lab in zip(xs, labels):
-            loss, dy = head_loss_and_grad(x, lab, norm_w, head_w, spec.rms_norm_eps, inv_n, None, None,
-                                          self.chunk_tokens, **self.fns.head_kw)  # frozen head: d(hidden) only
+            loss, dy = head_loss_and_grad(x, lab, norm_w, head_w, spec.rms_norm_eps, inv_n, acc_head, None,
+                                          self.chunk_tokens, **self.fns.head_kw)
             loss_sum += loss
             dys.append(dy)
-        del xs
+        del xs, head_w
         self.weights.release(head)
 
+        need_embed = ad.trains("embed_tokens")  # layer 0's input gradient is then needed
         for i in reversed(range(L)):
             u = i + 1
             w = self.weights.acquire(u)
@@ -356,7 +363,7 @@ class Engine:
             new = []
             for k, (x, dy, r, m) in enumerate(zip(xs, dys, ropes, masks)):
                 dx, g = lora_layer_backward(x, w, self.units[u], dy, self._lora(i, k, x, train=True, grad=True),
-                                            r, spec, m, need_dx=i > 0)
+                                            r, spec, m, need_dx=i > 0 or need_embed)
                 ad.add_grads(i, g)  # fp32, summed over the step's micro-batches on the device
                 new.append(dx)
             dys = new
@@ -364,6 +371,11 @@ class Engine:
             self.weights.release(u)
             if i > 0:
                 self.weights.prefetch(u - 1, keep=u)
+        if need_embed:
+            for mb, dy in zip(mbs, dys):
+                if self.fns.embed_grad is not None:
+                    dy = self.fns.embed_grad(mb.input_ids, dy)
+                ad.embed_backward(mb.input_ids, dy)  # scatter-add on the device
 
         if self.comm is not None:
             self.comm.all_reduce(ad.grad)  # replicated adapters: every rank applies the summed gradient
@@ -414,6 +426,9 @@ class Engine:
         layer i+1); with `keep` (training), each layer's inputs go to self.ckpts and adapters apply
         their dropout. Returns the last hidden states."""
         xs = self.weights.embed_rows([mb.input_ids for mb in mbs])  # waits for the embedding's pending update
+        if self.adapters is not None and self.adapters.trains("embed_tokens"):  # lora.train_extra: the trained
+            # copy's rows, gathered on the device (the frozen rows above go unused)
+            xs = [self.adapters.embed_rows(mb.input_ids, self.dtype) for mb in mbs]
         if self.fns.embed is not None:  # e.g. Gemma's sqrt(hidden) scale
             xs = [self.fns.embed(x) for x in xs]
         aux = self.fns.aux if keep and self.adapters is None else None
@@ -455,6 +470,8 @@ class Engine:
         self.weights.invalidate()
         xs = self._forward(mbs, ropes, masks)
         norm_w, head_w = self._head_views(self.weights.acquire(self.head_unit))
+        if self.adapters is not None and self.adapters.trains("lm_head"):
+            head_w = self.adapters.head_weight(self.dtype)
         total = sum(head_loss(x, mb.labels.to(self.device), norm_w, head_w, self.spec.rms_norm_eps, self.chunk_tokens,
                               **self.fns.head_kw) for x, mb in zip(xs, mbs))
         self.weights.release(self.head_unit)
