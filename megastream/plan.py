@@ -20,7 +20,7 @@ from megastream.machine import Machine, machine, rss
 from megastream.memory import Budget, budget
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
-from megastream.probe import attention_rate, cached_probe, gemm_rate
+from megastream.probe import attention_rate, cached_probe, gemm_rate, lora_rate
 from megastream.resolve import MODES, check_model_inputs, mode_name, model_spec, plan_device, resolve_dtypes
 
 # Stated defaults when `megastream probe` has not been run on this machine. GPU: a PCIe Gen4 x16
@@ -28,12 +28,16 @@ from megastream.resolve import MODES, check_model_inputs, mode_name, model_spec,
 # small cloud VM (2 cores; fp32 matmul ~0.1 TFLOP/s, ~20 GB/s).
 # Attention is timed apart from the matmuls: with the boolean document mask of packed rows SDPA
 # computes the whole S x S square on a slower path (on a 2-core CPU ~10x below the matmul rate per
-# counted FLOP), which dominates long sequences.
+# counted FLOP), which dominates long sequences. LoRA: an adapter's rank-wide matmuls are bound by the
+# memory they stream (its (tokens, width) input and output), ~50 TFLOP/s at rank 16 on an H100-class GPU
+# by that bound, ~0.03 measured on the CPU; dequantizing an int8 / nf4 base in torch ops (estimates).
 DEFAULT_RATES = {
     "cuda": {"h2d_gbps": 25.0, "d2h_gbps": 25.0, "matmul_tflops": 600.0, "host_gbps": 50.0,
-             "attention_tflops": {"masked": 100.0, "causal": 300.0}},
+             "attention_tflops": {"masked": 100.0, "causal": 300.0}, "dequant_gbps": {"int8": 300.0, "nf4": 100.0},
+             "lora_matmul_by_rank": {"16": 50.0, "64": 150.0}},
     "cpu": {"h2d_gbps": 0.0, "d2h_gbps": 0.0, "matmul_tflops": 0.1, "host_gbps": 20.0,
-            "attention_tflops": {"masked": 0.008, "causal": 0.03}},
+            "attention_tflops": {"masked": 0.008, "causal": 0.03}, "dequant_gbps": {"int8": 1.0, "nf4": 0.2},
+            "lora_matmul_by_rank": {"16": 0.03, "64": 0.06}},
 }
 
 
@@ -47,6 +51,8 @@ class Rates:
     matmul_by_width: dict = field(default_factory=dict)  # probe's matmul_tflops_by_width
     attention_by_shape: dict = field(default_factory=dict)  # probe's attention_tflops_by_shape
     optimizer_ns_per_param: dict[str, float] = field(default_factory=dict)
+    dequant_gbps: dict[str, float] = field(default_factory=dict)  # int8 / nf4 -> GB/s of packed bytes (LoRA)
+    lora_matmul_by_rank: dict = field(default_factory=dict)  # probe's lora_matmul_tflops_by_rank
     source: str = "defaults"
 
 
@@ -61,6 +67,8 @@ def rates_for(device_type: str) -> Rates:
                  optimizer_ns_per_param=dict(rec.get("optimizer_ns_per_param", {})),
                  matmul_by_width=dict(rec.get("matmul_tflops_by_width", {})),
                  attention_by_shape=dict(rec.get("attention_tflops_by_shape", {})),
+                 dequant_gbps=dict(d["dequant_gbps"]) | rec.get("dequant_gbps", {}),
+                 lora_matmul_by_rank=dict(rec.get("lora_matmul_tflops_by_rank", d["lora_matmul_by_rank"])),
                  source=f"`megastream probe` of {rec['date']} ({rec['device']})")
 
 
@@ -90,6 +98,8 @@ class Roofline:
     h2d_bytes: int = 0  # per step: weights host -> device (layers twice, the head once)
     d2h_bytes: int = 0  # per step: gradients device -> host
     routed_fraction: float | None = None  # engine.moe_streaming: routed: expected share of experts copied
+    dequant_s: float = 0.0  # of compute_s: an int8 / nf4 LoRA base dequantized on the device, twice a step
+    adapter_s: float = 0.0  # of compute_s: the LoRA adapters' own matmuls
 
 
 def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
@@ -101,7 +111,9 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     instead of 6), plus 8 per adapter parameter (forward, recompute, input and adapter gradients);
     attention's backward is unchanged. H2D is b.lora's (the layers twice, in the streamed format), D2H
     nothing, and there is no host optimizer: the adapters' AdamW runs where they live (on a GPU a few
-    ms, not counted; on the CPU 28 B of traffic per adapter parameter)."""
+    ms, not counted; on the CPU 28 B of traffic per adapter parameter). The adapters' matmuls run at
+    the rank-wide rate `megastream probe` measured (lora_matmul_tflops_by_rank), and an int8 / nf4
+    base adds its dequantization (each streamed layer, forward and recompute) at probe's dequant_gbps."""
     units = model_layout(spec)
     n_layers = sum(u.numel for u in units[1:-1])
     T, S = b.tokens_per_step, cfg.data.seq_len
@@ -140,11 +152,18 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
                                rates.attention_tflops.get(kind) or rates.matmul_tflops)
     attention_s = attn_flops / (attn_rate * 1e12)
     mms = _matmuls(spec, T)
+    adapter_s = dequant_s = 0.0
     if b.lora:  # no weight gradients: layers 6 of 8, the head 4 of 6; the adapters' matmuls are rank-wide
-        mms = ([(f * 6 / 8, w) for f, w in mms[:-1]] + [(mms[-1][0] * head_passes / 6, mms[-1][1])]
-               + [(8.0 * b.lora["adapter_params"] * T, b.lora["rank"])])
+        mms = [(f * 6 / 8, w) for f, w in mms[:-1]] + [(mms[-1][0] * head_passes / 6, mms[-1][1])]
+        rank = b.lora["rank"]
+        ad_rate = lora_rate(rates.lora_matmul_by_rank, rank,
+                            gemm_rate(rates.matmul_by_width, rank, rates.matmul_tflops))
+        adapter_s = 8.0 * b.lora["adapter_params"] * T / (ad_rate * 1e12)
+        scheme = b.lora["base_dtype"]
+        if scheme in rates.dequant_gbps:  # int8 / nf4: the packed layers, dequantized as each arrives
+            dequant_s = h2d / (rates.dequant_gbps[scheme] * 1e9)
     compute = sum(f / (gemm_rate(rates.matmul_by_width, w, rates.matmul_tflops) * 1e12)
-                  for f, w in mms) + attention_s
+                  for f, w in mms) + attention_s + adapter_s + dequant_s
     if b.device_type == "cuda":
         terms = {"compute": compute, "H2D": h2d / (rates.h2d_gbps * 1e9), "D2H": d2h / (rates.d2h_gbps * 1e9),
                  "optimizer": opt}
@@ -157,7 +176,8 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
         bound = "compute" if compute >= opt else "optimizer"
     return Roofline(flops=flops, attention_flops=attn_flops, model_flops=model_flops, compute_s=compute, h2d_s=terms["H2D"],
                     d2h_s=terms["D2H"], optimizer_s=opt, step_s=step, bound=bound, attention_s=attention_s,
-                    h2d_bytes=int(h2d), d2h_bytes=int(d2h), routed_fraction=frac)
+                    h2d_bytes=int(h2d), d2h_bytes=int(d2h), routed_fraction=frac,
+                    dequant_s=dequant_s, adapter_s=adapter_s)
 
 
 def layer_passes(n_layers: int) -> list[int]:
@@ -253,6 +273,7 @@ class Plan:
             "roofline": {"flops_per_step": r.flops, "attention_flops_per_step": r.attention_flops, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
                          "h2d_bytes_per_step": r.h2d_bytes, "d2h_bytes_per_step": r.d2h_bytes,
                          "routed_expert_fraction": r.routed_fraction,
+                         "adapter_s": r.adapter_s, "dequant_s": r.dequant_s,
                          "optimizer_s": r.optimizer_s, "bound": r.bound, "rates": vars(self.rates)},
             "modes": {k: {"host_bytes_total": m.host_total, "state_bytes_per_param": m.state_bytes_per_param,
                           "fits_host": m.host_total <= self.ram_usable} for k, m in self.modes.items()},
@@ -497,15 +518,25 @@ def render(p: Plan) -> str:
         lines.append(f"  GPU: {b.gpu_total / 1e9:.2f} GB of {budget_txt} -> fits: {'yes' if p.fits_gpu else 'NO'}"
                      + ("" if b.gpu_verified else f" ({GPU_UNVERIFIED})"))
 
-    mm_rate = (r.flops - r.attention_flops) / max(r.compute_s - r.attention_s, 1e-12) / 1e12
+    base_s = r.compute_s - r.attention_s - r.adapter_s - r.dequant_s  # the base's matmuls
+    ad_flops = 8.0 * b.lora["adapter_params"] * b.tokens_per_step if b.lora else 0.0
+    mm_rate = (r.flops - r.attention_flops - ad_flops) / max(base_s, 1e-12) / 1e12
     at_rate = r.attention_flops / max(r.attention_s, 1e-12) / 1e12
     lines += ["", f"roofline ({p.rates.source}):",
               f"  {'compute':<46}{r.compute_s:9.3f} s",
-              f"    {f'matmuls {(r.flops - r.attention_flops) / 1e12:.3g} TFLOP at {mm_rate:.3g} TFLOP/s':<44}"
-              f"{r.compute_s - r.attention_s:9.3f} s   (each at the rate of its narrowest dimension)",
+              f"    {f'matmuls {(r.flops - r.attention_flops - ad_flops) / 1e12:.3g} TFLOP at {mm_rate:.3g} TFLOP/s':<44}"
+              f"{base_s:9.3f} s   (each at the rate of its narrowest dimension)",
               f"    {f'attention {r.attention_flops / 1e12:.3g} TFLOP at {at_rate:.3g} TFLOP/s':<44}{r.attention_s:9.3f} s"
               f"   ({'document-masked' if p.cfg.data.pack else 'causal'}, seq {p.cfg.data.seq_len}, "
               f"head_dim {p.spec.head_dim})"]
+    if b.lora:
+        ad_rate = ad_flops / max(r.adapter_s, 1e-12) / 1e12
+        lines.append(f"    {f'adapters {ad_flops / 1e12:.3g} TFLOP at {ad_rate:.3g} TFLOP/s':<44}{r.adapter_s:9.3f} s"
+                     f"   (rank {b.lora['rank']}: x A^T and the rank-wide update of each output)")
+        if r.dequant_s:
+            q = b.lora["base_dtype"]
+            lines.append(f"    {f'dequantize {q} at {p.rates.dequant_gbps[q]:g} GB/s':<44}{r.dequant_s:9.3f} s"
+                         "   (the streamed layers' packed bytes, forward and recompute)")
     if p.device_type == "cuda":
         lines.append(f"  H2D        at {p.rates.h2d_gbps:g} GB/s{'':22}{r.h2d_s:9.3f} s")
         lines.append(f"  D2H        at {p.rates.d2h_gbps:g} GB/s{'':22}{r.d2h_s:9.3f} s")

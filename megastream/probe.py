@@ -13,6 +13,15 @@
     h2d_gbps       pinned host -> GPU copy of 1 GiB (GPU only)
     d2h_gbps       GPU -> pinned host copy of 1 GiB (GPU only)
     optimizer_ns_per_param   the fused AdamW op per mode (full / lean / compact), 16M parameters
+    LoRA (a `lora:` section's step, see memory.py and plan.roofline):
+    lora_matmul_tflops_by_rank  an adapter's own matmuls on a (rows x w) input at rank r: x A^T, then
+                   y += scale (x A^T) B^T into a (rows x w) output, 2 x 2 * rows * w * r FLOPs. They are
+                   rank-wide, far below the by-width rate (on a CPU the accumulate into y is bound by
+                   memory, not FLOPs), so `plan` times the adapters at this rate
+    dequant_gbps   dequantizing a frozen base's int8 / nf4 weights (adapters/quant.py, as the engine
+                   does each streamed layer) into the compute dtype, in GB/s of packed bytes read:
+                   `plan` adds twice the quantized layers' bytes a step (forward and recompute) at this
+                   rate to the device's compute time
 
 Results are cached in <cache_dir>/probe.json, keyed by host name and device, and `megastream plan`
 uses them in place of its stated defaults.
@@ -100,6 +109,49 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, rows: int, width: int
     reps = max(1, int(2e9 // (2 * rows * width * width)) if device.type == "cpu" else 8)
     t = timeit(lambda: [a @ b for _ in range(reps)], repeats, sync)
     return 2 * rows * width * width * reps / t / 1e12
+
+
+LORA_RANKS = (16, 64)
+LORA_WIDTH = {"cpu": 512, "cuda": 4096}  # the adapted projection's width (in = out)
+
+
+def measure_lora_gemm(device: torch.device, dtype: torch.dtype, rows: int, width: int, rank: int,
+                      repeats: int = 3) -> float:
+    """TFLOP/s of one adapter's forward matmuls as model.llama.linear runs them: p = x A^T (rows x
+    rank), then y += scale p B^T in place, on a (rows x width) x and y."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, width, device=device, generator=g).to(dtype)
+    y = torch.randn(rows, width, device=device, generator=g).to(dtype)
+    a = torch.randn(rank, width, device=device, generator=g).to(dtype)
+    b = torch.randn(width, rank, device=device, generator=g).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reps = max(1, int(2e8 // (4 * rows * width * rank)) if device.type == "cpu" else 8)
+
+    def run():
+        for _ in range(reps):
+            y.addmm_(torch.nn.functional.linear(x, a), b.t(), alpha=0.5)
+
+    return 4 * rows * width * rank * reps / timeit(run, repeats, sync) / 1e12
+
+
+def measure_dequant(device: torch.device, dtype: torch.dtype, scheme: str, shape: tuple[int, int],
+                    repeats: int = 3) -> float:
+    """GB/s of packed bytes of dequantizing one (out, in) weight from its flat int8 / nf4 buffer (on
+    `device`) into `dtype`, as store.unpack does for each streamed layer."""
+    from megastream.adapters.quant import dequantize, from_flat, quantize, to_flat
+
+    g = torch.Generator().manual_seed(0)
+    flat = to_flat(quantize((torch.randn(shape, generator=g) * 0.02).to(dtype), scheme)).to(device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = timeit(lambda: out.copy_(dequantize(from_flat(flat, shape, scheme), dtype)), repeats, sync)
+    return flat.numel() / t / 1e9
+
+
+def lora_rate(by_rank: dict, rank: int, default: float) -> float:
+    """TFLOP/s of an adapter's matmuls at `rank` (from lora_matmul_tflops_by_rank; log-log between
+    the measured ranks, held beyond them), or `default` when it was not measured."""
+    return interp_loglog({int(k): v for k, v in by_rank.items()}, rank) if by_rank else default
 
 
 def interp_loglog(points: dict, x: float) -> float:
@@ -208,6 +260,15 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
     for k, pts in rec["attention_tflops_by_shape"].items():
         log(f"  {rec['matmul_dtype']} attention {k:<6} (seq,head_dim) " + ", ".join(f"{p}: {r:.4f}" for p, r in
                                                                               pts.items()) + " TFLOP/s")
+    width = 256 if quick else LORA_WIDTH[kind]
+    rec["lora_matmul_tflops_by_rank"] = {str(r): measure_lora_gemm(device, dtype, rows, width, r)
+                                         for r in LORA_RANKS}
+    log(f"  {rec['matmul_dtype']} LoRA adapter matmuls at width {width}, by rank " + ", ".join(
+        f"{r}: {v:.4f}" for r, v in rec["lora_matmul_tflops_by_rank"].items()) + " TFLOP/s")
+    shape = (512, 512) if quick else ((4096, 4096) if kind == "cuda" else (2048, 2048))
+    rec["dequant_gbps"] = {q: measure_dequant(device, dtype, q, shape) for q in ("int8", "nf4")}
+    log(f"  dequantize int8 / nf4 to {rec['matmul_dtype']} (lora.base_dtype)   {rec['dequant_gbps']['int8']:8.2f} / "
+        f"{rec['dequant_gbps']['nf4']:.2f} GB/s of packed bytes")
     if device.type == "cuda":
         rec["h2d_gbps"], rec["d2h_gbps"] = measure_pcie()
         log(f"  pinned H2D / D2H                        {rec['h2d_gbps']:8.1f} / {rec['d2h_gbps']:.1f} GB/s")

@@ -289,3 +289,53 @@ def test_lora_plan_predicts_peak_rss_within_10_percent(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = int(proc.stdout.split("PEAK")[-1])
     assert abs(planned - peak) <= 0.10 * peak, (planned / 1e9, peak / 1e9)
+
+
+# ---- probe ------------------------------------------------------------------------------------------
+def test_probe_measures_lora_rates_and_plan_times_adapters_and_dequantization_with_them(tmp_path, monkeypatch):
+    """`megastream probe` measures what a LoRA step adds to the base's matmuls (the adapters'
+    rank-wide matmuls, an int8 / nf4 base's dequantization) and `plan` times the step with them."""
+    import megastream.probe as probe
+    from megastream.plan import rates_for
+
+    cpu = torch.device("cpu")
+    # the real measurements, tiny
+    assert 0 < probe.measure_lora_gemm(cpu, torch.float32, rows=64, width=64, rank=4, repeats=1) < 1e3
+    for scheme in ("int8", "nf4"):
+        assert 0 < probe.measure_dequant(cpu, torch.float32, scheme, (64, 256), repeats=1) < 1e4
+
+    monkeypatch.setattr(probe, "_cache_file", lambda: tmp_path / "probe.json")
+    monkeypatch.setattr(probe, "measure_host_bandwidth", lambda *a: 12.5)
+    monkeypatch.setattr(probe, "measure_matmul", lambda device, dtype, **k: 0.25)
+    monkeypatch.setattr(probe, "measure_attention", lambda device, dtype, masked, **k: 0.01)
+    monkeypatch.setattr(probe, "measure_gemm", lambda device, dtype, rows, width: 0.25)
+    monkeypatch.setattr(probe, "time_optimizer", lambda n, master, states, repeats, g: n * 1e-9)
+    monkeypatch.setattr(probe, "measure_lora_gemm", lambda device, dtype, rows, width, rank: 0.002 * rank / 16)
+    monkeypatch.setattr(probe, "measure_dequant", lambda device, dtype, scheme, shape: {"int8": 2.0, "nf4": 0.5}[scheme])
+    lines = []
+    rec = probe.run_probe(cpu, log=lines.append)
+    assert rec["lora_matmul_tflops_by_rank"] == {"16": 0.002, "64": 0.008}
+    assert rec["dequant_gbps"] == {"int8": 2.0, "nf4": 0.5}
+    assert any("LoRA adapter matmuls" in x for x in lines) and any("dequantize int8 / nf4" in x for x in lines)
+    probe.save_probe(rec)
+
+    rates = rates_for("cpu")
+    assert rates.dequant_gbps == {"int8": 2.0, "nf4": 0.5} and rates.lora_matmul_by_rank == {"16": 0.002, "64": 0.008}
+    spec = PRESETS["qwen2.5-72b"]
+    cfg = _load(QLORA_72B)  # rank 16, nf4
+
+    def _budget(cfg):  # planned for the CPU, whose rates were probed
+        return memory.budget(cfg, spec, "cpu", torch.bfloat16, torch.bfloat16, RUNTIME)
+
+    b = _budget(cfg)
+    r = roofline(cfg, spec, b, rates)
+    assert r.dequant_s == pytest.approx(b.lora["h2d_bytes_per_step"] / 0.5e9)
+    assert r.adapter_s == pytest.approx(8 * b.lora["adapter_params"] * b.tokens_per_step / 0.002e12)
+    bf16 = roofline(cfg, spec, _budget(replace(cfg, lora=replace(cfg.lora, base_dtype="bf16"))), rates)
+    assert bf16.dequant_s == 0 and bf16.compute_s < r.compute_s
+    r32 = roofline(replace(cfg, lora=replace(cfg.lora, rank=32)), spec,
+                   _budget(replace(cfg, lora=replace(cfg.lora, rank=32))), rates)
+    # twice the adapter FLOPs at twice the rate (log-log between the measured ranks): the same time
+    assert r32.adapter_s == pytest.approx(r.adapter_s)
+    text = render(make_plan(cfg, spec, host=_machine()))
+    assert "adapters " in text and "dequantize nf4 at " in text

@@ -128,10 +128,12 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], key: str,
     y = F.linear(x2, w[key], w.get(key + "_b")) if value else _GradientOnly.apply(x2, w[key])  # (tokens, out)
     if ad is None:
         return y.view(*x.shape[:-1], y.shape[-1])
-    xa = x2 if ad.keep is None else torch.where(ad.keep.flatten(0, -2), x2, 0.0)
-    # y += (xa A^T)(scale B)^T: the (tokens, r) product, then one GEMM accumulating into y in place
-    # (F.linear's backward does not need its output); never an (out, in) delta; both scales go on B
-    y.addmm_(F.linear(xa, ad.a), (ad.b * (ad.scale * ad.keep_scale)).t())
+    xa = x2 if ad.keep is None else x2 * ad.keep.flatten(0, -2)  # dropped inputs zeroed (a multiply: on a
+    # CPU a quarter cheaper than torch.where, forward and backward)
+    # y += scale (xa A^T) B^T: the (tokens, r) product, then one GEMM accumulating into y in place
+    # (F.linear's backward does not need its output); never an (out, in) delta, nor a scaled copy of B:
+    # both scales are the GEMM's alpha
+    y.addmm_(F.linear(xa, ad.a), ad.b.t(), alpha=ad.scale * ad.keep_scale)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
