@@ -149,13 +149,14 @@ def lora_base_format(cfg: Config, compute: torch.dtype) -> tuple[torch.dtype, st
 
 
 def frozen_unit_bytes(unit: UnitLayout, dtype: torch.dtype, scheme: str | None) -> int:
-    """Host bytes (and bytes streamed) of one unit of a frozen base: a layer's 2-D projections quantized
-    with `scheme` (adapters/quant.py's flat buffers), everything else in `dtype`."""
-    from megastream.adapters.quant import quantized_nbytes
+    """Host bytes (and bytes streamed) of one unit of a frozen base: a layer's 2-D projections (and 3-D
+    stacks of experts, expert by expert) quantized with `scheme` (adapters/quant.py's flat buffers),
+    everything else in `dtype`."""
+    from megastream.adapters.quant import packed_nbytes
 
     if scheme is None or not unit.name.startswith("layer."):
         return unit.numel * dtype.itemsize
-    return sum(quantized_nbytes(e.shape, scheme) if e.decay else e.numel * dtype.itemsize for e in unit.entries)
+    return sum(packed_nbytes(e.shape, scheme) if e.decay else e.numel * dtype.itemsize for e in unit.entries)
 
 
 def frozen_store_bytes(spec: ModelSpec, dtype: torch.dtype, scheme: str | None = None) -> dict[str, int]:

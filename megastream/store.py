@@ -127,7 +127,7 @@ class HostStore:
 
     def _plan_packing(self, quant: str | None) -> None:
         """packing[u]: (entry, byte offset, bytes, quantized) for each tensor of a packed layer."""
-        from megastream.adapters.quant import quantized_nbytes
+        from megastream.adapters.quant import packed_nbytes
 
         self.packing: dict[int, list[tuple]] = {}
         self.packed_offsets = [0]
@@ -138,10 +138,10 @@ class HostStore:
                 continue
             rows, off = [], 0
             for e in sorted(unit.entries, key=lambda e: not e.decay):  # quantized first: each 16-byte aligned
-                if e.decay and len(e.shape) != 2:
-                    raise ValueError(f"{unit.name}.{e.key}: a {len(e.shape)}-D weight {e.shape}; quantizing a "
-                                     "frozen base is built for 2-D projections only")
-                nb = quantized_nbytes(e.shape, quant) if e.decay else e.numel * item
+                try:  # a 2-D projection, or a 3-D stack of experts quantized expert by expert
+                    nb = packed_nbytes(e.shape, quant) if e.decay else e.numel * item
+                except ValueError as err:
+                    raise ValueError(f"{unit.name}.{e.key}: {err}") from None
                 rows.append((e, off, nb, e.decay))
                 off += nb
             self.packing[u] = rows
@@ -157,7 +157,7 @@ class HostStore:
 
     def finish_unit(self, u: int) -> None:
         """Pack (quantize) unit u's staged full-precision weights into `packed` and free the staging."""
-        from megastream.adapters.quant import quantize, to_flat
+        from megastream.adapters.quant import pack
 
         flat = self._staging.pop(u, None)
         if flat is None:
@@ -165,19 +165,19 @@ class HostStore:
         dst, views = self.packed_of(u), self.units[u].views(flat)
         for e, off, nb, q in self.packing[u]:
             if q:
-                to_flat(quantize(views[e.key], self.quant), out=dst[off:off + nb])
+                pack(views[e.key], self.quant, dst[off:off + nb])
             else:
                 dst[off:off + nb].view(self.compute_dtype).copy_(views[e.key].reshape(-1))
 
     def unpack(self, u: int, src: torch.Tensor, out: torch.Tensor) -> None:
         """Dequantize layer u's packed buffer `src` (a copy of packed_of(u), on any device) into `out`,
         the layer's flat layout in the compute dtype, on `out`'s device (no host sync)."""
-        from megastream.adapters.quant import dequantize, from_flat
+        from megastream.adapters.quant import unpack
 
         views = self.units[u].views(out)
         for e, off, nb, q in self.packing[u]:
             if q:
-                views[e.key].copy_(dequantize(from_flat(src[off:off + nb], e.shape, self.quant), self.compute_dtype))
+                unpack(src[off:off + nb], e.shape, self.quant, views[e.key])
             else:
                 views[e.key].view(-1).copy_(src[off:off + nb].view(self.compute_dtype))
 

@@ -139,3 +139,40 @@ def test_train_cli_over_a_quantized_base_equals_the_dequantized_model(tmp_path, 
     assert ad_q.keys() == ad_r.keys()
     for k in ad_q:
         assert_close_normwise(ad_q[k], ad_r[k], n, msg=k)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_expert_stacks_are_quantized_expert_by_expert(scheme):
+    """A 3-D stack of experts' weights (E, out, in), as a MoE layer holds them fused, is quantized slice
+    by slice: each expert's own flat buffer, back to back; unpacked, every expert is exactly
+    dequantize(quantize(its weight)); plan counts the bytes the store holds. 4-D is refused by name."""
+    from megastream.adapters.quant import packed_nbytes
+    from megastream.model.layout import _unit
+
+    E, out_f, in_f = 3, 40, 64
+    units = [_unit("embed", [("embed", "model.embed_tokens.weight", (32, in_f))]),
+             _unit("layer.0", [("experts", "model.layers.0.mlp.experts.gate_up_proj", (E, 2 * out_f, in_f)),
+                               ("router", "model.layers.0.mlp.gate.weight", (E, in_f)),
+                               ("ln1", "model.layers.0.input_layernorm.weight", (in_f,))]),
+             _unit("head", [("norm", "model.norm.weight", (in_f,))])]
+    store = HostStore(units, torch.float32, torch.float32, pin=False, trainable=False, quant=scheme)
+    w = store.weights_of(1)  # the layer's full-precision staging
+    w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    ref = units[1].views(w.clone())
+    store.finish_unit(1)
+    one = quantized_nbytes((2 * out_f, in_f), scheme)
+    assert packed_nbytes((E, 2 * out_f, in_f), scheme) == E * one
+    assert store.packed_of(1).numel() == E * one + quantized_nbytes((E, in_f), scheme) + in_f * 4 \
+        == memory.frozen_unit_bytes(units[1], torch.float32, scheme)
+    out = torch.empty(units[1].numel)
+    store.unpack(1, store.packed_of(1).clone(), out)
+    got = units[1].views(out)
+    for k in range(E):
+        assert torch.equal(got["experts"][k], dequantize(quantize(ref["experts"][k], scheme), torch.float32))
+    assert torch.equal(got["router"], dequantize(quantize(ref["router"], scheme), torch.float32))
+    assert torch.equal(got["ln1"], ref["ln1"])
+    assert not torch.equal(got["experts"][1], dequantize(quantize(ref["experts"][0], scheme), torch.float32))
+
+    bad = [units[0], _unit("layer.0", [("x", "model.layers.0.x", (2, 2, 4, 4))]), units[2]]
+    with pytest.raises(ValueError, match=r"layer.0.x: a 4-D weight"):
+        HostStore(bad, torch.float32, torch.float32, pin=False, trainable=False, quant=scheme)

@@ -23,6 +23,10 @@ int8 = [codes: out*in bytes][scales: out fp32]; nf4 = [codes: padded/2 bytes][bl
 padded/64 int8][group factors: padded/16384 fp32][mean: one fp32]. `from_flat` returns views into the
 buffer, so a unit's weights go to the GPU in one H2D copy and are dequantized there with no host sync.
 
+A 3-D stack of experts' weights (E, out, in), as a MoE layer holds them fused, is quantized expert by
+expert: E such flat buffers back to back (`packed_nbytes`, `pack`, `unpack`; the store's layers use
+these for 2-D and 3-D weights alike).
+
 Pure torch: runs on CPU and CUDA tensors alike.
 """
 
@@ -288,3 +292,39 @@ def from_flat(buf: torch.Tensor, shape, scheme: str) -> QuantizedWeight:
     views = {name: buf[off : off + count * dtype.itemsize].view(dtype)
              for name, off, count, dtype in _sections(shape, scheme)}
     return QuantizedWeight(scheme, shape, **views)
+
+
+# ---- a layer's weights: one 2-D projection, or a stack of experts' (E, out, in) ----------------------
+def _slices(shape) -> tuple[int, tuple[int, int]]:
+    """(number of 2-D slices, their shape) of a 2-D weight or a 3-D stack (a MoE layer's experts,
+    quantized expert by expert, each slice its own flat buffer)."""
+    shape = tuple(shape)
+    if len(shape) == 2:
+        return 1, shape
+    if len(shape) == 3:
+        return shape[0], shape[1:]
+    raise ValueError(f"a {len(shape)}-D weight {shape}: quantized are 2-D projections (out, in) and 3-D stacks "
+                     "of experts' (E, out, in)")
+
+
+def packed_nbytes(shape, scheme: str) -> int:
+    """Bytes of a 2-D weight's flat buffer, or of a 3-D stack's: its slices' buffers back to back."""
+    n, sl = _slices(shape)
+    return n * quantized_nbytes(sl, scheme)
+
+
+def pack(w: torch.Tensor, scheme: str, out: torch.Tensor) -> None:
+    """Quantize `w` (out, in) or (E, out, in), slice by slice, into `out` (packed_nbytes bytes)."""
+    n, sl = _slices(w.shape)
+    nb = quantized_nbytes(sl, scheme)
+    for k, part in enumerate([w] if w.dim() == 2 else w.unbind(0)):
+        to_flat(quantize(part, scheme), out=out[k * nb:(k + 1) * nb])
+
+
+def unpack(buf: torch.Tensor, shape, scheme: str, out: torch.Tensor) -> None:
+    """Dequantize `buf` (pack's output, on any device) into `out` (`shape`, in its dtype), slice by
+    slice (no host sync)."""
+    n, sl = _slices(shape)
+    nb = quantized_nbytes(sl, scheme)
+    for k, part in enumerate([out] if len(shape) == 2 else out.unbind(0)):
+        part.copy_(dequantize(from_flat(buf[k * nb:(k + 1) * nb], sl, scheme), out.dtype))
