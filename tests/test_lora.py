@@ -182,6 +182,22 @@ def test_eval_has_no_dropout_and_no_lora_path_is_unchanged():
     assert torch.equal(block(x, w, rope, spec), block(x, w, rope, spec, None, {}))
 
 
+def test_dropout_masks_are_repeatable_draws_at_the_configured_rate():
+    """A keep mask is 1 / 0 in the compute dtype, drawn again identically for the recompute, another for
+    another projection, dropping lora.dropout (rounded to 1/65536) of the inputs."""
+    ad = LoraAdapters(_spec(False), LORA_TARGETS, rank=RANK, alpha=ALPHA, dropout=0.05, rslora=False,
+                      device=torch.device("cpu"), seed=0)
+    shape = (4, 256, 512)
+    m = ad.dropout_mask(7, 2, 1, "q", shape)
+    assert m.dtype == torch.float32 and m.shape == shape and set(m.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(m, ad.dropout_mask(7, 2, 1, "q", shape))
+    assert not torch.equal(m, ad.dropout_mask(7, 2, 1, "k", shape))
+    assert torch.equal(ad.dropout_mask(7, 2, 1, "q", shape, torch.bfloat16).float(), m)
+    p, n = ad.drop_threshold / 65536, m.numel()
+    assert abs(p - 0.05) < 1 / 65536 and ad.keep_scale == pytest.approx(1 / (1 - p))
+    assert abs(n - m.sum().item() - p * n) < 5 * math.sqrt(p * (1 - p) * n)  # binomial: 5 sigma
+
+
 def _no_dropout(ad):
     clone = LoraAdapters(ad.spec, ad.targets, rank=ad.rank, alpha=ad.alpha, dropout=0.0, rslora=ad.rslora,
                          device=ad.device, seed=ad.seed)
@@ -370,9 +386,9 @@ def test_lora_dropout_with_an_injected_mask_matches_peft(tmp_path, monkeypatch):
     rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
     calls = []
 
-    def engine_mask(self, step, layer, mb, key, shape):
+    def engine_mask(self, step, layer, mb, key, shape, dtype):
         calls.append((step, layer, mb, key))
-        return _keep(step, layer, mb, key, shape)
+        return _keep(step, layer, mb, key, shape).to(dtype)
 
     monkeypatch.setattr(LoraAdapters, "dropout_mask", engine_mask)
     run = _lora_run(tmp_path, rows, dropout=0.25)

@@ -259,18 +259,23 @@ class LoraAdapters:
     def begin_step(self) -> None:
         self.grad.zero_()
 
-    def dropout_mask(self, step: int, layer: int, mb: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Which inputs of A dropout keeps (bool, `shape`) for one (step, layer, micro-batch,
-        projection), the same every time it is asked for. The drop probability is lora.dropout
-        rounded to a multiple of 1/65536 (`drop_threshold`); kept inputs are scaled by `keep_scale`,
-        the inverse of the rounded keep probability."""
+    def dropout_mask(self, step: int, layer: int, mb: int, key: str, shape: tuple[int, ...],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Which inputs of A dropout keeps (1 kept, 0 dropped, in `dtype`, `shape`) for one (step,
+        layer, micro-batch, projection), the same every time it is asked for. The drop probability is
+        lora.dropout rounded to a multiple of 1/65536 (`drop_threshold`); kept inputs are scaled by
+        `keep_scale`, the inverse of the rounded keep probability. The mask is made in the compute
+        dtype, as the multiplier it is: on a CPU the comparison writing it and the multiply (forward
+        and backward) each run ~3x faster than with a bool mask."""
         g = torch.Generator(device=self.device).manual_seed(
             zlib.crc32(f"{self.seed}:{step}:{layer}:{mb}:{key}".encode()))
         # 16 random bits per element, four to each 64-bit draw: a quarter of the generator calls of
         # torch.rand (the CPU generator is serial, and ~10 ns a call made masks a quarter of a step).
         n = math.prod(shape)
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=self.device).random_(-2**63, None, generator=g)
-        return words.view(torch.int16)[:n].view(shape) >= self.drop_threshold - 32768  # P(drop) = threshold / 65536
+        keep = torch.empty(shape, dtype=dtype, device=self.device)
+        # P(drop) = threshold / 65536
+        return torch.ge(words.view(torch.int16)[:n].view(shape), self.drop_threshold - 32768, out=keep)
 
     def layer(self, i: int, dtype: torch.dtype, *, drop_for=None, grad: bool = False) -> dict[str, Adapter]:
         """Layer i's adapters for the model function, in the compute dtype. With `grad`, A and B are

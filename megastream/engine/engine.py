@@ -404,7 +404,7 @@ class Engine:
             B, S = x.shape[:2]
 
             def drop_for(s):
-                return ad.dropout_mask(self.adam_steps, i, k, s.key, (B, S, s.a_shape[1]))
+                return ad.dropout_mask(self.adam_steps, i, k, s.key, (B, S, s.a_shape[1]), self.dtype)
         return ad.layer(i, self.dtype, drop_for=drop_for, grad=grad)
 
     def _lora_kw(self, i: int, k: int, x: torch.Tensor, train: bool) -> dict:
