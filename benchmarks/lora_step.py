@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import os
 import statistics
 import time
 
@@ -70,6 +72,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    load_before = os.getloadavg()
 
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -104,7 +107,13 @@ def main() -> None:
     med = {m: [statistics.median(t[j] for t in times[m]) for j in (0, 1)] for m in times}  # [wall, cpu]
     tokens = a.micro_batch * a.grad_accum * a.seq_len
     ratio_wall, ratio_cpu = (med["lora"][j] / med["full"][j] for j in (0, 1))
+    from megastream.machine import cpu_name
+
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
+              # 1-minute load average before and after: other processes on a shared machine stretch
+              # wall times (the CPU times measure the work itself)
+              "load_avg_1min": [load_before[0], os.getloadavg()[0]],
               "torch_version": torch.__version__, "threads": torch.get_num_threads(), "preset": a.preset,
               "params": count_params(spec), "dtype": str(dtype), "tokens_per_step": tokens, "rank": a.rank,
               "dropout": a.dropout, "adapter_params": adapters.numel, "rounds": a.rounds,
