@@ -6,49 +6,12 @@ the CPU), resume exactly, and `plan` must count the staging it saves."""
 import json
 import shutil
 
-import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import REPO, make_hf_model, padded_rows, read_metrics, rel_err, run_cli, write_config, write_ids
-from test_parity import ACCUM, LR, MB, MIN_LR, SEQ, STEPS, WARMUP, WD, _lr, _rows
+from helpers import REPO, make_hf_model, read_metrics, rel_err, run_cli, write_config, write_ids
+from test_parity import ACCUM, LR, MB, MIN_LR, SEQ, STEPS, WARMUP, WD, _reference, _rows
 
 CLIP = 0.5
-
-
-def _coef(norm: float) -> float:  # torch.nn.utils.clip_grad_norm_'s coefficient, written out
-    return min(1.0, CLIP / (norm + 1e-6))
-
-
-def _reference_previous(model, rows):
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=LR, betas=(0.9, 0.95), eps=1e-8)
-    losses, norms, prev = [], [], None
-    for step in range(STEPS):
-        mbs = [rows[(step * ACCUM + k) * MB:(step * ACCUM + k + 1) * MB] for k in range(ACCUM)]
-        n_tok = sum(len(r) - 1 for mb in mbs for r in mb)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for mb in mbs:
-            ids, labels = padded_rows(mb, SEQ)
-            logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                   ignore_index=-100, reduction="sum") / n_tok
-            loss.backward()
-            total += loss.item()
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # the norm, no clipping
-        coef = _coef(norm if prev is None else prev)  # the rule: the previous step's norm, the first its own
-        for p in model.parameters():
-            p.grad.mul_(coef)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step)
-        opt.step()
-        losses.append(total)
-        norms.append(norm)
-        prev = norm
-    return losses, norms
 
 
 def test_previous_norm_clipping_matches_its_reference(tmp_path):
@@ -66,7 +29,7 @@ def test_previous_norm_clipping_matches_its_reference(tmp_path):
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     })
     run_cli("train", str(cfg))
-    ref_losses, ref_norms = _reference_previous(model, rows)
+    ref_losses, ref_norms = _reference(model, rows, CLIP, previous=True)
     got = read_metrics(tmp_path / "run")
     assert all(n > CLIP for n in ref_norms), "clipping must be active in this test"
     assert len({round(n, 6) for n in ref_norms}) == STEPS  # the norms differ: previous vs own is a real difference

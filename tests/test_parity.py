@@ -32,13 +32,15 @@ def _rows(vocab: int, n: int, seed: int) -> list[list[int]]:
     return rows
 
 
-def _reference(model, rows, clip: float):
-    """Plain PyTorch training of the transformers model on the same rows, in file order."""
+def _reference(model, rows, clip: float, previous: bool = False):
+    """Plain PyTorch training of the transformers model on the same rows, in file order. `previous`
+    (optim.clip: previous): each step's gradients are scaled by clip_grad_norm_'s coefficient of the
+    previous step's norm (the first step's own), written out here."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=(0.9, 0.95), eps=1e-8)
-    losses, norms = [], []
+    losses, norms, prev = [], [], None
     for step in range(STEPS):
         mbs = [rows[(step * ACCUM + k) * MB:(step * ACCUM + k + 1) * MB] for k in range(ACCUM)]
         n_tok = sum(len(r) - 1 for mb in mbs for r in mb)
@@ -51,7 +53,12 @@ def _reference(model, rows, clip: float):
                                    ignore_index=-100, reduction="sum") / n_tok
             loss.backward()
             total += loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf") if previous or clip <= 0 else clip)
+        if previous:
+            coef = min(1.0, clip / ((float(norm) if prev is None else prev) + 1e-6))
+            for p in model.parameters():
+                p.grad.mul_(coef)
+            prev = float(norm)
         for g in opt.param_groups:
             g["lr"] = _lr(step)
         opt.step()

@@ -77,21 +77,13 @@ class ShardedWeightStreamer(WeightStreamer):
             return self.head[:self.n_vocab_w + self.n_norm]  # [lm_head | norm], as the engine views it
         return super().acquire(u)
 
-    def _prefetch_head(self) -> None:
-        if self.head_loaded is not None:
-            return
-        self.before_copy(self.head_unit)
-        if self.tied:
-            self.before_copy(0)
-        with self.streams.on(self.streams.h2d):
-            self.streams.wait(self.streams.h2d, self.head_free)
-            if self.tied:  # the embedding is the lm_head; the norm lands right after its V*H elements
-                self._gather(0, self.head)
-                self._gather(self.head_unit, self.norm_buf)
-                self.head[self.n_vocab_w:self.n_vocab_w + self.n_norm].copy_(self.norm_buf[:self.n_norm])
-            else:
-                self._gather(self.head_unit, self.head)
-            self.head_loaded = self.streams.record(self.streams.h2d)
+    def _fill_head(self) -> None:
+        if self.tied:  # the embedding is the lm_head; the norm lands right after its V*H elements
+            self._gather(0, self.head)
+            self._gather(self.head_unit, self.norm_buf)
+            self.head[self.n_vocab_w:self.n_vocab_w + self.n_norm].copy_(self.norm_buf[:self.n_norm])
+        else:
+            self._gather(self.head_unit, self.head)
 
     def embed_rows(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
         """The rows gathered on the device from the all-gathered table (in the head buffer)."""

@@ -145,11 +145,15 @@ class WeightStreamer:
             self.before_copy(0)
         with self.streams.on(self.streams.h2d):
             self.streams.wait(self.streams.h2d, self.head_free)
-            # H2D: (V*H + H) * itemsize bytes (h2d stream)
-            if self.tied:
-                self.head[:self.n_vocab_w].copy_(self.store.working_of(0), non_blocking=True)
-                self.head[self.n_vocab_w:].copy_(self.store.working_of(self.head_unit), non_blocking=True)
-            else:
-                self.head.copy_(self.store.working_of(self.head_unit), non_blocking=True)
-            self.h2d_bytes += self.head.numel() * self.head.element_size()
+            self._fill_head()
             self.head_loaded = self.streams.record(self.streams.h2d)
+
+    def _fill_head(self) -> None:
+        """The head buffer <- [lm_head (the embedding when tied) | final norm], on the current (h2d) stream."""
+        # H2D: (V*H + H) * itemsize bytes (h2d stream)
+        if self.tied:
+            self.head[:self.n_vocab_w].copy_(self.store.working_of(0), non_blocking=True)
+            self.head[self.n_vocab_w:].copy_(self.store.working_of(self.head_unit), non_blocking=True)
+        else:
+            self.head.copy_(self.store.working_of(self.head_unit), non_blocking=True)
+        self.h2d_bytes += self.head.numel() * self.head.element_size()
