@@ -173,10 +173,14 @@ def torchrun_env() -> dict | None:
     """The torchrun (torch.distributed.run) environment of this process, or None outside one."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    world = int(os.environ["WORLD_SIZE"])
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return {"rank": int(os.environ["RANK"]), "world": world, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-            "local_world": local_world}
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    emulated = os.environ.get("MEGASTREAM_TEST_RANKS_PER_NODE")  # tests: one machine's ranks as several nodes
+    if emulated:
+        local_world = int(emulated)
+        local_rank = rank % local_world
+    return {"rank": rank, "world": world, "local_rank": local_rank, "local_world": local_world}
 
 
 def check_world(env: dict, grad_accum: int) -> None:
