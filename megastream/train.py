@@ -643,8 +643,8 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
                         f"train.grad_clip on, check the data near step {step + 1 - bad_run + 1}, then --resume")
                 saving = cfg.output.save_every and (step + 1) % cfg.output.save_every == 0
                 last = step + 1 == t.steps
-                if comm is not None and comm.max(stop.signum or 0):  # one rank asked to stop: all stop here
-                    stop.signum = stop.signum or int(comm.max(stop.signum or 0))
+                if comm is not None:  # one rank asked to stop: all stop here (one collective, every step)
+                    stop.signum = stop.signum or int(comm.max(stop.signum or 0)) or None
                 # A stop request checkpoints this step; in the last one only if the run has no checkpoint
                 # yet (final/ follows), so that a second Ctrl-C during final/ still leaves one to --resume.
                 if saving or (stop.signum is not None and not (last and latest_checkpoint(out))):
