@@ -3,6 +3,10 @@
     python benchmarks/lora_step.py                       # a 4-layer Llama of width 512, CPU, rank 16 on all seven
     python benchmarks/lora_step.py --preset tiny         # the demo's width-128 model (rank 16 is 1/8 of its width)
     python benchmarks/lora_step.py --preset llama-3.2-1b --seq-len 1024 --micro-batch 2 --grad-accum 2
+    python benchmarks/lora_step.py --preset wide-2048 --rounds 4 --steps 1   # Llama-3.2-1B's widths, one layer
+    # on a GPU: QLoRA of four of Qwen2.5-72B's layers under a 24 GB cap, the GPU peak against the plan's
+    python benchmarks/lora_step.py --device cuda --preset qwen2.5-72b --layers 4 --modes lora --base-dtype nf4 \
+        --seq-len 4096 --micro-batch 1 --grad-accum 1 --gpu-memory-gb 24 --rounds 1 --steps 3
 
 The full step is forward + recompute + input and weight gradients + head and embedding gradients +
 the host AdamW over every parameter; the LoRA step drops the weight gradients, the D2H copies and
@@ -60,9 +64,25 @@ def _timed_step(engine: Engine, mbs: list[MicroBatch]) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
+def _plan_gpu_bytes(spec: ModelSpec, a, lora: LoraConfig | None, device: torch.device) -> int | None:
+    """The plan's peak allocator bytes for this run (megastream plan's figure minus the CUDA context)."""
+    if device.type != "cuda":
+        return None
+    from megastream.config import DataConfig
+    from megastream.memory import CUDA_CONTEXT_DEVICE
+    from megastream.plan import make_plan
+
+    cfg = Config(data=DataConfig(seq_len=a.seq_len),
+                 train=TrainConfig(micro_batch_size=a.micro_batch, grad_accum=a.grad_accum, grad_clip=1.0),
+                 engine=EngineConfig(device="cuda", gpu_memory_gb=a.gpu_memory_gb), lora=lora)
+    return make_plan(cfg, spec).budget.gpu_total - CUDA_CONTEXT_DEVICE
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="wide-512", choices=list(SHAPES))
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep only this many of the preset's layers (a 72B layer's widths on a short stack)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     ap.add_argument("--seq-len", type=int, default=256)
@@ -72,71 +92,110 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    ap.add_argument("--base-dtype", default="auto", choices=["auto", "int8", "nf4"],
+                    help="the LoRA run's frozen base: the compute dtype, or quantized (QLoRA)")
+    ap.add_argument("--gpu-memory-gb", type=float, default=0.0, help="cap the process's GPU memory (cuda)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (0: torch's default; default: 1 on the CPU, torch's default on cuda, where "
+                         "the full step's host AdamW needs the cores)")
     ap.add_argument("--json", default=None, help="write the result as JSON here")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    threads = a.threads if a.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    if a.gpu_memory_gb and device.type == "cuda":
+        from megastream.train import limit_gpu_memory
+
+        limit_gpu_memory(a.gpu_memory_gb, device)
     load_before = os.getloadavg()
 
-    device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     spec = SHAPES[a.preset]
+    if a.layers:
+        spec = dataclasses.replace(spec, num_layers=a.layers)
     g = torch.Generator().manual_seed(0)
     mbs = []
     for _ in range(a.grad_accum):
         ids = torch.randint(0, spec.vocab_size, (a.micro_batch, a.seq_len), generator=g)
         mbs.append(MicroBatch(ids, torch.cat([ids[:, 1:], torch.full((a.micro_batch, 1), IGNORE)], 1)))
-    lora = LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=a.dropout)
+    quant = None if a.base_dtype == "auto" else a.base_dtype
+    lora = LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=a.dropout, base_dtype=a.base_dtype)
     pin = device.type == "cuda"
 
-    stores, adapters = {}, None
-    for mode in ("full", "lora"):
-        stores[mode] = HostStore(model_layout(spec), dtype, dtype, pin=pin, trainable=mode == "full")
+    stores, adapters, init_s = {}, None, {}
+    for mode in a.modes:
+        t = time.perf_counter()
+        stores[mode] = HostStore(model_layout(spec), dtype, dtype, pin=pin, trainable=mode == "full",
+                                 quant=quant if mode == "lora" else None)
         stores[mode].init_random(spec.initializer_range, seed=0)
+        init_s[mode] = time.perf_counter() - t  # random init (and, for a quantized base, quantizing it)
     adapters = LoraAdapters(spec, LORA_TARGETS, rank=a.rank, alpha=lora.alpha, dropout=a.dropout, rslora=False,
                             device=device, seed=0)
     adapters.init_default()
-    times = {"full": [], "lora": []}  # (wall, cpu) per timed step
+    times = {m: [] for m in a.modes}  # (wall, cpu) per timed step
+    gpu_peak = {}
     for r in range(a.rounds):  # full, lora, lora, full, ...: both modes see the same (shared, drifting) machine
-        for mode in ("full", "lora")[::1 if r % 2 == 0 else -1]:
+        for mode in a.modes[::1 if r % 2 == 0 else -1]:
             cfg = Config(train=TrainConfig(grad_clip=1.0, weight_decay=0.0), engine=EngineConfig(),
                          lora=lora if mode == "lora" else None)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             engine = Engine(spec, stores[mode], cfg, device, adapters=adapters if mode == "lora" else None)
             steps = [_timed_step(engine, mbs) for _ in range(a.steps + 1)]
             times[mode] += steps[1:]  # the first is warm-up
             engine.close()  # its optimizer thread (and that thread's OpenMP team) ends here
+            if device.type == "cuda":
+                gpu_peak[mode] = max(gpu_peak.get(mode, 0), torch.cuda.max_memory_allocated(device))
+    host_store = {m: sum(s.breakdown().values()) for m, s in stores.items()}
     for store in stores.values():
         store.close()
+    tokens = a.micro_batch * a.grad_accum * a.seq_len
+    from megastream.machine import cpu_name
+
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
+              "torch_version": torch.__version__, "threads": torch.get_num_threads(), "preset": a.preset,
+              "layers": spec.num_layers, "params": count_params(spec), "dtype": str(dtype), "tokens_per_step": tokens,
+              "rank": a.rank, "dropout": a.dropout, "base_dtype": a.base_dtype, "adapter_params": adapters.numel,
+              "rounds": a.rounds, "init_s": init_s, "host_store_bytes": host_store,
+              "gpu_memory_gb": a.gpu_memory_gb or None,
+              "step_times_s": {m: [t[0] for t in v] for m, v in times.items()},
+              "step_cpu_s": {m: [t[1] for t in v] for m, v in times.items()}}
+    for mode in a.modes:
+        wall = statistics.median(t[0] for t in times[mode])
+        result[f"{mode}_tokens_per_s"] = tokens / wall
+        if device.type == "cuda":
+            planned = _plan_gpu_bytes(spec, a, lora if mode == "lora" else None, device)
+            result[f"{mode}_gpu_peak_bytes"], result[f"{mode}_planned_gpu_bytes"] = gpu_peak[mode], planned
+            print(f"{mode}: {tokens / wall:,.0f} tokens/s, GPU peak {gpu_peak[mode] / 1e9:.2f} GB allocated, "
+                  f"planned {planned / 1e9:.2f} GB ({planned / gpu_peak[mode]:.2f}x), host store "
+                  f"{host_store[mode] / 1e9:.2f} GB, init {init_s[mode]:.1f} s")
+    if len(a.modes) < 2:
+        return _write(a, result)
+    result["load_avg_1min"] = [load_before[0], os.getloadavg()[0]]  # other processes stretch wall times
 
     med = {m: [statistics.median(t[j] for t in times[m]) for j in (0, 1)] for m in times}  # [wall, cpu]
-    tokens = a.micro_batch * a.grad_accum * a.seq_len
     ratio_wall, ratio_cpu = (med["lora"][j] / med["full"][j] for j in (0, 1))
     # the fastest step of each mode: a neighbour on a shared machine only ever slows a step down (on SMT
     # siblings it inflates CPU time too), so the minima are the least disturbed estimate of the work
     least = {m: [min(t[j] for t in times[m]) for j in (0, 1)] for m in times}
     ratio_cpu_min = least["lora"][1] / least["full"][1]
-    from megastream.machine import cpu_name
-
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
-              # 1-minute load average before and after: other processes on a shared machine stretch
-              # wall times (the CPU times measure the work itself)
-              "load_avg_1min": [load_before[0], os.getloadavg()[0]],
-              "torch_version": torch.__version__, "threads": torch.get_num_threads(), "preset": a.preset,
-              "params": count_params(spec), "dtype": str(dtype), "tokens_per_step": tokens, "rank": a.rank,
-              "dropout": a.dropout, "adapter_params": adapters.numel, "rounds": a.rounds,
-              "full_step_s": med["full"][0], "lora_step_s": med["lora"][0], "ratio": ratio_wall,
-              "full_step_cpu_s": med["full"][1], "lora_step_cpu_s": med["lora"][1], "ratio_cpu": ratio_cpu,
-              "full_step_cpu_min_s": least["full"][1], "lora_step_cpu_min_s": least["lora"][1],
-              "ratio_cpu_min": ratio_cpu_min,
-              "step_times_s": {m: [t[0] for t in v] for m, v in times.items()},
-              "step_cpu_s": {m: [t[1] for t in v] for m, v in times.items()}}
+    result.update({"full_step_s": med["full"][0], "lora_step_s": med["lora"][0], "ratio": ratio_wall,
+                   "full_step_cpu_s": med["full"][1], "lora_step_cpu_s": med["lora"][1], "ratio_cpu": ratio_cpu,
+                   "full_step_cpu_min_s": least["full"][1], "lora_step_cpu_min_s": least["lora"][1],
+                   "ratio_cpu_min": ratio_cpu_min})
     print(f"{a.preset} on {result['device']} ({result['threads']} thread(s)), {tokens} tokens/step, medians of "
           f"{len(times['full'])} steps: full fine-tuning {med['full'][0]:.3f} s/step ({med['full'][1]:.3f} s CPU), "
           f"LoRA r={a.rank} on all seven projections {med['lora'][0]:.3f} s/step ({med['lora'][1]:.3f} s CPU); "
-          f"ratio {ratio_wall:.2f} (CPU time {ratio_cpu:.2f}; "
-          f"fastest steps' CPU time {ratio_cpu_min:.2f})")
+          f"ratio {ratio_wall:.2f} (CPU time {ratio_cpu:.2f}; fastest steps' CPU time {ratio_cpu_min:.2f})")
+    _write(a, result)
+
+
+def _write(a, result: dict) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
