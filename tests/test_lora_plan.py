@@ -339,3 +339,21 @@ def test_probe_measures_lora_rates_and_plan_times_adapters_and_dequantization_wi
     assert r32.adapter_s == pytest.approx(r.adapter_s)
     text = render(make_plan(cfg, spec, host=_machine()))
     assert "adapters " in text and "dequantize nf4 at " in text
+
+
+def test_lora_step_benchmark_runs(tmp_path):
+    """benchmarks/lora_step.py (the ratio the README quotes) on the demo's tiny shape, cut to two layers,
+    full fine-tuning against QLoRA over an NF4 base: what it writes is what the README and the GPU run read."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "lora_step.py"), "--device", "cpu", "--preset", "tiny",
+                    "--layers", "2", "--base-dtype", "nf4", "--seq-len", "32", "--micro-batch", "2", "--grad-accum", "1",
+                    "--rounds", "2", "--steps", "1", "--json", str(tmp_path / "r.json")], check=True, timeout=120)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["layers"] == 2 and r["base_dtype"] == "nf4" and r["ratio_cpu"] > 0
+    assert len(r["step_cpu_s"]["full"]) == len(r["step_cpu_s"]["lora"]) == 2
+    assert r["host_store_bytes"]["lora"] < r["host_store_bytes"]["full"] / 4  # a 4-bit base, no optimizer state
