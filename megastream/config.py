@@ -90,8 +90,9 @@ class EngineConfig:
     threads: int = 0  # CPU threads for torch; 0: torch's default
     gpu_memory_gb: float = 0.0  # cap this process's GPU memory (e.g. 24 to act like a 24 GB card); 0: the whole GPU
     activations: Literal["device", "host"] = "device"  # layer-boundary checkpoints: on the device, or offloaded
-    # packed rows' document mask: sdpa (a dense boolean mask) or flex (FlexAttention, block-sparse; CUDA to train)
-    attention: Literal["sdpa", "flex"] = "sdpa"
+    # packed rows' document mask: sdpa (a dense boolean mask), flex (FlexAttention, block-sparse; CUDA to train)
+    # or varlen (flash attention over each document, no mask; CUDA, bf16)
+    attention: Literal["sdpa", "flex", "varlen"] = "sdpa"
     compile: bool = False  # torch.compile the native layer function (forward, and backward's recompute)
     # mixture-of-experts layers (model.implementation: hf): stream all experts, or only those the step's tokens route to
     moe_streaming: Literal["whole", "routed"] = "whole"

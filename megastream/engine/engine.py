@@ -47,6 +47,7 @@ from megastream.model.layout import UnitLayout
 from megastream.model.flex import document_block_mask
 from megastream.model.llama import Adapter, block, document_mask, rope_tables
 from megastream.model.spec import ModelSpec
+from megastream.model.varlen import documents as varlen_documents
 from megastream.optim import AdamWHyper, OptimizerWorker, clip_coef, sr_key
 from megastream.store import HostStore
 
@@ -82,7 +83,8 @@ class NativeModel:
         # engine.compile: one compiled graph per shape (no CUDA graphs: the weights are new views each
         # step); the forward (no grad) and the backward's recompute (with grad) compile separately
         self.block = torch.compile(block, dynamic=False) if compile else block
-        self.flex = attention == "flex"  # packed rows: a FlexAttention block mask instead of a dense one
+        # packed rows: a FlexAttention block mask, or varlen's segment offsets, instead of a dense mask
+        self.attention = attention
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def layer(self, i: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope, mask: torch.Tensor | None = None,
@@ -97,7 +99,9 @@ class NativeModel:
 
     def attention_inputs(self, mbs: list[MicroBatch]):
         """RoPE tables and attention masks per micro-batch. Plain rows share one (S, hd) table and
-        the built-in causal mask; packed rows get per-token positions and a document mask."""
+        the built-in causal mask; packed rows get per-token positions and their documents, as
+        engine.attention takes them: a dense mask, a block mask, or segment offsets (found on the
+        host: no device sync). Built once per step; the backward's recompute reuses them."""
         ropes, masks = [], []
         for mb in mbs:
             if mb.positions is None:
@@ -106,9 +110,15 @@ class NativeModel:
             else:
                 cos, sin = rope_tables(self.spec, mb.positions.to(self.device), self.dtype)  # (B, S, hd)
                 ropes.append((cos[:, None], sin[:, None]))  # (B, 1, S, hd): broadcast over heads
-                doc = mb.doc_ids.to(self.device)
-                masks.append(document_block_mask(doc) if self.flex else document_mask(doc))  # (B, 1, S, S) bool
+                masks.append(self._documents(mb.doc_ids))
         return ropes, masks
+
+    def _documents(self, doc_ids: torch.Tensor):
+        """(B, S) host document indices -> what model/llama.py's attention takes for them."""
+        if self.attention == "varlen":
+            return varlen_documents(doc_ids, self.device)  # int32 offsets + longest segment
+        doc = doc_ids.to(self.device)
+        return document_block_mask(doc) if self.attention == "flex" else document_mask(doc)  # (B, 1, S, S) bool
 
 
 def model_functions(spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention: str = "sdpa",

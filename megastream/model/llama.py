@@ -75,9 +75,14 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal grouped-query attention. q: (B, nh, S, hd); k, v: (B, nkv, S, hd); mask: optional
-    (B, 1, S, S) boolean (True = may attend), replacing the plain causal mask, or a FlexAttention
-    BlockMask of the same documents (model/flex.py: no dense mask)."""
+    (B, 1, S, S) boolean (True = may attend), replacing the plain causal mask, or the same documents
+    without a dense mask: a FlexAttention BlockMask (model/flex.py) or varlen's segment offsets
+    (model/varlen.py's Documents)."""
     if mask is not None and not isinstance(mask, torch.Tensor):
+        from megastream.model.varlen import Documents, varlen_document_attention
+
+        if isinstance(mask, Documents):
+            return varlen_document_attention(q, k, v, mask)
         from megastream.model.flex import flex_document_attention
 
         return flex_document_attention(q, k, v, mask)
