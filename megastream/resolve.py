@@ -104,6 +104,8 @@ def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
         if plan_device(cfg) == "cpu":
             raise ConfigError("engine.attention: flex on the CPU: torch's FlexAttention has no backward there, so it "
                               "cannot train; set engine.attention: sdpa (or train on a GPU)")
+    if cfg.engine.attention == "varlen":
+        check_varlen(cfg, spec)
     if spec.sliding_window is not None and cfg.data.seq_len > spec.sliding_window:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding_window={spec.sliding_window}; "
                           "megastream computes full causal attention, which equals sliding-window attention only "
@@ -111,6 +113,45 @@ def check_model_inputs(cfg: Config, spec: ModelSpec, log=print) -> None:
     if cfg.data.seq_len > spec.max_position_embeddings:
         log(f"megastream: warning: data.seq_len={cfg.data.seq_len} exceeds the model's "
             f"max_position_embeddings={spec.max_position_embeddings}; positions beyond it were never trained")
+
+
+def check_varlen(cfg: Config, spec: ModelSpec) -> None:
+    """What `engine.attention: varlen` (model/varlen.py) cannot run: torch's varlen_attn is a CUDA flash
+    kernel (bf16 / fp16, head sizes a multiple of 8 up to 256) and megastream calls it from its native
+    attention. Sliding-window models are covered by the seq_len check below (full causal attention
+    equals the window's up to it); the native path has no soft-capped attention."""
+    from megastream.model import varlen
+
+    fix = "set engine.attention: sdpa"
+    if spec.implementation == "hf":
+        raise ConfigError(f"engine.attention: varlen is megastream's native attention; {spec.architecture} runs on the "
+                          f"generic path (transformers' own attention): {fix}")
+    if not varlen.available():
+        raise ConfigError(f"engine.attention: varlen needs torch.nn.attention.varlen (a recent torch), which torch "
+                          f"{torch.__version__} lacks: upgrade torch, or {fix} (or flex)")
+    device = plan_device(cfg)
+    if device == "cpu":
+        raise ConfigError("engine.attention: varlen on the CPU: torch's varlen_attn is a CUDA flash-attention kernel "
+                          f"with no CPU implementation; {fix} (or train on a GPU)")
+    compute = resolve_dtypes(cfg, torch.device(device))[0]
+    if cfg.lora is not None:
+        from megastream.memory import lora_base_format
+
+        compute = lora_base_format(cfg, compute)[0]
+    if compute not in varlen.DTYPES:
+        raise ConfigError(f"engine.attention: varlen: flash attention computes in bfloat16 or float16, and this run "
+                          f"computes in {str(compute)[6:]} (engine.dtype, lora.base_dtype): set engine.dtype: "
+                          f"bfloat16, or {fix}")
+    hd = spec.head_dim
+    if hd > varlen.MAX_HEAD_DIM or hd % varlen.HEAD_DIM_MULTIPLE:
+        raise ConfigError(f"engine.attention: varlen: flash attention takes head_dim a multiple of "
+                          f"{varlen.HEAD_DIM_MULTIPLE} up to {varlen.MAX_HEAD_DIM}, and {spec.architecture} has "
+                          f"head_dim={hd}: {fix} (or flex)")
+    if cfg.engine.compile:
+        raise ConfigError("engine.compile with engine.attention: varlen: the compiled layer would specialise on each "
+                          "micro-batch's longest document (a Python int the kernel takes) and recompile for every new "
+                          "length; set engine.compile: false (the attention is a flash kernel already), or "
+                          "engine.attention: sdpa or flex")
 
 
 def tokenizer_path(cfg: Config):
