@@ -278,8 +278,10 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
                   # embedding is gathered on the host. Upper bound: the two layers still resident at each
                   # turn (forward -> backward, backward -> next forward) are not copied again.
                   "h2d_bytes_per_step": 2 * sum(unit_bytes[1:-1]), "d2h_bytes_per_step": 0}
+    dense_mask = cfg.engine.attention != "varlen"  # varlen: int32 segment offsets (<= B * S + 1), no mask
     if cfg.data.pack:  # packed rows: a (B, 1, S, S) bool mask and (B, S, hd) rope tables per micro-batch
-        keep["attention masks"] = t.grad_accum * t.micro_batch_size * (S * S + 4 * S * spec.head_dim * ec)
+        mask_row = S * S if dense_mask else 4 * S
+        keep["attention masks"] = t.grad_accum * t.micro_batch_size * (mask_row + 4 * S * spec.head_dim * ec)
     if device_type == "cuda":
         keep["CUDA context and workspace"] = CUDA_CONTEXT_DEVICE
         b.notes["CUDA context and workspace"] = "estimate"
@@ -312,7 +314,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
                          "recomputed layer's activations": layer_activation_bytes(spec, mb_tokens, ec),
                          "weight gradients": max_layer * ec},
     }
-    if cfg.data.pack:  # SDPA turns the boolean mask into a float bias, saved for its backward
+    if cfg.data.pack and dense_mask:  # SDPA turns the boolean mask into a float bias, saved for its backward
         phases[PHASE_BACKWARD]["attention bias"] = t.micro_batch_size * S * S * ec
     if lo is not None:
         # A frozen layer's backward computes input and adapter gradients only: no weight gradients. The

@@ -147,7 +147,9 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
         opt = b.params * rates.optimizer_ns_per_param[mode] * 1e-9
     else:
         opt = b.params * optimizer_bytes_per_param(cfg, b.compute_dtype, b.grad_dtype) / (rates.host_gbps * 1e9)
-    kind = "masked" if cfg.data.pack else "causal"
+    # varlen runs the flash causal kernel over each document (no mask): the plain causal rate, with the
+    # FLOPs above an upper bound (documents shorter than the row do less)
+    kind = "masked" if cfg.data.pack and cfg.engine.attention != "varlen" else "causal"
     attn_rate = attention_rate(rates.attention_by_shape, kind, S, spec.head_dim,
                                rates.attention_tflops.get(kind) or rates.matmul_tflops)
     attention_s = attn_flops / (attn_rate * 1e12)
