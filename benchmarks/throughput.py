@@ -5,6 +5,8 @@ memory cap, each system in its own subprocess, in one invocation.
     python benchmarks/throughput.py --model qwen2.5-3b --seq-len 1024 --micro-batch-size 4 --grad-accum 4 \\
         --gpu-memory-gb 24 --json benchmarks/results/<date>-<device>-qwen2.5-3b.json
     python benchmarks/throughput.py --dry-run      # the CPU, a tiny model, every row, both bounds
+    python benchmarks/throughput.py --model qwen2.5-3b --seq-len 8192 --docs-per-row 8 \\
+        --systems megastream:full megastream:full+flex megastream:full+clip-previous   # step features before/after
 
 The headline is same arithmetic against same arithmetic. Every row says its precision and its
 bytes of model state per parameter:
@@ -22,18 +24,44 @@ bytes of model state per parameter:
                       (the master), torch.optim.AdamW(fused=True) on the CPU (12 B/param)
 The lean and compact rows stand beside the headline, labelled, never in its place.
 
+Step features before/after: a row megastream:<mode>+<variant>[+<variant>...] is megastream:<mode> with
+the settings of each variant (VARIANTS below) applied to its megastream config:
+  flex           engine.attention: flex (FlexAttention with a block-sparse document mask instead of SDPA
+                 with a dense boolean one; it matters only for rows of several documents: --docs-per-row)
+  clip-previous  optim.clip: previous (each unit updated as soon as its gradient lands, clipped by the
+                 previous step's norm; its first step runs twice, a norms-only pass first: give it warm-up)
+  compile        engine.compile: true (torch.compile of the layer function; the first step compiles:
+                 --warmups megastream:full+compile=2 keeps that out of the timed steps)
+e.g. megastream:full+flex, megastream:lean+clip-previous+flex. Each such row is labelled with its settings
+(the printed table, "settings" in the JSON, and the config the worker really ran with: "config"), and the
+harness prints its tokens/s over its base row's (same mode, no variant) when both ran, e.g.
+`full+flex / full = 1.18x tokens/s (engine.attention: flex)` ("variants" in the JSON), then what stays
+unmeasured ("unmeasured": a variant row that did not run and why, a feature no row tried). Variant rows
+are never set against the baselines. The bounds count attention as plan.roofline does (the dense masked
+rate for packed rows): they do not model flex's skipped blocks.
+
 Same work for every system:
   data        identical tensors: random token ids (torch.Generator seeded 0, uniform over the
               vocabulary), grad_accum micro-batches of micro_batch_size full rows of seq_len tokens.
-              Each row is one document filling the whole row, so no system needs a document mask:
-              all run plain causal attention (SDPA) over the full rows, and packing is moot (megastream
-              gives a single-document row no mask whether data.pack is on, as `train` defaults it, or
-              off; the config says pack: false so its bound uses the causal attention rate the rows
-              really run at). This is the simplest fair choice: packed rows with several documents
-              would need the same per-document attention in every system, which the baselines' HF
-              models do not do by default. Each worker hashes the ids it trained on (data_sha256 in
-              every row) and the harness checks they are the same.
-  labels      next-token targets, seq_len - 1 loss tokens per row in every system
+              By default (--docs-per-row 1) each row is one document filling the whole row, so no
+              system needs a document mask: all run plain causal attention (SDPA) over the full rows,
+              and packing is moot (megastream gives a single-document row no mask whether data.pack is
+              on, as `train` defaults it, or off; the config says pack: false so its bound uses the
+              causal attention rate the rows really run at).
+              --docs-per-row N > 1 cuts every row into N documents (>= 2 tokens each) at boundaries
+              drawn from a torch.Generator seeded 1, the same for every system, and every system runs
+              the same per-document attention: RoPE positions restart at each document and attention
+              stays within it. megastream gets them as its packed data path gives them (MicroBatch
+              positions and doc_ids, as megastream/data/dataset.py builds them; data.pack: bfd, so the
+              bound uses the masked attention rate), and its engine masks with a dense boolean mask
+              (engine.attention: sdpa) or a FlexAttention block mask (+flex). The transformers models
+              (DeepSpeed, FSDP2) get the same position_ids and the same dense (B, 1, S, S) boolean
+              document mask (megastream.model.llama.document_mask), which transformers hands to SDPA as
+              it is: the same masked attention as megastream's sdpa rows.
+              Each worker hashes the ids and the document boundaries it trained on (data_sha256 in every
+              row) and counts its loss tokens, and the harness checks both are the same.
+  labels      next-token targets, none across a document boundary: seq_len - N loss tokens per row in
+              every system
   checkpoint  gradient checkpointing at every decoder layer's input (megastream always; the HF models
               with gradient_checkpointing_enable(use_reentrant=False))
   optimizer   AdamW lr 1e-5, betas (0.9, 0.95), eps 1e-8, weight decay 0, gradient clipping at norm 1.0
@@ -69,13 +97,15 @@ memory model; ~18 B/param for DeepSpeed, ~16 for FSDP2, + 4 GB) is `not-run` bef
                  there); DeepSpeed is `not-run`: it needs CUDA. --jobs N runs rows side by side there.
   --dry-run      the CPU, the tiny model, one step per row, every row (or --systems), both bounds,
                  2 rows at a time: checks the harness in well under a minute, measures nothing
-  --check        the rows, their timeouts and what can run here (CUDA, DeepSpeed, host RAM); no process
+  --check        the rows, their timeouts and what can run here (CUDA, DeepSpeed, host RAM, what
+                 `megastream train` refuses, e.g. flex on the CPU); no process
   --rates-from   reuse an earlier run's measured rates (its --json) instead of the roofline child
   --profile      megastream rows also run --profile-steps steps under torch.profiler (megastream/
                  profiling.py): compute-stream busy fraction, H2D/D2H time hidden under compute
 
-scripts/gpu_acceptance.sh runs it on the GPU machine (the qwen2.5-3b head-to-head; qwen2.5-14b compact
-with a profile; qwen2.5-7b rows).
+scripts/gpu_acceptance.sh runs it on the GPU machine (part 1: the qwen2.5-3b head-to-head; part 2:
+qwen2.5-14b compact with a profile, qwen2.5-7b rows; part 3: the step features before/after on
+qwen2.5-3b with 8k-token rows of 8 documents).
 """
 
 from __future__ import annotations
@@ -106,6 +136,18 @@ from megastream.machine import vm_hwm  # noqa: E402  (no torch: the parent creat
 ALL_SYSTEMS = ["megastream:full", "deepspeed", "fsdp2", "megastream:lean", "megastream:compact"]
 HEADLINE = "megastream:full"
 BASELINES = ("deepspeed", "fsdp2")
+MODES = ("full", "lean", "compact")  # megastream:<mode> (megastream.resolve.MODES)
+# Step-time features, before/after: a row `megastream:<mode>+<variant>[+<variant>...]` is the row
+# `megastream:<mode>` with these megastream config settings applied ("section.key": value), and the
+# harness prints its tokens/s over its base row's (same mode, no variant) when both ran. A new
+# feature is one line here (its key must be a field of megastream/config.py's Config:
+# tests/test_throughput_harness.py checks every one).
+VARIANTS = {
+    "flex": {"engine.attention": "flex"},  # FlexAttention, block-sparse document mask (packed rows only)
+    "clip-previous": {"optim.clip": "previous"},  # each unit updated as its gradient lands, last step's norm
+    "compile": {"engine.compile": True},  # torch.compile of the native layer function
+    # "embed-device": {"engine.embedding": "device"},  # once megastream/config.py has engine.embedding
+}
 HYPER = {"lr": 1e-5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 
 # What each row computes with, and the bytes of model state per parameter it keeps (weights in every
@@ -128,6 +170,45 @@ FULL_ARITHMETIC = "fp32 master + fp32 AdamW moments"
 
 class NotRun(Exception):
     """The row cannot be run as described (its reason is the message): reported, never replaced."""
+
+
+def parse_system(name: str) -> tuple[str, tuple[str, ...]]:
+    """A row's name -> (its base row, its variants): "megastream:full+flex+clip-previous" ->
+    ("megastream:full", ("flex", "clip-previous")); "fsdp2" -> ("fsdp2", ()). ValueError, listing the
+    modes and variants, for a name that is none of them."""
+    known = (f"rows are megastream:<mode>[+<variant>...] with mode one of {', '.join(MODES)} and variants "
+             f"{', '.join(VARIANTS)}, or {', '.join(BASELINES)}")
+    if name in BASELINES:
+        return name, ()
+    head, sep, mode = name.partition(":")
+    if head != "megastream" or not sep:
+        raise ValueError(f"unknown row {name!r}: {known}")
+    mode, *variants = mode.split("+")
+    if mode not in MODES:
+        raise ValueError(f"unknown megastream mode {mode!r} in {name!r}: {known}")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variant {', '.join(map(repr, bad))} in {name!r}: {known}")
+    dup = sorted({v for v in variants if variants.count(v) > 1})
+    if dup:
+        raise ValueError(f"variant {', '.join(map(repr, dup))} named twice in {name!r}")
+    return f"megastream:{mode}", tuple(variants)
+
+
+def variant_settings(name: str) -> dict:
+    """The megastream config settings a row's variants apply ({} for a base row or a baseline)."""
+    out: dict = {}
+    for v in parse_system(name)[1]:
+        out.update(VARIANTS[v])
+    return out
+
+
+def _system_arg(name: str) -> str:
+    try:
+        parse_system(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 # ---- bounds ----------------------------------------------------------------------------------------
@@ -243,18 +324,91 @@ def _cap_gpu(a) -> None:
         limit_gpu_memory(a.gpu_memory_gb, torch.device("cuda", 0))
 
 
-def _batches(a, vocab: int):
-    """The step's data, identical in every system: grad_accum micro-batches of full seq_len rows."""
+def _batches(a, vocab: int) -> list[tuple]:
+    """The step's data, identical in every system: grad_accum micro-batches of (ids, cuts). ids: full
+    (micro_batch_size, seq_len) rows of random token ids; cuts: (micro_batch_size, docs_per_row - 1)
+    int64, the first token of each document after the first in each row (sorted; empty with one
+    document per row). The ids do not depend on --docs-per-row (their generator is seeded 0, the
+    boundaries' 1), and every document holds at least 2 tokens."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (a.micro_batch_size, a.seq_len), generator=g) for _ in range(a.grad_accum)]
+    ids = [torch.randint(0, vocab, (a.micro_batch_size, a.seq_len), generator=g) for _ in range(a.grad_accum)]
+    return list(zip(ids, _cuts(a.grad_accum, a.micro_batch_size, a.seq_len, getattr(a, "docs_per_row", 1))))
+
+
+def _cuts(grad_accum: int, rows: int, S: int, docs: int) -> list:
+    """Seeded random document boundaries: for each micro-batch a (rows, docs - 1) tensor of sorted
+    cut positions with every document >= 2 tokens long (stars and bars: docs - 1 distinct draws p from
+    [0, S - docs - 1), sorted; cut k (1-based) = p_k + k + 1)."""
+    import torch
+
+    if not 1 <= docs <= S // 2:
+        raise ValueError(f"--docs-per-row {docs}: must be between 1 and seq_len / 2 = {S // 2} (2 tokens a document)")
+    if docs == 1:
+        return [torch.empty(rows, 0, dtype=torch.int64) for _ in range(grad_accum)]
+    g = torch.Generator().manual_seed(1)
+    k = torch.arange(1, docs)
+    return [torch.stack([torch.randperm(S - docs - 1, generator=g)[:docs - 1].sort().values + k + 1
+                         for _ in range(rows)]) for _ in range(grad_accum)]
+
+
+def _documents(cuts, S: int):
+    """(rows, docs - 1) cuts -> (doc_ids, positions), both (rows, S) int64: each token's document and
+    its position within it (RoPE restarts at each document, as megastream's packed rows do)."""
+    import torch
+
+    B = cuts.shape[0]
+    pos = torch.arange(S).expand(B, S)
+    if cuts.shape[1]:
+        doc = torch.searchsorted(cuts, pos.contiguous(), right=True)
+    else:
+        doc = torch.zeros(B, S, dtype=torch.int64)
+    starts = torch.cat([torch.zeros(B, 1, dtype=torch.int64), cuts], 1)
+    return doc, pos - starts.gather(1, doc)
+
+
+def _megastream_batch(ids, cuts):
+    """One micro-batch as megastream's packed data path gives it (megastream/data/dataset.py): next-token
+    targets, none across a document boundary (a document's last token has no target), and with several
+    documents per row, per-document RoPE positions and document ids (engine attention_inputs: a document
+    mask, dense for engine.attention: sdpa, block-sparse for flex)."""
+    import torch
+
+    from megastream.engine.engine import MicroBatch
+
+    labels = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
+    if not cuts.shape[1]:
+        return MicroBatch(ids, labels)
+    labels.scatter_(1, cuts - 1, -100)
+    doc, pos = _documents(cuts, ids.shape[1])
+    return MicroBatch(ids, labels, pos, doc)
+
+
+def _hf_batch(ids, cuts, device) -> dict:
+    """The same micro-batch for a transformers model (DeepSpeed, FSDP2 rows): labels are shifted inside
+    the model, so a document's first token is not a target; with several documents per row, per-document
+    position_ids (RoPE restarts, as in megastream) and a 4-D boolean mask, causal within each document
+    (megastream.model.llama.document_mask, the mask megastream's sdpa path uses), which transformers
+    passes to SDPA as it is -- the same masked attention as megastream:<mode> without flex."""
+    from megastream.model.llama import document_mask
+
+    labels = ids.clone()
+    if not cuts.shape[1]:
+        return {"input_ids": ids.to(device), "labels": labels.to(device)}
+    labels.scatter_(1, cuts, -100)
+    doc, pos = _documents(cuts, ids.shape[1])
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device),
+            "attention_mask": document_mask(doc.to(device))}
 
 
 def _digest(batches) -> str:
+    """sha256 over every micro-batch's ids and then its document boundaries (none with one document a
+    row, so such a digest is the ids' alone, as before --docs-per-row)."""
     h = hashlib.sha256()
-    for ids in batches:
+    for ids, cuts in batches:
         h.update(ids.contiguous().numpy().tobytes())
+        h.update(cuts.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -268,26 +422,35 @@ def _timed(a, step) -> dict:
         losses.append(loss)
         if i >= a.warmup:
             times.append(dt)
-    return {"step_times_s": times, "losses": losses}
+    return {"step_times_s": times, "losses": losses, "warmup_steps": a.warmup}
 
 
 def megastream_config(a, mode: str):
-    """The megastream Config a run of this harness uses for `mode` (full | lean | compact)."""
+    """The megastream Config a run of this harness uses for `mode`: full | lean | compact, with its
+    variants after it ("full+flex+clip-previous": VARIANTS' settings applied over the row's own)."""
     from megastream.config import build_config
-    from megastream.resolve import MODES
+    from megastream.resolve import MODES as RESOLVE_MODES
 
-    master, states = MODES[mode]
-    return build_config({
-        # pack: false -- every row is one full-length document (see the module docstring): the engine
-        # runs plain causal attention, and the bound uses that attention rate.
+    mode, *variants = mode.split("+")
+    master, states = RESOLVE_MODES[mode]
+    packed = getattr(a, "docs_per_row", 1) > 1
+    raw = {
+        # pack: false with one document a row -- every row is one full-length document (see the module
+        # docstring): the engine runs plain causal attention, and the bound uses that attention rate.
+        # With --docs-per-row > 1 the rows are packed (document masks), and the bound uses the masked rate.
         "model": {"preset": a.model}, "data": {"path": str(REPO / "megastream" / "demo" / "corpus.jsonl"),
-                                               "seq_len": a.seq_len, "pack": False},
+                                               "seq_len": a.seq_len, "pack": "bfd" if packed else False},
         "train": {"micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum, "lr": HYPER["lr"],
                   "grad_clip": HYPER["grad_clip"], "weight_decay": HYPER["weight_decay"]},
         "optim": {"master": master, "states": states, "betas": list(HYPER["betas"]), "eps": HYPER["eps"]},
         "engine": {"device": a.device, "gpu_memory_gb": a.gpu_memory_gb, "activations": a.activations,
                    "dtype": _compute(a)},
-    })
+    }
+    for v in variants:
+        for key, value in VARIANTS[v].items():
+            section, name = key.split(".")
+            raw.setdefault(section, {})[name] = value
+    return build_config(raw)
 
 
 def _compute(a) -> str:
@@ -297,7 +460,11 @@ def _compute(a) -> str:
 
 
 def _label(system: str, device: str) -> str:
-    return LABELS[system] if device == "cuda" else LABELS[system].replace("bf16 compute", "fp32 compute (CPU)")
+    """A row's precision label; a variant row's also names its settings ("...; engine.attention: flex")."""
+    base = parse_system(system)[0]
+    label = LABELS[base] if device == "cuda" else LABELS[base].replace("bf16 compute", "fp32 compute (CPU)")
+    settings = variant_settings(system)
+    return label + (f"; {_settings_text(settings)}" if settings else "")
 
 
 def worker_megastream(a, mode: str) -> dict:
@@ -306,8 +473,9 @@ def worker_megastream(a, mode: str) -> dict:
     import torch
 
     from megastream import ops
-    from megastream.engine.engine import Engine, MicroBatch
-    from megastream.resolve import model_spec, resolve_device
+    from megastream.engine.engine import Engine
+    from megastream.errors import ConfigError
+    from megastream.resolve import check_model_inputs, model_spec, resolve_device
     from megastream.train import build_model, cap_gpu_memory
 
     with warnings.catch_warnings(record=True) as caught:
@@ -323,12 +491,16 @@ def worker_megastream(a, mode: str) -> dict:
     device = resolve_device(cfg)
     cap_gpu_memory(cfg, device)
     spec = model_spec(cfg)
+    try:  # what `megastream train` refuses for this model and device (flex on the CPU, say)
+        check_model_inputs(cfg, spec, log=lambda *_: None)
+    except ConfigError as e:
+        raise NotRun(str(e)) from e
     t0 = time.perf_counter()
     model = build_model(cfg, spec, device)
     init_s = time.perf_counter() - t0
     engine = Engine(spec, model.store, cfg, device)
     batches = _batches(a, spec.vocab_size)
-    mbs = [MicroBatch(ids, torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)) for ids in batches]
+    mbs = [_megastream_batch(ids, cuts) for ids, cuts in batches]
 
     def step():
         return engine.step(mbs, HYPER["lr"]).loss  # ends with a device sync; updates overlap the next forward
@@ -344,8 +516,23 @@ def worker_megastream(a, mode: str) -> dict:
     engine.close()
     model.store.close()
     out.update(info, params=model.store.numel, init_s=init_s, data_sha256=_digest(batches),
-               state_bytes_per_param=model.store.state_bytes_per_param())
+               state_bytes_per_param=model.store.state_bytes_per_param(),
+               config={"engine.attention": cfg.engine.attention, "engine.compile": cfg.engine.compile,
+                       "optim.clip": cfg.optim.clip, "data.pack": cfg.data.pack,
+                       **{k: _get(cfg, k) for k in variant_settings(f"megastream:{mode}")}},
+               loss_tokens=sum(int((mb.labels != -100).sum()) for mb in mbs))
     return out
+
+
+def _settings_text(settings: dict) -> str:
+    """{"engine.attention": "flex", "engine.compile": True} -> "engine.attention: flex, engine.compile: true"."""
+    return ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())
+
+
+def _get(cfg, key: str):
+    """A dotted setting of a megastream Config ("engine.attention")."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _hf_config(a):
@@ -369,6 +556,11 @@ def _dist_env() -> None:
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
                  "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)
+
+
+def _hf_loss_tokens(batches) -> int:
+    """Tokens with a target in the step (transformers shifts the labels: the first of each row has none)."""
+    return sum(int((kw["labels"][:, 1:] != -100).sum()) for kw in batches)
 
 
 def worker_deepspeed(a) -> dict:
@@ -414,12 +606,12 @@ def worker_deepspeed(a) -> dict:
     if basic != "DeepSpeedCPUAdam":
         raise NotRun(f"DeepSpeed chose {basic} for the offloaded optimizer, not DeepSpeedCPUAdam")
     cpu_batches = _batches(a, hf.vocab_size)
-    batches = [b.cuda() for b in cpu_batches]
+    batches = [_hf_batch(ids, cuts, "cuda") for ids, cuts in cpu_batches]
 
     def step():
         total = torch.zeros((), device="cuda")
-        for ids in batches:  # DeepSpeed steps the optimizer at the accumulation boundary
-            loss = engine(input_ids=ids, labels=ids).loss
+        for kw in batches:  # DeepSpeed steps the optimizer at the accumulation boundary
+            loss = engine(**kw).loss
             engine.backward(loss)
             engine.step()
             total += loss.detach()
@@ -429,7 +621,7 @@ def worker_deepspeed(a) -> dict:
     out = _timed(a, step)
     out.update(params=sum(p.ds_numel for p in model.parameters()), init_s=init_s, cpu_adam_load_s=build_s,
                optimizer=basic, peak_gpu_bytes=torch.cuda.max_memory_allocated(), data_sha256=_digest(cpu_batches),
-               deepspeed_version=deepspeed.__version__)
+               deepspeed_version=deepspeed.__version__, loss_tokens=_hf_loss_tokens(batches))
     return out
 
 
@@ -467,12 +659,12 @@ def worker_fsdp2(a) -> dict:
         raise NotRun(f"torch.optim.AdamW(fused=True) refused the offloaded parameters: {e}") from e
     init_s = time.perf_counter() - t0
     cpu_batches = _batches(a, hf.vocab_size)
-    batches = [b.to(a.device) for b in cpu_batches]
+    batches = [_hf_batch(ids, cuts, a.device) for ids, cuts in cpu_batches]
 
     def step():
         total = torch.zeros((), device=a.device)
-        for ids in batches:
-            loss = model(input_ids=ids, labels=ids).loss / len(batches)
+        for kw in batches:
+            loss = model(**kw).loss / len(batches)
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["grad_clip"])
@@ -484,7 +676,7 @@ def worker_fsdp2(a) -> dict:
 
     out = _timed(a, step)
     out.update(params=sum(p.numel() for p in model.parameters()), init_s=init_s, fused_adamw=True,
-               data_sha256=_digest(cpu_batches))
+               data_sha256=_digest(cpu_batches), loss_tokens=_hf_loss_tokens(batches))
     if cuda:
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     dist.destroy_process_group()
@@ -498,14 +690,8 @@ def worker_roofline(a) -> dict:
 
     cuda = a.device == "cuda"
     small = a.dry_run or not cuda
-    if a.dry_run:  # toy sizes: the dry run checks the plumbing, it measures nothing
-        from functools import partial
-
-        from megastream import probe
-
-        probe.measure_matmul = partial(probe.measure_matmul, n=256, repeats=2)
-        probe.measure_attention = partial(probe.measure_attention, seq=128, repeats=1)
-    rec = run_probe(torch.device(a.device), log=lambda *_: None,
+    # the dry run: toy sizes (quick: the probe's smallest shapes); it checks the plumbing, it measures nothing
+    rec = run_probe(torch.device(a.device), log=lambda *_: None, quick=a.dry_run,
                     optimizer_params=2**18 if a.dry_run else 2**20 if small else 64 * 2**20,
                     host_bytes=2**24 if a.dry_run else 2**26 if small else 2**30)
     return {"h2d_gbps": 0.0, "d2h_gbps": 0.0} | rec
@@ -550,6 +736,7 @@ def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     cmd = [sys.executable, __file__, "--worker", system, "--out", str(out)] + a.passthrough
+    cmd += getattr(a, "row_args", {}).get(system, [])  # --warmups: the last --warmup wins
     t = time.perf_counter()
     polled, timed_out = 0, False
     with open(log, "w") as f:
@@ -587,13 +774,24 @@ def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
 
 
 def _timeouts(a) -> dict[str, float]:
+    return _per_row(a.timeouts, "--timeouts", "SECONDS", float, roofline=True)
+
+
+def _per_row(items: list[str], flag: str, what: str, cast, roofline: bool = False) -> dict:
+    """NAME=VALUE items (--timeouts, --warmups) -> {NAME: VALUE}; NAME is any row name (variants too)."""
     out = {}
-    for item in a.timeouts:
-        name, _, sec = item.partition("=")
-        if name not in ALL_SYSTEMS + ["roofline"] or not sec:
-            raise SystemExit(f"--timeouts {item!r}: expected NAME=SECONDS with NAME one of "
-                             f"{', '.join(ALL_SYSTEMS + ['roofline'])}")
-        out[name] = float(sec)
+    for item in items:
+        name, _, value = item.partition("=")
+        if not (roofline and name == "roofline"):
+            try:
+                parse_system(name)
+            except ValueError as e:
+                raise SystemExit(f"{flag} {item!r}: " + ("NAME is a row or roofline; " if roofline else "")
+                                 + str(e)) from None
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            raise SystemExit(f"{flag} {item!r}: expected NAME={what}") from None
     return out
 
 
@@ -614,6 +812,15 @@ def _host_need(a, system: str, n: int) -> float:
 
 def _precheck(a, system: str, n: int) -> str | None:
     """Why `system` cannot run here, decided without a subprocess (or None)."""
+    if system.startswith("megastream:"):  # what `megastream train` refuses (flex on the CPU, say)
+        from megastream.errors import ConfigError
+        from megastream.presets import PRESETS
+        from megastream.resolve import check_model_inputs
+
+        try:
+            check_model_inputs(megastream_config(a, system.split(":", 1)[1]), PRESETS[a.model], log=lambda *_: None)
+        except ConfigError as e:
+            return str(e)
     if system == "deepspeed":
         if a.device != "cuda":
             return "DeepSpeed ZeRO-3 offload needs CUDA"
@@ -640,17 +847,28 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per system")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per row before the timed ones")
+    ap.add_argument("--warmups", nargs="*", default=[], metavar="NAME=N",
+                    help="per-row warm-up steps, e.g. megastream:full+compile=2 (its compilation stays untimed)")
+    ap.add_argument("--docs-per-row", type=int, default=1, metavar="N",
+                    help="split every row into N documents at seeded random boundaries, the same for every system "
+                         "(megastream: its packed rows' document mask; transformers: per-document position_ids and "
+                         "a 4-D document mask); 1: one full-length document a row, plain causal attention")
     ap.add_argument("--gpu-memory-gb", type=float, default=24.0, help="cap per process (0: the whole GPU)")
     ap.add_argument("--activations", choices=["device", "host"], default="device", help="megastream only")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--systems", nargs="+", default=None, choices=ALL_SYSTEMS,
-                    help=f"rows, in order (default: all; {HEADLINE} is always added: the headline)")
+    ap.add_argument("--systems", nargs="+", default=None, type=_system_arg, metavar="ROW",
+                    help=f"rows, in order (default: {' '.join(ALL_SYSTEMS)}; {HEADLINE} is always added: the "
+                         f"headline): {', '.join(BASELINES)} or megastream:<mode>[+<variant>...], mode one of "
+                         f"{', '.join(MODES)}, variants "
+                         f"{', '.join(f'{k} ({_settings_text(v)})' for k, v in VARIANTS.items())}"
+                         " -- a variant row is its base row with those settings, and its tokens/s over its base "
+                         "row's is printed when both ran")
     ap.add_argument("--profile", action="store_true", help="also profile megastream's overlap (torch.profiler)")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per row unless --timeouts names it")
     ap.add_argument("--timeouts", nargs="*", default=[], metavar="NAME=S",
-                    help="per-row timeouts, e.g. deepspeed=300 megastream:full=120 roofline=60")
+                    help="per-row timeouts, e.g. deepspeed=300 megastream:full=120 megastream:full+flex=90 roofline=60")
     ap.add_argument("--carry-over", action="store_true",
                     help="the seconds a row leaves of its timeout go to the next row's (a fixed total for all rows)")
     ap.add_argument("--host-ram-gb", type=float, default=None,
@@ -685,6 +903,11 @@ def main(argv=None) -> int:
         a.systems = [HEADLINE] + a.systems
     a.systems = list(dict.fromkeys(a.systems))
     timeouts = _timeouts(a)
+    a.row_args = {name: ["--warmup", str(n)] for name, n in _per_row(a.warmups, "--warmups", "STEPS", int).items()}
+    try:
+        _cuts(1, 1, a.seq_len, a.docs_per_row)
+    except ValueError as e:
+        ap.error(str(e))
     if a.host_ram_gb is None:
         import psutil
 
@@ -692,7 +915,7 @@ def main(argv=None) -> int:
     a.passthrough = ["--model", a.model, "--seq-len", str(a.seq_len), "--micro-batch-size", str(a.micro_batch_size),
                      "--grad-accum", str(a.grad_accum), "--steps", str(a.steps), "--warmup", str(a.warmup),
                      "--gpu-memory-gb", str(a.gpu_memory_gb), "--activations", a.activations, "--device", a.device,
-                     "--profile-steps", str(a.profile_steps)]
+                     "--profile-steps", str(a.profile_steps), "--docs-per-row", str(a.docs_per_row)]
     a.passthrough += ["--profile"] * a.profile + ["--dry-run"] * a.dry_run + ["--allow-reference-ops"] * a.allow_reference_ops
 
     # The parent imports torch (no CUDA call: the device's name comes from the roofline child).
@@ -704,10 +927,15 @@ def main(argv=None) -> int:
     spec = PRESETS[a.model]
     n = count_params(spec)
     tokens = a.micro_batch_size * a.grad_accum * a.seq_len
+    rows_are = ("identical random full rows for every system" if a.docs_per_row == 1 else
+                f"identical random rows of {a.docs_per_row} documents each, seeded boundaries, for every system")
     print(f"{a.model}: {n / 1e9:.2f}B params | {tokens} tokens/step = {a.micro_batch_size} x {a.grad_accum} x "
-          f"{a.seq_len} (identical random full rows for every system) | GPU cap {a.gpu_memory_gb:g} GB | "
+          f"{a.seq_len} ({rows_are}) | GPU cap {a.gpu_memory_gb:g} GB | "
           f"host {a.host_ram_gb:.0f} GB" + (" | DRY RUN: the CPU, a tiny model; no measurement" if a.dry_run else ""),
           flush=True)
+    if a.docs_per_row == 1 and any("flex" in parse_system(s)[1] for s in a.systems):
+        print("  note: with one document a row megastream runs plain causal attention: flex changes nothing "
+              "(--docs-per-row N > 1 packs N documents a row)", flush=True)
     pre = {s: _precheck(a, s, n) for s in a.systems}
 
     def timeout_of(name: str) -> float:
@@ -715,8 +943,13 @@ def main(argv=None) -> int:
 
     if a.check:
         rows = ([] if a.rates_from else ["roofline"]) + a.systems
+        width = max(19, *map(len, rows))
         for s in rows:
-            print(f"  {s:<19} timeout {timeout_of(s):5.0f} s  " + (f"not-run: {pre[s]}" if pre.get(s) else "runs"))
+            settings = variant_settings(s) if s != "roofline" else {}
+            warm = a.row_args.get(s, ["", a.warmup])[1]
+            print(f"  {s:<{width}} timeout {timeout_of(s):5.0f} s  " + (f"not-run: {pre[s]}" if pre.get(s) else "runs")
+                  + (f"  [{_settings_text(settings)}]" if settings else "")
+                  + (f"  (warm-up {warm} steps)" if s in a.row_args else ""))
         print(f"  at most {sum(timeout_of(s) for s in rows if not pre.get(s)):.0f} s in all")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -772,7 +1005,14 @@ def main(argv=None) -> int:
     digests = sorted({s["data_sha256"] for s in systems if s.get("data_sha256")})
     if len(digests) > 1:
         print("ERROR: the systems trained on different data (data_sha256 differs)", flush=True)
+    loss_tokens = sorted({s["loss_tokens"] for s in systems if s.get("loss_tokens")})
+    if len(loss_tokens) > 1:
+        print(f"ERROR: the systems' losses count different tokens ({loss_tokens})", flush=True)
     headline = _print_ratios(systems)
+    variants = _print_variant_ratios(systems)
+    unmeasured = _unmeasured(a, systems, variants)
+    if unmeasured:
+        print("unmeasured step features:\n" + "\n".join(f"  {u}" for u in unmeasured), flush=True)
     if a.json:
         doc = {"device": device, "date": datetime.date.today().isoformat(),
                "torch_version": roof.get("torch_version", torch.__version__), "model": a.model, "params": n,
@@ -781,13 +1021,25 @@ def main(argv=None) -> int:
                "dry_run": a.dry_run, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                "data": {"kind": "random token ids, torch.Generator seeded 0, uniform over the vocabulary",
                         "rows": "full seq_len rows, one document per row: plain causal attention, no packing "
-                                "masks, in every system (megastream data.pack: false; moot for such rows)",
-                        "loss_tokens_per_row": a.seq_len - 1, "sha256": digests[0] if len(digests) == 1 else digests or None,
-                        "identical_for_all_systems": len(digests) <= 1},
+                                "masks, in every system (megastream data.pack: false; moot for such rows)"
+                                if a.docs_per_row == 1 else
+                                f"full seq_len rows of {a.docs_per_row} documents each, boundaries drawn by a "
+                                "torch.Generator seeded 1 (every document >= 2 tokens), the same for every system: "
+                                "RoPE positions restart at each document, attention stays within it (megastream: "
+                                "its packed rows' document mask, data.pack: bfd; transformers: position_ids and "
+                                "a 4-D boolean document mask), no target across a boundary",
+                        "docs_per_row": a.docs_per_row,
+                        "loss_tokens_per_row": a.seq_len - a.docs_per_row,
+                        "sha256": digests[0] if len(digests) == 1 else digests or None,
+                        "sha256_covers": "token ids and document boundaries",
+                        "identical_for_all_systems": len(digests) <= 1 and len(loss_tokens) <= 1},
                "setup": {"gradient_checkpointing": "every decoder layer's input (recompute in backward)",
                          "optimizer": "AdamW", **{k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
-                         "attention": "SDPA, causal", "compute_dtype": _compute(a)},
-               "headline": headline, "systems": systems,
+                         "attention": "SDPA, causal" if a.docs_per_row == 1 else
+                         "SDPA with a dense document mask (megastream engine.attention: sdpa, the transformers "
+                         "baselines); FlexAttention with a block-sparse one in megastream's +flex rows",
+                         "compute_dtype": _compute(a)},
+               "headline": headline, "variants": variants, "unmeasured": unmeasured, "systems": systems,
                "rates": {k: roof.get(k) for k in ("h2d_gbps", "d2h_gbps", "matmul_tflops", "matmul_dtype",
                                                  "attention_tflops", "host_gbps", "optimizer_ns_per_param", "threads")},
                "rates_source": roof.get("rates_from") or "measured in this run (the roofline child)",
@@ -800,7 +1052,9 @@ def main(argv=None) -> int:
 
 def _row(a, system: str, r: dict, n: int, tokens: int, roof: dict, bound: dict | None) -> dict:
     mega = system.startswith("megastream:")
+    base, variants = parse_system(system)
     row = {"name": system, "status": r["status"], "message": r.get("message"), "precision": _label(system, a.device),
+           "base": base, "variants": list(variants), "settings": variant_settings(system),
            "state_bytes_per_param": (bound or {}).get("state_bytes_per_param") if mega else BASELINE_STATE_BYTES[system],
            "same_arithmetic_as_headline": system in (HEADLINE, *BASELINES),
            "arithmetic": FULL_ARITHMETIC if system in (HEADLINE, *BASELINES) else _label(system, a.device),
@@ -809,8 +1063,9 @@ def _row(a, system: str, r: dict, n: int, tokens: int, roof: dict, bound: dict |
            "peak_gpu_gb": r["peak_gpu_bytes"] / 1e9 if "peak_gpu_bytes" in r else None,
            "wall_s": r.get("wall_s"), "timeout_s": r.get("own_timeout_s", r.get("timeout_s")),
            "limit_s": r.get("timeout_s")}
-    for k in ("ops_built", "cpu_isa", "init_s", "losses", "data_sha256", "optimizer", "cpu_adam_load_s",
-              "fused_adamw", "deepspeed_version", "overlap", "output_tail", "traceback"):
+    for k in ("ops_built", "cpu_isa", "init_s", "losses", "data_sha256", "loss_tokens", "warmup_steps", "config",
+              "optimizer", "cpu_adam_load_s", "fused_adamw", "deepspeed_version", "overlap", "output_tail",
+              "traceback"):
         if k in r:
             row[k] = r[k]
     if mega and "state_bytes_per_param" in r:
@@ -868,10 +1123,11 @@ def _print_row(r: dict) -> None:
 
 
 def _print_ratios(systems: list[dict]) -> dict:
-    """Headline: megastream:full against each baseline (same arithmetic); the other modes beside it."""
+    """Headline: megastream:full against each baseline (same arithmetic); the other modes beside it
+    (variant rows are set against their base rows instead: _print_variant_ratios)."""
     ok = {s["name"]: s for s in systems if s["status"] == "ok"}
     out = {}
-    for mode in [HEADLINE] + [s for s in ok if s.startswith("megastream:") and s != HEADLINE]:
+    for mode in [HEADLINE] + [s for s in ok if s.startswith("megastream:") and s != HEADLINE and "+" not in s]:
         for base in BASELINES:
             key = f"{mode} / {base}"
             if mode in ok and base in ok:
@@ -880,8 +1136,58 @@ def _print_ratios(systems: list[dict]) -> dict:
                 print(f"{key}: {out[key]:.2f}x tokens/s ({note})", flush=True)
             elif mode == HEADLINE:
                 out[key] = None
-                why = [f"{x} {systems_status(systems, x)}" for x in (mode, base) if x not in ok]
-                print(f"{key}: no ratio ({', '.join(why)})", flush=True)
+                if any(s["name"] == base for s in systems):  # a baseline the run left out is not news
+                    why = [f"{x} {systems_status(systems, x)}" for x in (mode, base) if x not in ok]
+                    print(f"{key}: no ratio ({', '.join(why)})", flush=True)
+    return out
+
+
+def _short(name: str) -> str:
+    return name.split(":", 1)[1] if name.startswith("megastream:") else name
+
+
+def _print_variant_ratios(systems: list[dict]) -> dict:
+    """Before/after: each variant row's tokens/s over its base row's (same mode, no variant), e.g.
+    `full+flex / full = 1.18x`; a pair where either row did not run gets None and says why."""
+    ok = {s["name"]: s for s in systems if s["status"] == "ok"}
+    out = {}
+    for s in systems:
+        if not s.get("variants"):
+            continue
+        key = f"{_short(s['name'])} / {_short(s['base'])}"
+        settings = _settings_text(s["settings"])
+        if s["name"] in ok and s["base"] in ok:
+            ratio = ok[s["name"]]["tokens_per_s"] / ok[s["base"]]["tokens_per_s"]
+            print(f"{key} = {ratio:.2f}x tokens/s ({settings})", flush=True)
+        else:
+            ratio = None
+            why = [f"{x} {systems_status(systems, x)}" for x in (s["name"], s["base"]) if x not in ok]
+            print(f"{key}: no ratio ({', '.join(why)})", flush=True)
+        out[key] = {"ratio": ratio, "variant": s["name"], "base": s["base"], "settings": s["settings"],
+                    "step_s": [ok[x]["step_s"] if x in ok else None for x in (s["name"], s["base"])]}
+    return out
+
+
+def _unmeasured(a, systems: list[dict], variants: dict) -> list[str]:
+    """What this run leaves unmeasured: each variant row without a ratio (and why), and each feature in
+    VARIANTS that no row of this run tried."""
+    out = []
+    for key, v in variants.items():
+        if v["ratio"] is None:
+            row = next(s for s in systems if s["name"] == v["variant"])
+            base = next((s for s in systems if s["name"] == v["base"]), None)
+            why = (row.get("message") if row["status"] != "ok" else
+                   (base or {}).get("message") or "its base row did not run")
+            out.append(f"{key} ({_settings_text(v['settings'])}): {row['status']}"
+                       + (f" / base {base['status']}" if base and base["status"] != "ok" else "")
+                       + f": {(why or '')[:200]}")
+    tried = {x for s in systems for x in s.get("variants", [])}
+    for name, settings in VARIANTS.items():
+        if name not in tried:
+            out.append(f"{name} ({_settings_text(settings)}): no row of this run has it")
+    if a.docs_per_row == 1 and "flex" in tried:
+        out.append("flex with one document a row (--docs-per-row 1) runs plain causal attention: measured nothing "
+                   "of the block-sparse mask")
     return out
 
 

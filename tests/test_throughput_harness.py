@@ -23,7 +23,7 @@ from megastream.presets import PRESETS  # noqa: E402
 def _args(**kw):
     a = dict(model="qwen2.5-0.5b", seq_len=1024, micro_batch_size=4, grad_accum=4, gpu_memory_gb=24.0,
              activations="device", device="cuda", steps=2, warmup=1, profile=False, profile_steps=3, dry_run=False,
-             allow_reference_ops=False, host_ram_gb=1000.0, logs=None, jobs=1)
+             allow_reference_ops=False, host_ram_gb=1000.0, logs=None, jobs=1, docs_per_row=1)
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -181,10 +181,12 @@ def test_a_row_past_its_own_timeout_is_killed_with_its_peak_polled(tmp_path):
 
 
 def test_harness_end_to_end_on_the_cpu(tmp_path):
-    """Real subprocesses: the headline row, a baseline, DeepSpeed's not-run; identical data; VmHWM."""
+    """Real subprocesses: the headline row, a baseline, DeepSpeed's not-run; identical data (rows of 4
+    documents: megastream's document mask, transformers' position_ids and 4-D mask); VmHWM."""
     out = tmp_path / "tp.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu",
                            "--model", "tiny", "--seq-len", "32", "--micro-batch-size", "2", "--grad-accum", "2",
+                           "--docs-per-row", "4",
                            "--steps", "1", "--warmup", "0", "--systems", "fsdp2", "deepspeed", "--jobs", "2",
                            "--logs", str(tmp_path / "logs"), "--json", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
@@ -205,6 +207,195 @@ def test_harness_end_to_end_on_the_cpu(tmp_path):
         assert (tmp_path / "logs" / f"{name.replace(':', '_')}.log").exists()
     full = systems["megastream:full"]
     assert full["ideal_fraction"] > 0 and full["attainable_fraction"] > 0 and full["ops_built"] in (True, False)
-    assert doc["data"]["identical_for_all_systems"] and doc["data"]["sha256"]
+    assert doc["data"]["identical_for_all_systems"] and doc["data"]["sha256"] and doc["data"]["docs_per_row"] == 4
+    assert systems["megastream:full"]["loss_tokens"] == systems["fsdp2"]["loss_tokens"] == 2 * 2 * (32 - 4)
+    assert systems["megastream:full"]["config"]["data.pack"] == "bfd"
     assert systems["deepspeed"]["status"] == "not-run" and "CUDA" in systems["deepspeed"]["message"]
     assert "megastream:full / fsdp2:" in proc.stdout and "bounds megastream:full" in proc.stdout
+
+
+# ---- step-feature variants and packed rows ----------------------------------------------------------
+def test_variant_names_parse_and_bad_ones_are_refused(capsys):
+    assert tp.parse_system("megastream:full") == ("megastream:full", ())
+    assert tp.parse_system("fsdp2") == ("fsdp2", ())
+    assert tp.parse_system("megastream:lean+clip-previous+flex") == ("megastream:lean", ("clip-previous", "flex"))
+    assert tp.variant_settings("megastream:full+flex+compile") == {"engine.attention": "flex", "engine.compile": True}
+    for bad, says in (("megastream:full+bogus", "unknown variant 'bogus'"),
+                      ("megastream:huge", "unknown megastream mode"), ("megastream:full+flex+flex", "named twice"),
+                      ("deepspeed+flex", "unknown row"), ("megastream", "unknown row")):
+        with pytest.raises(ValueError, match=says):
+            tp.parse_system(bad)
+        with pytest.raises(SystemExit) as e:  # argparse: a usage error, before anything runs
+            tp.main(["--systems", bad, "--check"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err
+        if "twice" not in says:  # the error lists what is allowed
+            assert "full, lean, compact" in err and "flex, clip-previous, compile" in err and "fsdp2" in err
+    # --timeouts and --warmups take variant rows; a bad name there is refused the same way
+    a = argparse.Namespace(timeouts=["megastream:full+flex=90", "roofline=10"])
+    assert tp._timeouts(a) == {"megastream:full+flex": 90.0, "roofline": 10.0}
+    with pytest.raises(SystemExit, match="unknown variant 'flx'"):
+        tp._timeouts(argparse.Namespace(timeouts=["megastream:full+flx=90"]))
+    with pytest.raises(SystemExit, match="expected NAME=SECONDS"):
+        tp._timeouts(argparse.Namespace(timeouts=["megastream:full+flex=soon"]))
+    assert tp._per_row(["megastream:full+compile=2"], "--warmups", "STEPS", int) == {"megastream:full+compile": 2}
+
+
+def test_every_variant_is_a_megastream_setting_and_reaches_its_config():
+    """Each VARIANTS key is a field of megastream's Config (adding a feature is one line, checked
+    here), the modes are megastream's, and a variant row's config carries its settings over its base's."""
+    import dataclasses
+
+    from megastream.config import Config
+    from megastream.resolve import MODES
+
+    assert set(tp.MODES) == set(MODES)
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    for name, settings in tp.VARIANTS.items():
+        for key in settings:
+            section, field = key.split(".")
+            assert field in {f.name for f in dataclasses.fields(sections[section])}, (name, key)
+    a = _args()
+    base = tp.megastream_config(a, "lean")
+    for name, settings in tp.VARIANTS.items():
+        cfg = tp.megastream_config(a, f"lean+{name}")
+        for key, value in settings.items():
+            assert tp._get(cfg, key) == value != tp._get(base, key), (name, key)
+        assert (cfg.optim.master, cfg.optim.states) == (base.optim.master, base.optim.states)
+    both = tp.megastream_config(a, "full+flex+clip-previous")
+    assert both.engine.attention == "flex" and both.optim.clip == "previous" and not both.engine.compile
+    assert tp._label("megastream:full+flex+clip-previous", "cuda") == (
+        tp.LABELS["megastream:full"] + "; engine.attention: flex, optim.clip: previous")
+    assert tp._label("megastream:full+compile", "cuda").endswith("; engine.compile: true")
+    # packed rows: megastream's config packs (its bound uses the masked attention rate), one document a row does not
+    assert tp.megastream_config(_args(docs_per_row=4), "full").data.pack == "bfd" and base.data.pack is False
+
+
+def test_variant_settings_reach_the_worker(tmp_path):
+    """The worker (in process: one tiny step on the CPU) trains with the variant's settings and reports
+    the config it ran; flex, which megastream refuses on the CPU, is not-run there, with megastream's reason."""
+    a = _args(device="cpu", model="tiny", seq_len=32, micro_batch_size=2, grad_accum=1, steps=1, warmup=0,
+              gpu_memory_gb=0.0, allow_reference_ops=True, docs_per_row=4)
+    out = tp.worker_megastream(a, "full+clip-previous")
+    assert out["config"]["optim.clip"] == "previous" and out["config"]["engine.attention"] == "sdpa"
+    assert out["config"]["data.pack"] == "bfd" and out["loss_tokens"] == 2 * (32 - 4)
+    assert out["data_sha256"] == tp._digest(tp._batches(a, PRESETS["tiny"].vocab_size))
+    assert len(out["step_times_s"]) == 1
+    with pytest.raises(tp.NotRun, match="FlexAttention has no backward"):
+        tp.worker_megastream(a, "full+flex")
+    assert "FlexAttention has no backward" in tp._precheck(a, "megastream:full+flex", 10**6)
+    assert tp._precheck(_args(), "megastream:full+flex", 10**6) is None  # on a GPU it runs
+
+
+def _canned_variants(a, system, tmp, timeout):
+    steps = {"megastream:full+flex": 1.6, "megastream:full+clip-previous": 1.0, "megastream:lean+compile": 1.0}
+    if system in steps:
+        r = _canned(a, "megastream:full", tmp, timeout)
+        r["step_times_s"] = [steps[system]] * 3
+        return r
+    if system == "megastream:full+flex+clip-previous":
+        return {"status": "timeout", "message": f"timed out after {timeout:g} s (its own timeout)", "wall_s": timeout,
+                "timeout_s": timeout}
+    return _canned(a, system, tmp, timeout)
+
+
+def test_variant_rows_print_their_ratio_to_their_base_row(monkeypatch, tmp_path, capsys):
+    """full+flex / full and the like, from the rows' tokens/s; a variant whose pair did not both run
+    says why and is listed as unmeasured with every feature no row tried; variant rows are labelled
+    with their settings and never set against the baselines."""
+    monkeypatch.setattr(tp, "_spawn", _canned_variants)
+    monkeypatch.setattr(tp.importlib.util, "find_spec", lambda name: None)
+    out = tmp_path / "v.json"
+    rows = ["megastream:full", "megastream:full+flex", "megastream:full+clip-previous",
+            "megastream:full+flex+clip-previous", "megastream:lean+compile", "fsdp2"]
+    assert tp.main(["--model", "qwen2.5-3b", "--seq-len", "256", "--docs-per-row", "8", "--host-ram-gb", "1000",
+                    "--systems", *rows, "--timeouts", "megastream:full+flex+clip-previous=45",
+                    "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "full+flex / full = 1.25x tokens/s (engine.attention: flex)" in text  # 2.0 s / 1.6 s
+    assert "full+clip-previous / full = 2.00x tokens/s (optim.clip: previous)" in text
+    assert "full+flex+clip-previous / full: no ratio (megastream:full+flex+clip-previous timeout)" in text
+    assert "lean+compile / lean: no ratio (megastream:lean not in this run)" in text
+    assert "full+flex / fsdp2" not in text and "megastream:full / fsdp2: 4.00x" in text
+    doc = json.loads(out.read_text())
+    v = doc["variants"]
+    assert v["full+flex / full"]["ratio"] == pytest.approx(1.25) and v["full+flex / full"]["step_s"] == [1.6, 2.0]
+    assert v["full+flex+clip-previous / full"]["ratio"] is None
+    assert set(doc["headline"]) == {"megastream:full / deepspeed", "megastream:full / fsdp2"}
+    un = "\n".join(doc["unmeasured"])
+    assert "full+flex+clip-previous / full" in un and "timeout" in un and "lean+compile / lean" in un
+    assert "unmeasured step features:" in text
+    named = {s["name"]: s for s in doc["systems"]}
+    flex = named["megastream:full+flex"]
+    assert flex["settings"] == {"engine.attention": "flex"} and flex["base"] == "megastream:full"
+    assert flex["precision"].endswith("engine.attention: flex") and not flex["same_arithmetic_as_headline"]
+    assert named["megastream:full+flex+clip-previous"]["timeout_s"] == 45
+    assert doc["data"]["docs_per_row"] == 8 and doc["data"]["loss_tokens_per_row"] == 256 - 8
+
+    # a run without flex in any row lists it as unmeasured
+    monkeypatch.setattr(tp, "_spawn", _canned_variants)
+    tp.main(["--model", "qwen2.5-3b", "--host-ram-gb", "1000", "--systems", "megastream:full+clip-previous",
+             "--json", str(out)])
+    assert any(u.startswith("flex (engine.attention: flex): no row") for u in json.loads(out.read_text())["unmeasured"])
+
+
+def test_docs_per_row_are_the_same_documents_for_every_system():
+    """Seeded boundaries, >= 2 tokens a document, the same ids as with one document a row; megastream's
+    micro-batch (its packed data path's positions, document ids, targets) and the transformers one
+    (position_ids, a 4-D document mask, shifted labels) describe the same documents; the digest covers
+    the boundaries."""
+    from megastream.model.llama import document_mask
+
+    a1, a4 = _args(seq_len=64, micro_batch_size=3, grad_accum=2), _args(seq_len=64, micro_batch_size=3, grad_accum=2,
+                                                                          docs_per_row=4)
+    one, four = tp._batches(a1, 100), tp._batches(a4, 100)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(one, four))  # the same token ids
+    assert all(c.shape == (3, 0) for _, c in one)
+    again = tp._batches(a4, 100)
+    assert all(torch.equal(x[1], y[1]) for x, y in zip(four, again))  # seeded: every worker draws the same
+    assert not torch.equal(four[0][1], four[1][1])
+    for ids, cuts in four:
+        edges = torch.cat([torch.zeros(3, 1, dtype=torch.long), cuts, torch.full((3, 1), 64)], 1)
+        assert cuts.shape == (3, 3) and (edges.diff(dim=1) >= 2).all()
+        mb, hf = tp._megastream_batch(ids, cuts), tp._hf_batch(ids, cuts, "cpu")
+        assert torch.equal(hf["position_ids"], mb.positions)
+        assert torch.equal(hf["attention_mask"], document_mask(mb.doc_ids))
+        for r in range(3):
+            starts = [0, *cuts[r].tolist()]
+            assert mb.positions[r, starts].tolist() == [0] * 4 and mb.doc_ids[r, starts].tolist() == [0, 1, 2, 3]
+        # the same targets: megastream's labels are already shifted, transformers' are shifted in the model
+        assert torch.equal(mb.labels[:, :-1], hf["labels"][:, 1:])
+        assert int((mb.labels != -100).sum()) == tp._hf_loss_tokens([hf]) == 3 * (64 - 4)
+    plain = tp._megastream_batch(*one[0])
+    assert plain.positions is None and plain.doc_ids is None and "attention_mask" not in tp._hf_batch(*one[0], "cpu")
+    # the digest: the ids alone with one document a row (as before --docs-per-row), the boundaries with more
+    import hashlib
+
+    assert tp._digest(one) == hashlib.sha256(b"".join(i.numpy().tobytes() for i, _ in one)).hexdigest()
+    d2 = tp._digest(tp._batches(_args(seq_len=64, micro_batch_size=3, grad_accum=2, docs_per_row=2), 100))
+    assert len({tp._digest(one), tp._digest(four), d2}) == 3
+    with pytest.raises(ValueError, match="between 1 and seq_len / 2"):
+        tp._batches(_args(seq_len=64, docs_per_row=33), 100)
+    with pytest.raises(SystemExit):
+        tp.main(["--seq-len", "64", "--docs-per-row", "33", "--check"])
+
+
+def test_the_transformers_document_mask_is_attention_within_each_document():
+    """The baselines' packed rows: a transformers model given _hf_batch's position_ids and 4-D mask
+    computes, on every document, what it computes on that document alone."""
+    import transformers
+
+    a = _args(model="tiny", seq_len=32, micro_batch_size=2, grad_accum=1, docs_per_row=4)
+    hf = tp._hf_config(a)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32).eval()
+    (ids, cuts), = tp._batches(a, hf.vocab_size)
+    with torch.no_grad():
+        packed = model(**tp._hf_batch(ids, cuts, "cpu")).logits
+        for r in range(2):
+            edges = [0, *cuts[r].tolist(), 32]
+            for s, e in zip(edges, edges[1:]):
+                alone = model(input_ids=ids[r:r + 1, s:e]).logits[0]
+                torch.testing.assert_close(packed[r, s:e], alone, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(packed, model(input_ids=ids).logits, atol=1e-2)  # the mask does something
