@@ -20,22 +20,34 @@
 #     14b        qwen2.5-14b, compact mode, 24 GB GPU cap, 5 timed steps, then a torch.profiler trace of 3
 #                steps: compute-stream busy fraction, H2D/D2H time hidden under compute
 #     7b         qwen2.5-7b megastream rows that the host's RAM holds (rates reused from the 14b step)
+#   part 3 (<= 300 s, on its own: `all` is parts 1 and 2) the step features before/after
+#     setup3     megastream's ops (a cache hit after part 1 or 2 on this machine) and the GPU's state
+#     features   qwen2.5-3b, 8192-token rows of 8 documents each (seeded boundaries), 1 x 2 rows a step:
+#                megastream:full, +flex (FlexAttention block-sparse document mask), +clip-previous (update
+#                each unit as its gradient lands, clipped by the previous step's norm), +flex+clip-previous,
+#                +compile (torch.compile of the layer function, 2 warm-up steps for its compilation), each
+#                row under its own timeout; OUT/step-features.json with each variant's tokens/s over
+#                megastream:full's and what stayed unmeasured. qwen2.5-3b, not 7b: megastream:full on 7b
+#                needs ~125 GB of host RAM (its memory model), over 95% of the machine's 128 GB, so its rows
+#                would be not-run (part 2 runs 7b in lean mode only)
 #
-#   bash scripts/gpu_acceptance.sh [--part 1|2|all] [--out DIR] [--dry-run] [--site DIR] [--wheels DIR]
+#   bash scripts/gpu_acceptance.sh [--part 1|2|3|all] [--out DIR] [--dry-run] [--site DIR] [--wheels DIR]
 #
 # Every step runs under its own `timeout` (the whole process group is killed at its limit) and a failing
 # step never stops the later ones. Each step's output goes to OUT/steps/<step>.log (and the harness's
 # per-row logs to OUT/steps/<step>/), each part prints every step's elapsed time as it ends and a summary
 # table last; OUT/summary.txt and OUT/acceptance.json (plan + results per part) sum it up, the
-# head-to-head JSONs are OUT/h2h-<model>.json, and OUT/logs-part<N>.tar.gz holds OUT/steps. OUT is --out,
-# else $OUT (the device machine's folder: there OUT/steps is removed once packed, since at most 8 files
-# come back), else runs/acceptance-<date>.
+# head-to-head JSONs are OUT/h2h-<model>.json (part 3's: OUT/step-features.json), and
+# OUT/logs-part<N>.tar.gz holds OUT/steps. OUT is --out, else $OUT (the device machine's folder: there
+# OUT/steps is removed once packed, since at most 8 files come back), else runs/acceptance-<date>.
 #
 # --dry-run prints the plan (every step, its timeout, its command) and runs what a CPU can with tiny
 # shapes: the preflight (GPU checks reported, not required), the ops build, megastream env, pytest -m gpu
 # (collecting and skipping), throughput.py --dry-run (the CPU, a tiny model, the head-to-head's rows, both
 # bounds) and throughput.py --check of every GPU command (its arguments, rows, timeouts, what the host's
-# RAM allows). tests/test_gpu_acceptance.py runs it.
+# RAM allows); part 3's runs its sdpa rows with 4 documents in 32-token rows (flex is not-run on the CPU:
+# no FlexAttention backward there; compile is left out: its compilation alone takes ~60 s of 2 CPU cores).
+# tests/test_gpu_acceptance.py runs it.
 set -o pipefail  # no -e: a failing step never stops the next; no -u: nor does an empty list
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,10 +60,11 @@ WHL="$REPO/.whl"
 PY=${PYTHON:-python3}
 BUDGET_1=360
 BUDGET_2=240
+BUDGET_3=300
 DRY_SCALE=${DRY_SCALE:-4}  # a dry run on a small CPU gets this many times each step's (GPU-sized) timeout
 HOST_RAM_GB=128  # the device machine's RAM (KINDS.md); its MemTotal starts lower and grows with use
 
-usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,/^set -o pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --part) PART=$2; shift 2 ;;
@@ -64,7 +77,7 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_acceptance.sh: unknown argument $1" >&2; usage 2 ;;
   esac
 done
-case "$PART" in 1|2|all) ;; *) echo "--part must be 1, 2 or all" >&2; exit 2 ;; esac
+case "$PART" in 1|2|3|all) ;; *) echo "--part must be 1, 2, 3 or all (parts 1 and 2)" >&2; exit 2 ;; esac
 PACK=0
 if [ -z "$OUT_DIR" ]; then
   if [ -n "${OUT:-}" ]; then OUT_DIR=$OUT; PACK=1; else OUT_DIR="$REPO/runs/acceptance-$(date +%F-%H%M%S)"; fi
@@ -228,6 +241,29 @@ part2() {
   step 7b 60 "qwen2.5-7b megastream rows the host holds" "$CMD_7B" "$CMD_7B --check"
 }
 
+# Part 3: one megastream row per step feature, each against megastream:full (the same rows otherwise).
+# Sized from the attainable bound at H200-like rates (H2D 50 GB/s, matmul 650 TFLOP/s, masked attention
+# 100 TFLOP/s, full-mode AdamW 0.4 ns/param): ~2.3 s a step of 16k tokens (1.2 s of optimizer overlapping
+# the forward, 0.8 s of masked attention), 3 steps ~7 s, on top of what part 1's qwen2.5-3b full row
+# (35 s for 3 steps of 8k tokens) spends starting: the process, the CUDA context, 51 GB of pinned host
+# state. The plan's GPU peak is 7.9 GB, under the 24 GB cap. clip-previous's first step runs twice (a
+# norms-only pass); flex compiles its FlexAttention kernels in its warm-up step (the second flex row hits
+# the compile cache); compile compiles the layer function in its two warm-up steps and comes last, so that
+# --carry-over hands it what the rows before it left.
+FEATURE_ROWS="megastream:full megastream:full+flex megastream:full+clip-previous megastream:full+flex+clip-previous megastream:full+compile"
+SHAPE_FEAT="--seq-len 8192 --docs-per-row 8 --micro-batch-size 1 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
+CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --warmups megastream:full+compile=2 --timeouts roofline=15 megastream:full=40 megastream:full+flex=55 megastream:full+clip-previous=40 megastream:full+flex+clip-previous=45 megastream:full+compile=65 --carry-over --json $OUT_DIR/step-features.json --logs $STEPS/features"
+# the dry run: the CPU's rows (flex is not-run there, compile left out: see the header)
+DRY_FEAT="$TP --dry-run --docs-per-row 4 --systems megastream:full megastream:full+flex megastream:full+clip-previous megastream:full+flex+clip-previous --json $OUT_DIR/step-features-dry-run.json --logs $STEPS/features"
+
+part3() {
+  step setup3 40 "megastream's ops (built once: cached after part 1 or 2) and the GPU's state" \
+    "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
+    "$PY $STEPS/build_megastream.py"
+  step features 260 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE_ROWS" \
+    "$CMD_FEAT" "$CMD_FEAT --check && $DRY_FEAT"
+}
+
 # ---- the runner -------------------------------------------------------------------------------------
 # step NAME TIMEOUT_S WHAT COMMAND DRY_COMMAND   runs in the foreground under `timeout`
 # bgstep (same arguments)                        starts in the background under `timeout`, overlapping the
@@ -336,7 +372,7 @@ joinstep() {
 }
 
 parts=()
-case "$PART" in 1) parts=(1) ;; 2) parts=(2) ;; all) parts=(1 2) ;; esac
+case "$PART" in 1) parts=(1) ;; 2) parts=(2) ;; 3) parts=(3) ;; all) parts=(1 2) ;; esac
 : > "$STEPS/plan.jsonl"; : > "$STEPS/results.jsonl"
 echo "gpu_acceptance.sh: parts ${parts[*]}$([ "$DRY" = 1 ] && echo ' (DRY RUN: the CPU, tiny shapes)') -> $OUT_DIR"
 if command -v git > /dev/null && git -C "$REPO" rev-parse HEAD > /dev/null 2>&1; then
@@ -387,10 +423,11 @@ for p in sorted({r["part"] for r in plan}):
                             "timeouts_s": sum(r["timeout_s"] for r in plan if r["part"] == p and not r["background"]),
                             "seconds": sum(r["seconds"] for r in steps),
                             "ok": all(r["status"] == "ok" for r in steps)}
-for name in sorted(out.glob("h2h-*.json")):
+for name in sorted([*out.glob("h2h-*.json"), *out.glob("step-features*.json")]):
     try:
         d = json.loads(name.read_text())
         doc.setdefault("results", {})[name.name] = {"model": d["model"], "headline": d.get("headline"),
+            "variants": {k: v["ratio"] for k, v in d.get("variants", {}).items()}, "unmeasured": d.get("unmeasured"),
             "systems": {s["name"]: {k: s.get(k) for k in ("status", "tokens_per_s", "ideal_fraction",
                                                            "attainable_fraction", "peak_host_gb", "peak_gpu_gb",
                                                            "message")} for s in d["systems"]}}

@@ -58,3 +58,60 @@ def test_acceptance_dry_run(tmp_path):
     # the GPU commands' arguments checked: rows the host cannot hold are not-run up front
     assert "not-run: needs ~" in (out / "steps" / "14b.log").read_text()
     assert "preflight:" in (out / "steps" / "preflight.log").read_text()
+
+
+PART3 = ["setup3", "features"]
+FEATURE_ROWS = ["megastream:full", "megastream:full+flex", "megastream:full+clip-previous",
+                "megastream:full+flex+clip-previous", "megastream:full+compile"]
+
+
+def test_acceptance_part3_dry_run(tmp_path):
+    """Part 3, the step features before/after: its plan (a setup and one harness step whose rows are
+    megastream:full and each feature, each under its own timeout, all within 300 s), the GPU command
+    checked (--check: every row runs there, with its timeout and settings) and the CPU's dry run of
+    its rows with packed rows (flex not-run on the CPU, with megastream's reason)."""
+    out = tmp_path / "acc3"
+    env = dict(os.environ, PYTHON=__import__("sys").executable)
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), "--part", "3", "--dry-run",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-6000:]
+    doc = json.loads((out / "acceptance.json").read_text())
+    assert list(doc["parts"]) == ["3"]
+    p = doc["parts"]["3"]
+    assert [s["step"] for s in p["plan"]] == PART3 and p["timeouts_s"] <= 300
+    assert "part 3: timeouts sum to" in text and "(budget 300 s)" in text
+    for s in p["steps"]:
+        assert s["status"] == "ok", (s, (out / s["log"]).read_text()[-3000:])
+    features = next(s for s in p["plan"] if s["step"] == "features")
+    gpu = features["command"].split(" && ")[0]  # the dry run's first command: the GPU command with --check
+    for flag in ("--model qwen2.5-3b", "--seq-len 8192", "--docs-per-row 8", "--carry-over",
+                 "step-features.json", "--warmups megastream:full+compile=2"):
+        assert flag in gpu, flag
+
+    # the GPU command's check: every row runs there (the host holds qwen2.5-3b full), its own timeout each,
+    # the roofline and the rows within the step's timeout, which with the setup's stays within 300 s
+    log = (out / "steps" / "features.log").read_text()
+    timeouts = {}
+    for name in ["roofline"] + FEATURE_ROWS:
+        line = next(l for l in log.splitlines() if l.split()[:1] == [name])
+        assert " runs" in line, line
+        timeouts[name] = float(line.split("timeout")[1].split()[0])
+    assert "[engine.attention: flex, optim.clip: previous]" in log and "(warm-up 2 steps)" in log
+    assert sum(timeouts.values()) <= features["timeout_s"]
+    assert f"at most {sum(timeouts.values()):.0f} s in all" in log
+    assert sum(timeouts.values()) + sum(s["timeout_s"] for s in p["plan"] if s["step"] != "features") <= 300
+
+    # the dry run: packed rows, the sdpa rows ran and have a ratio, flex is not-run on the CPU
+    dry = json.loads((out / "step-features-dry-run.json").read_text())
+    rows = {s["name"]: s for s in dry["systems"]}
+    assert dry["data"]["docs_per_row"] == 4 and dry["data"]["identical_for_all_systems"]
+    assert rows["megastream:full"]["status"] == rows["megastream:full+clip-previous"]["status"] == "ok"
+    assert rows["megastream:full+clip-previous"]["config"]["optim.clip"] == "previous"
+    assert rows["megastream:full+flex"]["status"] == "not-run" and "CPU" in rows["megastream:full+flex"]["message"]
+    assert dry["variants"]["full+clip-previous / full"]["ratio"] > 0
+    assert any(u.startswith("compile") for u in dry["unmeasured"])
+    assert "full+clip-previous / full = " in log
+    results = doc["results"]["step-features-dry-run.json"]
+    assert results["variants"]["full+flex / full"] is None and results["unmeasured"]
