@@ -86,10 +86,14 @@ class EngineConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # compute dtype; auto: bf16 on cuda, fp32 on cpu
     grad_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # host gradient staging; auto: compute dtype
-    loss_chunk_tokens: int = 0  # tokens per LM-head chunk; 0: sized so a chunk's fp32 logits stay near 256 MiB
+    # tokens per LM-head chunk; 0: automatic (fp32 logits near 256 MiB; on CUDA grown into the plan's free GPU memory)
+    loss_chunk_tokens: int = 0
     threads: int = 0  # CPU threads for torch; 0: torch's default
     gpu_memory_gb: float = 0.0  # cap this process's GPU memory (e.g. 24 to act like a 24 GB card); 0: the whole GPU
     activations: Literal["device", "host"] = "device"  # layer-boundary checkpoints: on the device, or offloaded
+    # the embedding's row gather and gradient scatter-add: on the device (the table streamed into the head's
+    # buffer, its gradient built in the head's accumulator) or on the host; auto: device on cuda, host on the cpu
+    embedding: Literal["auto", "host", "device"] = "auto"
     # packed rows' document mask: sdpa (a dense boolean mask), flex (FlexAttention, block-sparse; CUDA to train)
     # or varlen (flash attention over each document, no mask; CUDA, bf16)
     attention: Literal["sdpa", "flex", "varlen"] = "sdpa"

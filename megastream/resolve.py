@@ -45,6 +45,29 @@ def plan_device(cfg: Config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def embedding_path(cfg: Config, spec: ModelSpec, device_type: str, distributed: bool = False) -> tuple[str, str]:
+    """engine.embedding resolved: ("device" | "host", why). device: the table crosses PCIe into the head's
+    weight buffer (a tied model's head buffer is the table, so nothing more crosses), its rows are gathered
+    there and its gradient is scatter-added into the head's fp32 accumulator, normed and copied back once;
+    host: the rows are gathered from the host working copy and the gradient summed in host memory.
+    auto: device on cuda, host on the cpu, and host for LoRA over an untied frozen base (the device path
+    would copy the table, and then the head again, every step, where the host path copies only rows).
+    Under torchrun (`distributed`) each rank holds a slice of the table: always device (dist.comm refuses
+    host)."""
+    want, lora = cfg.engine.embedding, cfg.lora
+    if lora is not None and "embed_tokens" in lora.train_extra:
+        return "device", "lora.train_extra trains embed_tokens: its rows come from the trained copy on the device"
+    if distributed:
+        return "device", "under torchrun each rank holds a slice of the table: all-gathered on the device"
+    if want != "auto":
+        return want, f"engine.embedding: {want}"
+    if device_type != "cuda":
+        return "host", "auto on the CPU"
+    if lora is not None and not spec.tie_word_embeddings:
+        return "host", "auto for LoRA over an untied base: rows only cross PCIe (the device path copies the table)"
+    return "device", "auto on CUDA"
+
+
 def resolve_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(compute dtype, host gradient staging dtype)."""
     e = cfg.engine

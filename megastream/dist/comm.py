@@ -285,6 +285,10 @@ def check_distributed(cfg, spec) -> None:
     if cfg.optim.clip == "previous":
         raise ConfigError("optim.clip: previous under torchrun: updating each unit as its gradient lands is not done "
                           "on sharded units yet; use optim.clip: global, or run one process")
+    if cfg.engine.embedding == "host":
+        raise ConfigError("engine.embedding: host under torchrun: each rank holds a slice of the embedding table, so "
+                          "its rows are gathered and its gradient scatter-added on the device; set engine.embedding: "
+                          "auto (or device), or run one process")
     if cfg.engine.moe_streaming == "routed":
         raise ConfigError("engine.moe_streaming: routed under torchrun: streaming only the routed experts is not "
                           "done on sharded layers yet; set engine.moe_streaming: whole, or run one process")

@@ -23,8 +23,12 @@ from megastream.engine.weights import WeightStreamer
 
 
 class ShardedWeightStreamer(WeightStreamer):
+    """WeightStreamer's schedule and embedding path (engine.embedding: device, always), with every
+    unit loaded as this rank's shard plus an all-gather (`_load`)."""
+
     def __init__(self, store, device, streams, *, tied, before_copy, comm):
         self.store, self.streams, self.tied, self.before_copy, self.comm = store, streams, tied, before_copy, comm
+        self.device_embed = True  # each rank holds a slice of the table: its rows can only be gathered here
         self.head_unit = len(store.units) - 1
         dtype = store.compute_dtype
         self.padded = [store.padded_numel(u) for u in range(len(store.units))]
@@ -42,13 +46,14 @@ class ShardedWeightStreamer(WeightStreamer):
         self.norm_buf = torch.empty(self.padded[-1], dtype=dtype, device=device) if tied else None
         self.head_loaded = None
         self.head_free = DONE
+        self.table_ready = None
         self.partial = None  # routed-expert streaming is not sharded (dist.comm.check_distributed refuses it)
         self.h2d_bytes = 0
 
     def _numel(self, u: int) -> int:
         return self.store.full_units[u].numel
 
-    def _gather(self, u: int, out: torch.Tensor) -> None:
+    def _load(self, u: int, out: torch.Tensor) -> None:
         """out[:n x s_u] <- unit u, padded (issue on h2d: the all-gather follows the copy)."""
         s, r = self.store.shard_sizes[u], self.store.shard_rank
         mine = out[r * s:(r + 1) * s]
@@ -58,51 +63,16 @@ class ShardedWeightStreamer(WeightStreamer):
         # Device: (n - 1) x s_u * itemsize bytes arrive from the node's other ranks
         self.comm.all_gather(out[:self.padded[u]], mine)
 
-    def prefetch(self, u: int, keep: int | None = None) -> None:
-        if u == self.head_unit:
-            return self._prefetch_head()
-        if u in self.slot_unit:
-            return
-        s = 0 if self.slot_unit[0] is None or self.slot_unit[1] == keep else 1
-        self.before_copy(u)
-        with self.streams.on(self.streams.h2d):
-            self.streams.wait(self.streams.h2d, self.free[s])
-            self._gather(u, self.slots[s])
-            self.loaded[s] = self.streams.record(self.streams.h2d)
-        self.slot_unit[s] = u
-
     def acquire(self, u: int) -> torch.Tensor:
         if u == self.head_unit:
             super().acquire(u)
             return self.head[:self.n_vocab_w + self.n_norm]  # [lm_head | norm], as the engine views it
         return super().acquire(u)
 
-    def _fill_head(self) -> None:
-        if self.tied:  # the embedding is the lm_head; the norm lands right after its V*H elements
-            self._gather(0, self.head)
-            self._gather(self.head_unit, self.norm_buf)
-            self.head[self.n_vocab_w:self.n_vocab_w + self.n_norm].copy_(self.norm_buf[:self.n_norm])
-        else:
-            self._gather(self.head_unit, self.head)
-
-    def embed_rows(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The rows gathered on the device from the all-gathered table (in the head buffer)."""
-        if self.tied:
-            self._prefetch_head()
-            ready = self.head_loaded
-        else:
-            self.before_copy(0)
-            with self.streams.on(self.streams.h2d):
-                self.streams.wait(self.streams.h2d, self.head_free)
-                self._gather(0, self.head)
-                ready = self.streams.record(self.streams.h2d)
-            self.head_loaded = None  # the buffer holds the embedding now, not the head
-        self.streams.wait(self.streams.compute, ready)
-        table = self.head[:self.n_vocab_w].view(-1, self.hidden)
-        # H2D: the token ids (8 bytes each); the rows are gathered on the device
-        rows = [table[i.to(table.device, non_blocking=True)] for i in ids]
-        self.head_free = self.streams.record(self.streams.compute)
-        return rows
+    def _load_norm(self) -> None:
+        """The norm lands right after the embedding's V*H elements (gathered padded beside them)."""
+        self._load(self.head_unit, self.norm_buf)
+        self.head[self.n_vocab_w:self.n_vocab_w + self.n_norm].copy_(self.norm_buf[:self.n_norm])
 
 
 class ShardedGradStager(GradStager):
@@ -125,6 +95,8 @@ class ShardedGradStager(GradStager):
         self.embed_out = torch.zeros(sizes[0], **f32)
         self.norm_pad = torch.zeros(self.padded[-1], **f32) if tied else None
         self.head_free = DONE
+        self.device_embed = True
+        self.embed_span = self.padded[0]  # zeroed before the rows' gradient is added: the padding too
         self.norms = torch.zeros(len(store.units), **f32)
         self.tied_ready = DONE
         self.partial = None
@@ -166,24 +138,12 @@ class ShardedGradStager(GradStager):
         self.head_acc[nv:].zero_()  # the embedding's padding
         return self._to_host(h, self.head_out, self.store.grad_of(h))
 
-    def begin_embed(self) -> None:
-        pass  # the embedding's gradient is built on the device and copied over its staging shard
-
-    def embed_backward(self, ids: list[torch.Tensor], dxs: list[torch.Tensor]) -> float:
-        """Scatter-add the rows' gradient on the device (into the tied lm_head's, or a zeroed head
-        accumulator: the head's reduce-scatter, queued before on this stream, has read it), then
-        reduce-scatter it; returns the L2 norm of this rank's shard."""
-        acc = self.head_acc
-        if not self.tied:
-            acc[:self.padded[0]].zero_()
-        g = acc[:self.n_vocab_w].view(-1, self.hidden)
-        for i, dx in zip(ids, dxs):
-            g.index_add_(0, i.reshape(-1).to(g.device, non_blocking=True), dx.reshape(-1, self.hidden).float())
+    def _embed_to_host(self, acc: torch.Tensor) -> "torch.cuda.Event":
+        """Reduce-scatter the embedding's gradient (zero past V*H: the padding), then this rank's shard
+        goes to the host like any unit's."""
+        # Device: n x s_0 * 4 bytes in, s_0 * 4 bytes out (compute stream)
         self.comm.reduce_scatter(self.embed_out, acc[:self.padded[0]])
-        done = self._to_host(0, self.embed_out, self.store.embed_grad)
-        self.head_free = done
-        done.synchronize()  # sync point: the optimizer may take the embedding's shard as soon as the step returns
-        return float(self.norms[0])
+        return self._to_host(0, self.embed_out, self.store.embed_grad)
 
 
 def streamers(store, device, streams, *, tied, before_copy, comm):

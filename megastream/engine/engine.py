@@ -1,9 +1,13 @@
 """One optimizer step, layer-major (see DESIGN.md).
 
-    embed (host gather) -> layer 0..L-1 (all micro-batches per layer, no grad, inputs kept)
+    embed (row gather) -> layer 0..L-1 (all micro-batches per layer, no grad, inputs kept)
     -> head (chunked loss + grads) -> layer L-1..0 (recompute each micro-batch with grad,
-    accumulate weight grads in fp32 on the device, one D2H per layer) -> embedding grads (host)
+    accumulate weight grads in fp32 on the device, one D2H per layer) -> embedding grads
     -> global norm -> per-unit AdamW on a host thread, overlapping what the device does next.
+
+The embedding (engine.embedding, resolve.embedding_path) is gathered and its gradient scatter-added
+on the device (the table streamed into the head's buffers like a unit: engine/weights.py,
+engine/grads.py), or on the host.
 
 Each layer's weights cross to the device once in forward and once in backward, however many
 micro-batches the step has. Updates start once the global norm is known (clipping needs it, and a
@@ -49,6 +53,7 @@ from megastream.model.llama import Adapter, block, document_mask, rope_tables
 from megastream.model.spec import ModelSpec
 from megastream.model.varlen import documents as varlen_documents
 from megastream.optim import AdamWHyper, OptimizerWorker, clip_coef, sr_key
+from megastream.resolve import embedding_path
 from megastream.store import HostStore
 
 
@@ -173,11 +178,12 @@ def lora_layer_backward(x: torch.Tensor, w_flat: torch.Tensor, layout: UnitLayou
 
 class Engine:
     def __init__(self, spec: ModelSpec, store: HostStore, cfg: Config, device: torch.device, adapters=None,
-                 comm=None):
+                 comm=None, chunk_tokens: int | None = None):
         """`adapters` (megastream.adapters.lora.LoraAdapters): train them over a frozen base instead
         of the base itself. `comm` (megastream.dist.comm.Comm): one rank of a data-parallel job whose
         `store` is this rank's shard (megastream.dist): weights all-gathered, gradients reduce-scattered,
-        token counts, losses and norms summed over the ranks."""
+        token counts, losses and norms summed over the ranks. `chunk_tokens`: the loss chunk the plan
+        sized (memory.budget; None: engine.loss_chunk_tokens, or the automatic size)."""
         self.spec = spec
         self.store = store
         self.cfg = cfg
@@ -189,15 +195,19 @@ class Engine:
         self.head_unit = self.L + 1
         self.adam_steps = 0
         self.prev_norm: float | None = None  # optim.clip: previous: the last step's global norm (checkpointed)
-        self.chunk_tokens = cfg.engine.loss_chunk_tokens or auto_chunk_tokens(spec.vocab_size)
+        self.chunk_tokens = chunk_tokens or cfg.engine.loss_chunk_tokens or auto_chunk_tokens(spec.vocab_size)
         self.streams = Streams(device)
         self.worker = OptimizerWorker(self._update_unit, threads=cfg.engine.threads)
         tied = spec.tie_word_embeddings
         self.adapters = adapters
+        self.embedding = embedding_path(cfg, spec, device.type, distributed=comm is not None)[0]
         if comm is None:
-            self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait)
+            on_device = self.embedding == "device"
+            self.weights = WeightStreamer(store, device, self.streams, tied=tied, before_copy=self.worker.wait,
+                                          device_embed=on_device)
             # Frozen base: no weight gradient buffers on the device at all.
-            self.grads = GradStager(store, device, self.streams, tied=tied) if adapters is None else None
+            self.grads = (GradStager(store, device, self.streams, tied=tied, device_embed=on_device)
+                          if adapters is None else None)
         else:
             from megastream.dist.streaming import streamers
 
@@ -300,17 +310,15 @@ class Engine:
             if early:
                 self._submit(u, ready[u], lr, coef_early)
 
-        # 5. Embedding gradient: scatter-add on the host.
+        # 5. Embedding gradient: scatter-add (on the device, or on the host), normed into norms[0].
         if self.fns.embed_grad is not None:  # e.g. Gemma's embedding scale
             dys = [self.fns.embed_grad(mb.input_ids, dy) for mb, dy in zip(mbs, dys)]
-        embed_norm = self.grads.embed_backward([mb.input_ids for mb in mbs], dys)
+        ready[0] = self.grads.embed_backward([mb.input_ids for mb in mbs], dys)
         if early:
-            self.grads.norms_host[0] = embed_norm
-            self._submit(0, DONE, lr, coef_early)
+            self._submit(0, ready[0], lr, coef_early)
 
         # 6. Global norm (sync point: waits for all backward work), then the updates.
         norms = self.grads.norms.cpu()
-        norms[0] = embed_norm
         if self.comm is None:
             total = float(torch.linalg.vector_norm(norms))
             loss = float(loss_sum) * inv_n  # sync point (already synchronised above)
@@ -435,10 +443,11 @@ class Engine:
         """Embedding rows, then layers 0..L-1 layer-major (every micro-batch passes layer i before
         layer i+1); with `keep` (training), each layer's inputs go to self.ckpts and adapters apply
         their dropout. Returns the last hidden states."""
-        xs = self.weights.embed_rows([mb.input_ids for mb in mbs])  # waits for the embedding's pending update
         if self.adapters is not None and self.adapters.trains("embed_tokens"):  # lora.train_extra: the trained
-            # copy's rows, gathered on the device (the frozen rows above go unused)
+            # copy's rows, gathered on the device (the frozen table is not read)
             xs = [self.adapters.embed_rows(mb.input_ids, self.dtype) for mb in mbs]
+        else:
+            xs = self.weights.embed_rows([mb.input_ids for mb in mbs])  # waits for the embedding's pending update
         if self.fns.embed is not None:  # e.g. Gemma's sqrt(hidden) scale
             xs = [self.fns.embed(x) for x in xs]
         aux = self.fns.aux if keep and self.adapters is None else None

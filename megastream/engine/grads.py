@@ -3,7 +3,11 @@ to the pinned host staging arena once per unit per step on the d2h stream.
 
 Two layer accumulators alternate, so the D2H copy of layer i overlaps the backward of layer i-1.
 Each unit's gradient L2 norm is taken on the device as it finishes (no extra host pass for
-clipping); the embedding's gradient is accumulated and normed on the host.
+clipping). The embedding's gradient (engine.embedding, resolve.embedding_path) is built on the device
+(`device`): the rows' gradient is scatter-added into the head accumulator, once the head's gradient has
+left it (untied) or on top of the lm_head's (tied: the same table), then normed and copied to the host
+once, like any unit; or on the host (`host`): each micro-batch's rows' gradient is copied back and
+scatter-added into host memory (tied: after the lm_head's gradient is copied there), then normed there.
 
 With routed-expert streaming (`partial`, engine/experts.py) a mixture-of-experts layer's gradient
 crosses in parts: the non-expert part and the routed experts' slices; an unrouted expert's gradient
@@ -21,10 +25,12 @@ from megastream.store import HostStore
 
 
 class GradStager:
-    def __init__(self, store: HostStore, device: torch.device, streams: Streams, *, tied: bool):
+    def __init__(self, store: HostStore, device: torch.device, streams: Streams, *, tied: bool,
+                 device_embed: bool = False):
         self.store = store
         self.streams = streams
         self.tied = tied
+        self.device_embed = device_embed  # engine.embedding: device (the gradient built in head_acc)
         self.head_unit = len(store.units) - 1
         n_layer = max(u.numel for u in store.units[1:-1])
         self.acc = [torch.zeros(n_layer, dtype=torch.float32, device=device) for _ in range(2)]
@@ -34,6 +40,8 @@ class GradStager:
         self.head_acc = torch.zeros(self.n_vocab_w + store.units[-1].entries[-1].numel, dtype=torch.float32,
                                     device=device)
         self.head_free = DONE
+        self.hidden = store.full_units[0].entries[0].shape[-1]
+        self.embed_span = self.n_vocab_w  # head_acc[:embed_span] is zeroed before the rows' gradient (untied)
         self.norms = torch.zeros(len(store.units), dtype=torch.float32, device=device)
         self.tied_ready = DONE  # the tied lm_head gradient has landed in embed_grad
         self.partial = None  # engine.experts.RoutedExperts: what to copy of a MoE layer's gradient (None: all)
@@ -69,9 +77,12 @@ class GradStager:
         if not self.tied:
             self.head_free = done = self._to_host(self.head_unit, self.head_acc, self.store.grad_of(self.head_unit))
             return done
-        # Tied: the lm_head part belongs to the embedding, whose gradient is summed on the host.
+        # Tied: the lm_head part belongs to the embedding: kept here for its rows' gradient (device), or
+        # copied to the host, where they are added (host).
         w, norm = self.head_acc[:self.n_vocab_w], self.head_acc[self.n_vocab_w:]
         done = self._to_host(self.head_unit, norm, self.store.grad_of(self.head_unit))
+        if self.device_embed:
+            return done
         ready = self.streams.record(self.streams.compute)
         with self.streams.on(self.streams.d2h):
             self.streams.wait(self.streams.d2h, ready)
@@ -81,20 +92,40 @@ class GradStager:
             self.tied_ready = self.head_free = self.streams.record(self.streams.d2h)
         return done
 
-    # ---- embedding (host) ------------------------------------------------------------------------
+    # ---- embedding -------------------------------------------------------------------------------
     def begin_embed(self) -> None:
         """Call once per step before anything writes the embedding gradient."""
-        if not self.tied:
+        if not self.tied and not self.device_embed:
             self.store.embed_grad.zero_()  # host memset: V*H*4 bytes
 
-    def embed_backward(self, ids: list[torch.Tensor], dxs: list[torch.Tensor]) -> float:
-        """Scatter-add d(loss)/d(embedding output) into the host gradient; returns its L2 norm."""
+    def embed_backward(self, ids: list[torch.Tensor], dxs: list[torch.Tensor]):
+        """Scatter-add d(loss)/d(embedding output) into the embedding's gradient and norm it (norms[0],
+        norms_host[0]); returns the event of the gradient's landing in store.embed_grad."""
+        if not self.device_embed:
+            return self._embed_backward_host(ids, dxs)
+        acc = self.head_acc
+        if not self.tied:  # the head's gradient has left the accumulator: the embedding's takes its place
+            self.streams.wait(self.streams.compute, self.head_free)
+            acc[:self.embed_span].zero_()
+        g = acc[:self.n_vocab_w].view(-1, self.hidden)
+        for i, dx in zip(ids, dxs):
+            # H2D: the token ids, 8 bytes each (pageable); the rows' gradient is added on the device
+            g.index_add_(0, i.reshape(-1).to(g.device, non_blocking=True), dx.reshape(-1, self.hidden).float())
+        self.head_free = done = self._embed_to_host(acc)
+        return done
+
+    def _embed_to_host(self, acc: torch.Tensor) -> "torch.cuda.Event":
+        """Norm the embedding's gradient (acc's first V*H elements) and start its copy to the host."""
+        return self._to_host(0, acc[:self.n_vocab_w], self.store.embed_grad)
+
+    def _embed_backward_host(self, ids: list[torch.Tensor], dxs: list[torch.Tensor]):
         self.tied_ready.synchronize()  # sync point: the tied lm_head gradient is on the host
-        g = self.store.embed_grad.view(-1, dxs[0].shape[-1])
+        g = self.store.embed_grad.view(-1, self.hidden)
         for i, dx in zip(ids, dxs):
             # D2H: tokens*H*itemsize bytes (sync copy, small)
-            g.index_add_(0, i.reshape(-1).cpu(), dx.reshape(-1, dx.shape[-1]).float().cpu())
-        return ops.accumulate_sqnorm(self.store.embed_grad) ** 0.5  # one vectorised pass
+            g.index_add_(0, i.reshape(-1).cpu(), dx.reshape(-1, self.hidden).float().cpu())
+        self.norms[0] = self.norms_host[0] = ops.accumulate_sqnorm(self.store.embed_grad) ** 0.5  # one pass
+        return DONE
 
     # ---- common ----------------------------------------------------------------------------------
     def _to_host(self, u: int, acc: torch.Tensor, host: torch.Tensor, parts=None):
