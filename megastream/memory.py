@@ -16,6 +16,15 @@ them exactly one of
 A CUDA caching allocator reuses what a phase frees for the next, so its max_memory_allocated is the
 largest phase. The GPU figure is unverified until GPU_CALIBRATION records a measured peak.
 
+The embedding on the device (engine.embedding: device) adds no buffer and no phase: its table is
+copied into the head weight buffer, its gradient built in the head's fp32 accumulator, and what its
+gather and scatter-add hold besides (token ids, one micro-batch's fp32 rows' gradient) is far below
+the backward of a layer.
+
+The loss chunk (`chunk_tokens`): engine.loss_chunk_tokens, or automatically the tokens whose fp32
+logits take about 256 MiB (engine/loss.py:auto_chunk_tokens), which on CUDA grows into the plan's free
+GPU memory (`sized_chunk_tokens`): its lm_head gradient GEMMs then have a wider inner dimension.
+
 On the CPU the "device" buffers live in host RAM, so they are added to the host total and the GPU
 total is 0; glibc malloc keeps much of what one phase frees, so there the phases add up (see
 `budget`).
@@ -62,6 +71,7 @@ ADAPTER_BYTES = 16
 _LORA_BASE_DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
 
 PHASE_FORWARD, PHASE_LOSS, PHASE_BACKWARD = "forward of one layer", "loss chunk", "backward of one layer"
+MAX_CHUNK_TOKENS = 8192  # the automatic loss chunk grows up to this many tokens on CUDA
 # Measured calibration of the GPU figure on a CUDA allocator. None: never measured, and `plan` says
 # so. The GPU acceptance run (tests/test_gpu.py::test_plan_predicts_gpu_peak_within_15_percent,
 # scripts/gpu_acceptance.sh) measures torch.cuda.max_memory_allocated against this model; commit
@@ -91,6 +101,8 @@ class Budget:
     # LoRA runs only (empty for full fine-tuning): rank, targets, adapter_params, adapter_bytes (device),
     # base_dtype, base_bytes (host), h2d_bytes_per_step, d2h_bytes_per_step.
     lora: dict = field(default_factory=dict)
+    embedding: str = "host"  # engine.embedding resolved (resolve.embedding_path): "host" | "device"
+    chunk_tokens: int = 0  # tokens per loss chunk; notes["logits chunk"] says how it was chosen
 
     @property
     def host_total(self) -> int:
@@ -218,6 +230,33 @@ def loss_chunk_bytes(spec: ModelSpec, chunk: int, itemsize: int, frozen_head: bo
     return norm + stages[stage], stage
 
 
+def sized_chunk_tokens(spec: ModelSpec, base: int, mb_tokens: int, itemsize: int, frozen_head: bool, resident: int,
+                       peak: int, gpu_budget: int) -> tuple[int, str]:
+    """The loss chunk on CUDA when engine.loss_chunk_tokens is 0: the largest power of two of tokens, at
+    least `base` (the automatic size), at most the micro-batch's `mb_tokens` and MAX_CHUNK_TOKENS, whose
+    loss phase (`resident`: the persistent buffers and the phase's other terms, plus loss_chunk_bytes)
+    stays within the plan's `peak` at `base` plus half of what that leaves free under `gpu_budget`; else
+    `base`. Returns (tokens, why). Pure: the caller passes the plan's figures (tests, synthetic budgets)."""
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    free = gpu_budget - peak
+    if free <= 0:
+        return base, f"the automatic size: the plan needs {gb(peak)} of the {gb(gpu_budget)} budget already"
+    limit = peak + free // 2
+    cap = min(mb_tokens, MAX_CHUNK_TOKENS)
+    best, c = base, 1 << max(base - 1, 0).bit_length()  # the smallest power of two >= base
+    while c <= cap and resident + loss_chunk_bytes(spec, c, itemsize, frozen_head)[0] <= limit:
+        best, c = c, 2 * c
+    half = f"half of the {gb(free)} the plan leaves free at {base} tokens under {gb(gpu_budget)}"
+    if best > base:
+        loss = resident + loss_chunk_bytes(spec, best, itemsize, frozen_head)[0]
+        return best, (f"the largest power of two up to {cap} (the micro-batch's {mb_tokens} tokens, at most "
+                      f"{MAX_CHUNK_TOKENS}) whose loss phase ({gb(loss)}) keeps {half}")
+    if c > cap:
+        return base, f"the automatic size: no power of two above it fits the micro-batch's {mb_tokens} tokens"
+    loss = resident + loss_chunk_bytes(spec, c, itemsize, frozen_head)[0]
+    return base, f"the automatic size: {c} tokens would take the loss phase to {gb(loss)}, past {half}"
+
+
 def _data_bytes(cfg: Config, spec: ModelSpec) -> tuple[int, str]:
     from megastream.data.loader import data_memory  # the data package knows its own arrays
 
@@ -225,10 +264,14 @@ def _data_bytes(cfg: Config, spec: ModelSpec) -> tuple[int, str]:
 
 
 def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype, grad: torch.dtype,
-           runtime_bytes: int) -> Budget:
+           runtime_bytes: int, gpu_budget: int | None = None, distributed: bool = False) -> Budget:
     """The memory a run of `cfg` will take. `runtime_bytes`: the host RSS of Python, torch and
     megastream before any model memory exists (the caller measures its own). With `cfg.lora` the base
-    is frozen and `compute` becomes the base's compute dtype (lora_base_format)."""
+    is frozen and `compute` becomes the base's compute dtype (lora_base_format). `gpu_budget` (bytes):
+    the GPU memory the run may use, which the automatic loss chunk grows into on CUDA (None: it does
+    not grow). `distributed`: a rank of a torchrun job (the embedding is then on the device)."""
+    from megastream.resolve import embedding_path
+
     t, e, lo = cfg.train, cfg.engine, cfg.lora
     scheme = None
     if lo is not None:
@@ -241,6 +284,7 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     ec = compute.itemsize
     H, V, L = spec.hidden_size, spec.vocab_size, spec.num_layers
     b = Budget(params=n, device_type=device_type, compute_dtype=compute, grad_dtype=grad, tokens_per_step=T)
+    b.embedding, b.notes["embedding"] = embedding_path(cfg, spec, device_type, distributed)
 
     # ---- device buffers (engine/weights.py, engine/grads.py, engine/engine.py, engine/loss.py) ----
     # Persistent: allocated once (weight slots, accumulators) or alive for the whole step (masks).
@@ -274,10 +318,14 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
                   "train_extra": list(lo.train_extra), "extra_params": n_x,
                   "base_dtype": scheme or {torch.bfloat16: "bf16", torch.float32: "float32"}.get(compute, str(compute)[6:]),
                   "base_bytes": sum(unit_bytes),
-                  # each layer twice (forward, backward's recompute); the head stays resident and the
-                  # embedding is gathered on the host. Upper bound: the two layers still resident at each
-                  # turn (forward -> backward, backward -> next forward) are not copied again.
-                  "h2d_bytes_per_step": 2 * sum(unit_bytes[1:-1]), "d2h_bytes_per_step": 0}
+                  # each layer twice (forward, backward's recompute); the head stays resident, and so does a
+                  # tied table; an untied one on the device takes the head's buffer, so both cross each step.
+                  # Upper bound: the two layers still resident at each turn (forward -> backward, backward ->
+                  # next forward) are not copied again.
+                  "h2d_bytes_per_step": 2 * sum(unit_bytes[1:-1]) + (
+                      (unit_bytes[0] + unit_bytes[-1]) if b.embedding == "device" and not spec.tie_word_embeddings
+                      and "embed_tokens" not in lo.train_extra else 0),
+                  "d2h_bytes_per_step": 0}
     dense_mask = cfg.engine.attention != "varlen"  # varlen: int32 segment offsets (<= B * S + 1), no mask
     if cfg.data.pack:  # packed rows: a (B, 1, S, S) bool mask and (B, S, hd) rope tables per micro-batch
         mask_row = S * S if dense_mask else 4 * S
@@ -292,7 +340,8 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     th = T * H * ec  # one layer's hidden states, all micro-batches
     labels = T * 8  # int64, on the device from the loss to the end of the step
     chunk = min(e.loss_chunk_tokens or auto_chunk_tokens(V), mb_tokens)
-    logits, stage = loss_chunk_bytes(spec, chunk, ec, frozen_head=lo is not None and "lm_head" not in lo.train_extra)
+    frozen_head = lo is not None and "lm_head" not in lo.train_extra
+    logits, stage = loss_chunk_bytes(spec, chunk, ec, frozen_head=frozen_head)
     # Not counted: a gradient's grad-dtype cast (engine/grads.py) or an offloaded checkpoint whose copy
     # is still in flight. Freed tensors with pending stream uses leave the allocated bytes at once,
     # and the allocator waits for their copies before it would report out of memory.
@@ -329,8 +378,18 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
         if "lm_head" in lo.train_extra and ec != 4:  # the trained fp32 head, cast for the step's loss chunks
             phases[PHASE_LOSS]["trained lm_head in the compute dtype"] = V * H * ec
     b.device_persistent, b.phases = keep, phases
+    why = ("engine.loss_chunk_tokens" if e.loss_chunk_tokens else
+           "the micro-batch's tokens" if chunk == mb_tokens else "the automatic size (fp32 logits near 256 MiB)")
+    if device_type == "cuda" and not e.loss_chunk_tokens and gpu_budget:
+        loss_phase = phases[PHASE_LOSS]
+        resident = sum(keep.values()) + sum(v for k, v in loss_phase.items() if k != "logits chunk")
+        chunk, why = sized_chunk_tokens(spec, chunk, mb_tokens, ec, frozen_head, resident, max(b.phase_totals.values()),
+                                        gpu_budget)
+        loss_phase["logits chunk"], stage = loss_chunk_bytes(spec, chunk, ec, frozen_head=frozen_head)
+    b.chunk_tokens = chunk
     b.notes["logits chunk"] = (f"{chunk} tokens x {V} vocab; peak at the {stage} stage ("
                                f"{LOGITS_TEMPS} fp32 (chunk, V) tensors at logsumexp)")
+    b.notes["loss chunk"] = why
     if device_type == "cuda":
         b.gpu = keep | phases[b.peak_phase]
         b.gpu_calibration = GPU_CALIBRATION

@@ -128,10 +128,13 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     model_flops = 6 * b.params * T
     ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
     # each layer in forward and backward, but for the last two (still resident when backward starts,
-    # engine/weights.py), and the head (lm_head and final norm) once
+    # engine/weights.py), and the head (lm_head and final norm) once; every gradient back once, the
+    # embedding's in fp32 (tied: with the lm_head's; untied on the host: built there, nothing crosses)
     h2d = (sum(u.numel * passes for u, passes in zip(units[1:-1], layer_passes(spec.num_layers)))
            + head + spec.hidden_size) * ec
     d2h = (n_layers + spec.hidden_size) * eg + head * (4 if spec.tie_word_embeddings else eg)
+    if b.embedding == "device" and not spec.tie_word_embeddings:  # the table into the head's buffer before the
+        h2d, d2h = h2d + head * ec, d2h + head * 4  # rows are gathered; its fp32 gradient back (tied: they are the head's)
     frac, unrouted_in, unrouted_out = routed_expert_bytes(cfg, spec, units, T)  # routed MoE streaming
     h2d, d2h = h2d - unrouted_in * ec, d2h - unrouted_out * eg
     mode = mode_name(cfg)
@@ -262,6 +265,8 @@ class Plan:
             "params": b.params, "device": self.device_type, "compute_dtype": str(b.compute_dtype)[6:],
             "optimizer_mode": {"master": self.cfg.optim.master, "states": self.cfg.optim.states},
             "tokens_per_step": b.tokens_per_step,
+            "embedding": b.embedding, "embedding_note": b.notes["embedding"],
+            "loss_chunk_tokens": b.chunk_tokens, "loss_chunk_note": b.notes["loss chunk"],
             "host_bytes": b.host, "gpu_bytes": b.gpu,
             "host_bytes_total": b.host_total, "gpu_bytes_total": b.gpu_total,
             **_gpu_json(b),
@@ -323,9 +328,11 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
     compute, grad = resolve_dtypes(cfg, torch.device(device_type))
     runtime = rss() if runtime_bytes is None else runtime_bytes
     m = host or machine()
+    gpu_budget, source = gpu_budget_of(cfg, m) if device_type == "cuda" else (None, "no GPU here")
+    distributed = topology is not None and topology.world > 1
 
     def budget_of(c: Config) -> Budget:
-        return budget(c, spec, device_type, compute, grad, runtime)
+        return budget(c, spec, device_type, compute, grad, runtime, gpu_budget=gpu_budget, distributed=distributed)
 
     b = budget_of(cfg)
     rates = rates_for(device_type)
@@ -341,17 +348,6 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
     per_node = b.host_total * (topology.ranks_per_node if topology is not None else 1)
     fits_host = per_node <= ram_usable
 
-    gpu_budget, source = None, "no GPU here"
-    if device_type == "cuda":
-        physical = m.gpus[0].total_bytes if m.gpus else None
-        cap = int(cfg.engine.gpu_memory_gb * 1e9) if cfg.engine.gpu_memory_gb else None
-        if cap and physical:
-            gpu_budget = min(cap, physical)
-            source = f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} on a {physical / 1e9:.0f} GB {m.gpus[0].name}"
-        elif cap:
-            gpu_budget, source = cap, f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} (no GPU visible here)"
-        elif physical:
-            gpu_budget, source = physical, f"{m.gpus[0].name}, {physical / 1e9:.0f} GB"
     fits_gpu = device_type == "cpu" or (gpu_budget is not None and b.gpu_total <= gpu_budget)
 
     warnings = [dist["warning"]] if "warning" in dist else []
@@ -376,6 +372,20 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
     suggestions = _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type, bases)
     return Plan(cfg, spec, device_type, b, m, rates, roof, ram_usable, gpu_budget, source, fits_host, fits_gpu,
                 warnings, suggestions, modes, lora_bases=bases, dist=dist)
+
+
+def gpu_budget_of(cfg: Config, m: Machine) -> tuple[int | None, str]:
+    """(bytes a CUDA run may use: engine.gpu_memory_gb, or the first GPU's memory, or None; where from)."""
+    physical = m.gpus[0].total_bytes if m.gpus else None
+    cap = int(cfg.engine.gpu_memory_gb * 1e9) if cfg.engine.gpu_memory_gb else None
+    if cap and physical:
+        return min(cap, physical), (f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} on a {physical / 1e9:.0f} GB "
+                                    f"{m.gpus[0].name}")
+    if cap:
+        return cap, f"engine.gpu_memory_gb={cfg.engine.gpu_memory_gb:g} (no GPU visible here)"
+    if physical:
+        return physical, f"{m.gpus[0].name}, {physical / 1e9:.0f} GB"
+    return None, "no GPU here"
 
 
 def _dist_plan(cfg: Config, spec: ModelSpec, b: Budget, roof: Roofline, topo, budget_of, rates: Rates) -> dict:
@@ -472,7 +482,11 @@ def render(p: Plan) -> str:
              f"device {p.device_type}, compute {str(b.compute_dtype)[6:]}, {training}, "
              f"activations {p.cfg.engine.activations}",
              f"{b.tokens_per_step} tokens/step = {p.cfg.train.micro_batch_size} x {p.cfg.train.grad_accum} x "
-             f"{p.cfg.data.seq_len}", _data_line(p.data), "",
+             f"{p.cfg.data.seq_len}", _data_line(p.data),
+             f"embedding on the {b.embedding} ({b.notes['embedding']}): "
+             + ("rows gathered and gradient scatter-added on the GPU, the table streamed like a unit"
+                if b.embedding == "device" else "rows gathered and gradient summed in host memory"),
+             f"loss chunk {b.chunk_tokens} tokens: {b.notes['loss chunk']}", "",
              "host RAM" + " " * 40 + "bytes   per param"]
     for k, v in b.host.items():
         label = f"working (the frozen base, {b.lora['base_dtype']})" if b.lora and k == "working" else k

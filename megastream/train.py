@@ -462,7 +462,8 @@ def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device:
     return (f"megastream: {cfg.model.preset or cfg.model.path} ({spec.architecture}), {b.params / 1e6:.1f}M params, "
             f"{spec.num_layers} layers | device {device}, compute {str(store.compute_dtype)[6:]}, "
             f"{optim}, activations "
-            f"{cfg.engine.activations}, C++ ops {'on' if ops.have_ext() else 'off'}\n"
+            f"{cfg.engine.activations}, embedding on the {b.embedding}, loss chunk {b.chunk_tokens} tokens, "
+            f"C++ ops {'on' if ops.have_ext() else 'off'}\n"
             f"megastream: host {b.host_total / 1e9:.2f} GB planned ({parts} GB): "
             f"{store.state_bytes_per_param():.2f} B/param of model state, {b.host_total / b.params:.2f} B/param in all "
             f"| {gpu}\n"
@@ -584,7 +585,9 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     with _gpu_oom(plan, "while allocating the device buffers"):
-        engine = Engine(spec, store, cfg, device, adapters=adapters, comm=comm)
+        # the loss chunk the plan sized into the free GPU memory (on the CPU: engine.loss_chunk_tokens or automatic)
+        engine = Engine(spec, store, cfg, device, adapters=adapters, comm=comm,
+                        chunk_tokens=plan.budget.chunk_tokens if device.type == "cuda" else None)
     engine.adam_steps = adam_steps
     engine.prev_norm = prev_norm
     history = []
