@@ -133,8 +133,9 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     h2d = (sum(u.numel * passes for u, passes in zip(units[1:-1], layer_passes(spec.num_layers)))
            + head + spec.hidden_size) * ec
     d2h = (n_layers + spec.hidden_size) * eg + head * (4 if spec.tie_word_embeddings else eg)
-    if b.embedding == "device" and not spec.tie_word_embeddings:  # the table into the head's buffer before the
-        h2d, d2h = h2d + head * ec, d2h + head * 4  # rows are gathered; its fp32 gradient back (tied: they are the head's)
+    if b.embedding == "device" and not spec.tie_word_embeddings:
+        # the table into the head's buffer for the rows, its fp32 gradient back (tied: these are the head's)
+        h2d, d2h = h2d + head * ec, d2h + head * 4
     frac, unrouted_in, unrouted_out = routed_expert_bytes(cfg, spec, units, T)  # routed MoE streaming
     h2d, d2h = h2d - unrouted_in * ec, d2h - unrouted_out * eg
     mode = mode_name(cfg)

@@ -72,6 +72,12 @@ def _reference(model, rows, clip: float, previous: bool = False):
                          ids=["llama-clip-sharded", "qwen2-tied-bias-clip", "llama-noclip", "qwen3-qknorm-bias",
                               "mistral"])
 def test_train_matches_transformers_adamw(tmp_path, kind, clip, sharded):
+    check_parity(tmp_path, kind, clip, sharded)
+
+
+def check_parity(tmp_path, kind: str, clip: float, sharded: bool = False, engine: dict | None = None) -> None:
+    """Train a tiny `kind` model through the CLI (`engine`: extra engine settings) and check every step's
+    loss and gradient norm and every final weight against _reference."""
     model_dir = tmp_path / "model"
     model = make_hf_model(kind, model_dir, max_shard_size="20KB" if sharded else None)
     if sharded:
@@ -85,7 +91,8 @@ def test_train_matches_transformers_adamw(tmp_path, kind, clip, sharded):
         "train": {"steps": STEPS, "micro_batch_size": MB, "grad_accum": ACCUM, "lr": LR, "warmup_steps": WARMUP,
                   "schedule": "cosine", "min_lr": MIN_LR, "weight_decay": WD, "grad_clip": clip, "seed": 0},
         "optim": {"betas": [0.9, 0.95], "eps": 1e-8},
-        "engine": {"device": "cpu", "dtype": "float32", "loss_chunk_tokens": 7},  # several head chunks
+        "engine": {"device": "cpu", "dtype": "float32", "loss_chunk_tokens": 7,  # several head chunks
+                   **(engine or {})},
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     })
     run_cli("train", str(cfg))
