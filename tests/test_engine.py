@@ -106,3 +106,25 @@ def test_micro_batching_does_not_change_the_step():
     assert out[0][0] == pytest.approx(out[1][0], rel=fp_tol(torch.float32, n))
     for u, (a, b) in enumerate(zip(out[0][1], out[1][1])):
         assert_close_normwise(a, b, n, msg=f"unit {u}")
+
+
+def test_loss_chunk_size_does_not_change_the_step():
+    """The plan's larger chunk (Engine's chunk_tokens, memory.sized_chunk_tokens on CUDA) against many
+    small ones: the same loss and gradients. fp32, norm-wise: each lm_head gradient element sums over the
+    step's tokens in chunk-sized GEMMs, in another blocking; terms as in the tests above."""
+    spec = _spec(False)
+    mbs = _batches(spec, M=2, B=2, S=9, seed=4)
+    out = []
+    for chunk in (3, 32):  # six chunks of a micro-batch's 18 tokens, or one
+        store = HostStore(model_layout(spec), torch.float32, torch.float32, pin=False)
+        store.init_random(0.2, seed=3)
+        cfg = Config(train=TrainConfig(grad_clip=0.0, weight_decay=0.0), engine=EngineConfig(loss_chunk_tokens=5))
+        engine = Engine(spec, store, cfg, torch.device("cpu"), chunk_tokens=chunk)
+        assert engine.chunk_tokens == chunk  # the plan's chunk wins over engine.loss_chunk_tokens
+        stats = engine.step(mbs, lr=1e-6)
+        engine.close()
+        out.append((stats.loss, [store.grad_of(u).clone() for u in range(len(store.units))]))
+    n = sum(mb.input_ids.numel() for mb in mbs) * spec.intermediate_size
+    assert out[0][0] == pytest.approx(out[1][0], rel=fp_tol(torch.float32, n))
+    for u, (a, b) in enumerate(zip(out[0][1], out[1][1])):
+        assert_close_normwise(a, b, n, msg=f"unit {u}")

@@ -133,3 +133,60 @@ def test_plan_cli_json_says_unverified():
     js = json.loads(run_cli("plan", str(BIG), "--json", check=False).stdout)
     assert js["device"] == "cuda" and js["gpu_verified"] is False
     assert js["gpu_peak_phase"] in js["gpu_phases"]
+
+
+# ---- the automatic loss chunk on CUDA, grown into the plan's free GPU memory (memory.sized_chunk_tokens) ----
+SEVEN_B = ("data.seq_len=4096", "train.micro_batch_size=4", "train.grad_accum=2")
+
+
+def _grown(gpu_bytes: float, preset="qwen2.5-7b", sets=SEVEN_B):
+    cfg = load_config(DEMO, [f"model.preset={preset}", "engine.device=cuda", "data.pack=false", *sets])
+    return memory.budget(cfg, PRESETS[preset], "cuda", torch.bfloat16, torch.bfloat16, 0, gpu_budget=int(gpu_bytes))
+
+
+def test_the_automatic_loss_chunk_grows_into_half_the_free_gpu_memory():
+    from megastream.engine.loss import auto_chunk_tokens
+
+    spec = PRESETS["qwen2.5-7b"]
+    base = auto_chunk_tokens(spec.vocab_size)  # 441 tokens: 256 MiB of fp32 logits
+    at_base = _budget("qwen2.5-7b", *SEVEN_B)  # no GPU budget given: the automatic size, as before
+    assert at_base.chunk_tokens == base
+    cap = min(4 * 4096, memory.MAX_CHUNK_TOKENS)
+    chunks = {}
+    for gb in (24, 80):
+        b = _grown(gb * 1e9)
+        c = chunks[gb] = b.chunk_tokens
+        assert c & (c - 1) == 0 and base <= c <= cap, c  # a power of two, >= the automatic size, <= the cap
+        limit = at_base.gpu_total + (gb * 1e9 - at_base.gpu_total) // 2  # the peak plus half of what it leaves
+        others = b.phase_totals[memory.PHASE_LOSS] - b.phases[memory.PHASE_LOSS]["logits chunk"]
+        assert b.phases[memory.PHASE_LOSS]["logits chunk"] == memory.loss_chunk_bytes(spec, c, 2)[0]
+        assert b.phase_totals[memory.PHASE_LOSS] <= limit
+        assert 2 * c > cap or others + memory.loss_chunk_bytes(spec, 2 * c, 2)[0] > limit  # the largest one
+        assert b.gpu_total <= gb * 1e9  # the plan's GPU peak with that chunk stays under the budget
+        assert f"{b.chunk_tokens}" in b.notes["logits chunk"] and "the largest power of two" in b.notes["loss chunk"]
+    assert chunks[24] < chunks[80] == memory.MAX_CHUNK_TOKENS
+
+    # Too small to grow: the loss phase is the peak and half of the 0.1 GB left free is less than the
+    # next power of two's logits; or the plan does not fit at all; or the micro-batch is smaller.
+    small = ("data.seq_len=512", "train.micro_batch_size=4", "train.grad_accum=2")
+    peak = _budget("qwen2.5-0.5b", *small)
+    assert peak.peak_phase == memory.PHASE_LOSS
+    tight = _grown(peak.gpu_total + 0.1e9, "qwen2.5-0.5b", small)
+    assert tight.chunk_tokens == base and tight.gpu_total == peak.gpu_total and "512 tokens would" in \
+        tight.notes["loss chunk"]
+    over = _grown(0.5 * at_base.gpu_total)
+    assert over.chunk_tokens == base and "needs" in over.notes["loss chunk"]
+    short = _grown(80e9, sets=("data.seq_len=256", "train.micro_batch_size=1", "train.grad_accum=2"))
+    assert short.chunk_tokens == 256  # the micro-batch's tokens, as before
+
+
+def test_plan_shows_the_chunk_and_the_embedding_path():
+    from megastream.plan import make_plan, render
+
+    cfg = load_config(BIG)  # qwen2.5-14b on a 24 GB budget (engine.gpu_memory_gb)
+    p = make_plan(cfg, PRESETS["qwen2.5-14b"], runtime_bytes=int(0.3e9), host=_machine(256))
+    b, text, js = p.budget, render(p), p.to_json()
+    assert b.chunk_tokens > 441 and b.gpu_total <= p.gpu_budget
+    assert f"loss chunk {b.chunk_tokens} tokens: the largest power of two" in text
+    assert "embedding on the device (auto on CUDA)" in text
+    assert (js["loss_chunk_tokens"], js["embedding"]) == (b.chunk_tokens, "device")
