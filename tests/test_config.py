@@ -452,3 +452,17 @@ def test_section_that_is_not_a_mapping_names_its_keys(data_file):
     raw["train"] = 5
     msg = _error(raw)
     assert "train: expected a mapping of keys (steps, micro_batch_size" in msg and "train.:" not in msg
+
+
+def test_readme_config_reference_lists_every_key():
+    """README's config reference has a row `section.key` for every key of every section (lora's too)."""
+    import re
+    import typing
+
+    rows = set(re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \|", (REPO / "README.md").read_text(), re.M))
+    hints = typing.get_type_hints(Config)
+    keys = set()
+    for section in dataclasses.fields(Config):
+        cls = next(a for a in (hints[section.name], *typing.get_args(hints[section.name])) if dataclasses.is_dataclass(a))
+        keys |= {f"{section.name}.{f.name}" for f in dataclasses.fields(cls)}
+    assert keys - rows == set(), "keys without a README row"
