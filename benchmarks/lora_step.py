@@ -64,18 +64,37 @@ def _timed_step(engine: Engine, mbs: list[MicroBatch]) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def _plan_gpu_bytes(spec: ModelSpec, a, lora: LoraConfig | None, device: torch.device) -> int | None:
-    """The plan's peak allocator bytes for this run (megastream plan's figure minus the CUDA context)."""
-    if device.type != "cuda":
-        return None
+def _plan_budget(spec: ModelSpec, a, lora: LoraConfig | None):
+    """megastream plan's memory budget of this run on cuda (its GPU peak, and the loss chunk it sizes
+    into the free GPU memory, which the engine then uses as `megastream train` does)."""
     from megastream.config import DataConfig
-    from megastream.memory import CUDA_CONTEXT_DEVICE
     from megastream.plan import make_plan
 
     cfg = Config(data=DataConfig(seq_len=a.seq_len),
                  train=TrainConfig(micro_batch_size=a.micro_batch, grad_accum=a.grad_accum, grad_clip=1.0),
                  engine=EngineConfig(device="cuda", gpu_memory_gb=a.gpu_memory_gb), lora=lora)
-    return make_plan(cfg, spec).budget.gpu_total - CUDA_CONTEXT_DEVICE
+    return make_plan(cfg, spec).budget
+
+
+def _planned_gpu_bytes(b) -> int:
+    """The plan's peak allocator bytes (its GPU figure minus the CUDA context, outside the allocator)."""
+    from megastream.memory import CUDA_CONTEXT_DEVICE
+
+    return b.gpu_total - CUDA_CONTEXT_DEVICE
+
+
+def _check(a) -> None:
+    """--check: what a run of these arguments would hold, without a GPU (the acceptance script's dry run)."""
+    spec = SHAPES[a.preset] if not a.layers else dataclasses.replace(SHAPES[a.preset], num_layers=a.layers)
+    lora = LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=a.dropout, base_dtype=a.base_dtype)
+    for mode in a.modes:
+        line = f"{a.preset} ({spec.num_layers} layers, {count_params(spec) / 1e9:.2f}B params) {mode}"
+        if a.device.startswith("cuda"):
+            gb = _planned_gpu_bytes(_plan_budget(spec, a, lora if mode == "lora" else None)) / 1e9
+            line += f": planned GPU peak {gb:.2f} GB" + (f" (cap {a.gpu_memory_gb:g} GB)" if a.gpu_memory_gb else "")
+            if a.gpu_memory_gb and gb > a.gpu_memory_gb:
+                raise SystemExit(f"{line}: over the cap")
+        print(line)
 
 
 def main() -> None:
@@ -100,7 +119,11 @@ def main() -> None:
                     help="torch threads (0: torch's default; default: 1 on the CPU, torch's default on cuda, where "
                          "the full step's host AdamW needs the cores)")
     ap.add_argument("--json", default=None, help="write the result as JSON here")
+    ap.add_argument("--check", action="store_true",
+                    help="check the arguments and print the plan's GPU bytes per mode, run nothing (any machine)")
     a = ap.parse_args()
+    if a.check:
+        return _check(a)
     device = torch.device(a.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -136,15 +159,19 @@ def main() -> None:
     adapters = LoraAdapters(spec, LORA_TARGETS, rank=a.rank, alpha=lora.alpha, dropout=a.dropout, rslora=False,
                             device=device, seed=0)
     adapters.init_default()
+    plans = {m: _plan_budget(spec, a, lora if m == "lora" else None) for m in a.modes} if device.type == "cuda" else {}
     times = {m: [] for m in a.modes}  # (wall, cpu) per timed step
     gpu_peak = {}
     for r in range(a.rounds):  # full, lora, lora, full, ...: both modes see the same (shared, drifting) machine
         for mode in a.modes[::1 if r % 2 == 0 else -1]:
             cfg = Config(train=TrainConfig(grad_clip=1.0, weight_decay=0.0), engine=EngineConfig(),
                          lora=lora if mode == "lora" else None)
+            chunk = None  # the CPU: the automatic loss chunk, as `megastream train` there
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            engine = Engine(spec, stores[mode], cfg, device, adapters=adapters if mode == "lora" else None)
+                chunk = plans[mode].chunk_tokens
+            engine = Engine(spec, stores[mode], cfg, device, adapters=adapters if mode == "lora" else None,
+                            chunk_tokens=chunk)
             steps = [_timed_step(engine, mbs) for _ in range(a.steps + 1)]
             times[mode] += steps[1:]  # the first is warm-up
             engine.close()  # its optimizer thread (and that thread's OpenMP team) ends here
@@ -169,8 +196,9 @@ def main() -> None:
         wall = statistics.median(t[0] for t in times[mode])
         result[f"{mode}_tokens_per_s"] = tokens / wall
         if device.type == "cuda":
-            planned = _plan_gpu_bytes(spec, a, lora if mode == "lora" else None, device)
+            planned = _planned_gpu_bytes(plans[mode])
             result[f"{mode}_gpu_peak_bytes"], result[f"{mode}_planned_gpu_bytes"] = gpu_peak[mode], planned
+            result[f"{mode}_loss_chunk_tokens"] = plans[mode].chunk_tokens
             print(f"{mode}: {tokens / wall:,.0f} tokens/s, GPU peak {gpu_peak[mode] / 1e9:.2f} GB allocated, "
                   f"planned {planned / 1e9:.2f} GB ({planned / gpu_peak[mode]:.2f}x), host store "
                   f"{host_store[mode] / 1e9:.2f} GB, init {init_s[mode]:.1f} s")

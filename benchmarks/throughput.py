@@ -146,7 +146,8 @@ VARIANTS = {
     "flex": {"engine.attention": "flex"},  # FlexAttention, block-sparse document mask (packed rows only)
     "clip-previous": {"optim.clip": "previous"},  # each unit updated as its gradient lands, last step's norm
     "compile": {"engine.compile": True},  # torch.compile of the native layer function
-    # "embed-device": {"engine.embedding": "device"},  # once megastream/config.py has engine.embedding
+    "varlen": {"engine.attention": "varlen"},  # flash attention over each document (packed rows only)
+    "embed-host": {"engine.embedding": "host"},  # the embedding on the host (before engine.embedding's device path)
 }
 HYPER = {"lr": 1e-5, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 
@@ -240,7 +241,9 @@ def attainable_bound(cfg, spec, b, rates) -> Attainable:
             every layer's gradient and the head's (fp32 when the embedding is tied)).
     tail    what follows the last layer's backward and overlaps nothing: that layer's gradient D2H,
             the d(embedding output) D2H, and the host's scatter-add and norm of the embedding
-            gradient (V * H fp32 read once, 8 bytes per scattered element).
+            gradient (V * H fp32 read once, 8 bytes per scattered element); with the embedding on
+            the device (engine.embedding, the default on CUDA) the embedding's fp32 gradient D2H
+            instead, and an untied table's H2D joins the forward's copies.
 
     Compute is timed at the matmul rate and attention (counted as plan.roofline counts it) at its
     own measured rate. On the CPU the same cores do everything, so the terms add:
@@ -259,7 +262,9 @@ def attainable_bound(cfg, spec, b, rates) -> Attainable:
     qd = spec.num_heads * spec.head_dim
     ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
     mm = rates.matmul_tflops * 1e12
-    at = (rates.attention_tflops.get("masked" if cfg.data.pack else "causal") or rates.matmul_tflops) * 1e12
+    # a dense document mask runs at the masked rate; flex and varlen skip what the mask would zero
+    masked = cfg.data.pack and cfg.engine.attention == "sdpa"
+    at = (rates.attention_tflops.get("masked" if masked else "causal") or rates.matmul_tflops) * 1e12
     attn_pass = 2 * spec.num_layers * T * S * qd  # one pass of causal attention, FLOPs
     c_fwd = 2 * n_layers * T / mm + attn_pass / at
     c_bwd = 6 * n_layers * T / mm + 3 * attn_pass / at
@@ -267,10 +272,22 @@ def attainable_bound(cfg, spec, b, rates) -> Attainable:
     opt = roofline(cfg, spec, b, rates).optimizer_s
     host = rates.host_gbps * 1e9
     embed_host = (head * 4 + T * H * 4 * 2) / host  # norm pass over the fp32 gradient + the scatter-add
-    if b.device_type == "cuda":
+    tied = spec.tie_word_embeddings
+    if b.device_type == "cuda" and b.embedding == "device":
+        # engine.embedding: device: an untied table crosses before layer 0 (into the head's buffer); the
+        # gradient is scatter-added and normed on the device and crosses once, fp32, after the last
+        # layer's backward (a tied head's gradient waits for it: they are one buffer)
+        h2d, d2h = rates.h2d_gbps * 1e9, rates.d2h_gbps * 1e9
+        fwd = max(c_fwd, (n_layers + head + (0 if tied else head)) * ec / h2d)
+        bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + (0 if tied else head * eg)) / d2h)
+        tail = max_layer * eg / d2h + head * 4 / d2h
+        first = max(opt, fwd)
+        step = first + c_head + bwd + tail
+        bound = "optimizer" if opt >= fwd else "forward"
+    elif b.device_type == "cuda":
         h2d, d2h = rates.h2d_gbps * 1e9, rates.d2h_gbps * 1e9
         fwd = max(c_fwd, (n_layers + head) * ec / h2d)
-        head_d2h = head * (4 if spec.tie_word_embeddings else eg)
+        head_d2h = head * (4 if tied else eg)
         bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + head_d2h) / d2h)
         tail = max_layer * eg / d2h + T * H * ec / d2h + embed_host
         first = max(opt, fwd)

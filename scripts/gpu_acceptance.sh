@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU must show, in one command and at most 10 minutes of GPU time, in two parts:
+# Everything a GPU must show, in one command and at most 10 minutes of GPU time, in two parts (and two
+# more, each on its own: the step features and LoRA, parts 3 and 4):
 #
 #   part 1 (<= 360 s, alone enough for the headline)
 #     setup      install the carried wheels (.whl/, from scripts/gpu_wheels.sh) into --site, on PYTHONPATH
@@ -11,7 +12,7 @@
 #                deepspeed from --site, megastream from this checkout)
 #     build      megastream's C++ ops, once, before any timed row
 #     env        megastream env
-#     pytest-gpu pytest -m gpu (the GPU tests)
+#     pytest-gpu pytest -m gpu (the GPU tests, but for parts 3 and 4's)
 #     ds-join    wait for ds-build
 #     h2h-3b     benchmarks/throughput.py on qwen2.5-3b: megastream full (the headline) and lean, DeepSpeed
 #                ZeRO-3 offload, FSDP2 offload, each row under its own timeout
@@ -20,18 +21,30 @@
 #     14b        qwen2.5-14b, compact mode, 24 GB GPU cap, 5 timed steps, then a torch.profiler trace of 3
 #                steps: compute-stream busy fraction, H2D/D2H time hidden under compute
 #     7b         qwen2.5-7b megastream rows that the host's RAM holds (rates reused from the 14b step)
-#   part 3 (<= 300 s, on its own: `all` is parts 1 and 2) the step features before/after
+#   part 3 (<= 330 s, on its own: `all` is parts 1 and 2) the step features before/after
 #     setup3     megastream's ops (a cache hit after part 1 or 2 on this machine) and the GPU's state
+#     pytest-features  pytest -m gpu of varlen attention and the embedding on the device
 #     features   qwen2.5-3b, 8192-token rows of 8 documents each (seeded boundaries), 1 x 2 rows a step:
-#                megastream:full, +flex (FlexAttention block-sparse document mask), +clip-previous (update
-#                each unit as its gradient lands, clipped by the previous step's norm), +flex+clip-previous,
-#                +compile (torch.compile of the layer function, 2 warm-up steps for its compilation), each
-#                row under its own timeout; OUT/step-features.json with each variant's tokens/s over
-#                megastream:full's and what stayed unmeasured. qwen2.5-3b, not 7b: megastream:full on 7b
-#                needs ~125 GB of host RAM (its memory model), over 95% of the machine's 128 GB, so its rows
-#                would be not-run (part 2 runs 7b in lean mode only)
+#                megastream:full, +flex (FlexAttention block-sparse document mask), +varlen (flash attention
+#                over each document), +clip-previous (update each unit as its gradient lands, clipped by the
+#                previous step's norm), +embed-host (the embedding gathered and its gradient summed on the
+#                host: the path before engine.embedding's device default), each row under its own timeout;
+#                OUT/step-features.json with each variant's tokens/s over megastream:full's and what stayed
+#                unmeasured. qwen2.5-3b, not 7b: megastream:full on 7b needs ~125 GB of host RAM (its memory
+#                model), over 95% of the machine's 128 GB, so its rows would be not-run (part 2 runs 7b in
+#                lean mode only)
+#   part 4 (<= 340 s, on its own) the rest of the step features, and LoRA on the GPU
+#     setup4     as setup3
+#     pytest-lora  pytest -m gpu of LoRA / QLoRA (tests/test_lora_gpu.py)
+#     features2  the same shape: megastream:full, +varlen+clip-previous, +compile (torch.compile of the layer
+#                function, 2 warm-up steps for its compilation) -> OUT/step-features-2.json
+#     lora       benchmarks/lora_step.py: full fine-tuning vs LoRA (rank 16, all seven projections) steps of
+#                qwen2.5-1.5b, 8k tokens -> OUT/lora-step-qwen2.5-1.5b.json
+#     qlora-72b  benchmarks/lora_step.py: QLoRA over an NF4 base at Qwen2.5-72B's widths (2 layers), 4k
+#                tokens, 24 GB cap: tokens/s, GPU peak against the plan's, init (quantizing) time
+#                -> OUT/qlora-qwen2.5-72b-2-layers.json
 #
-#   bash scripts/gpu_acceptance.sh [--part 1|2|3|all] [--out DIR] [--dry-run] [--site DIR] [--wheels DIR]
+#   bash scripts/gpu_acceptance.sh [--part 1|2|3|4|all] [--out DIR] [--dry-run] [--site DIR] [--wheels DIR]
 #
 # Every step runs under its own `timeout` (the whole process group is killed at its limit) and a failing
 # step never stops the later ones. Each step's output goes to OUT/steps/<step>.log (and the harness's
@@ -45,8 +58,9 @@
 # shapes: the preflight (GPU checks reported, not required), the ops build, megastream env, pytest -m gpu
 # (collecting and skipping), throughput.py --dry-run (the CPU, a tiny model, the head-to-head's rows, both
 # bounds) and throughput.py --check of every GPU command (its arguments, rows, timeouts, what the host's
-# RAM allows); part 3's runs its sdpa rows with 4 documents in 32-token rows (flex is not-run on the CPU:
-# no FlexAttention backward there; compile is left out: its compilation alone takes ~60 s of 2 CPU cores).
+# RAM allows); part 3's runs its sdpa rows with 4 documents in 32-token rows (flex and varlen are not-run
+# on the CPU: no FlexAttention backward, no flash kernel there); part 4's checks its GPU rows (compile's
+# compilation alone takes ~60 s of 2 CPU cores) and runs lora_step.py on the demo's tiny shape.
 # tests/test_gpu_acceptance.py runs it.
 set -o pipefail  # no -e: a failing step never stops the next; no -u: nor does an empty list
 
@@ -60,7 +74,8 @@ WHL="$REPO/.whl"
 PY=${PYTHON:-python3}
 BUDGET_1=360
 BUDGET_2=240
-BUDGET_3=300
+BUDGET_3=330
+BUDGET_4=340
 DRY_SCALE=${DRY_SCALE:-4}  # a dry run on a small CPU gets this many times each step's (GPU-sized) timeout
 HOST_RAM_GB=128  # the device machine's RAM (KINDS.md); its MemTotal starts lower and grows with use
 
@@ -77,7 +92,7 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_acceptance.sh: unknown argument $1" >&2; usage 2 ;;
   esac
 done
-case "$PART" in 1|2|3|all) ;; *) echo "--part must be 1, 2, 3 or all (parts 1 and 2)" >&2; exit 2 ;; esac
+case "$PART" in 1|2|3|4|all) ;; *) echo "--part must be 1, 2, 3, 4 or all (parts 1 and 2)" >&2; exit 2 ;; esac
 PACK=0
 if [ -z "$OUT_DIR" ]; then
   if [ -n "${OUT:-}" ]; then OUT_DIR=$OUT; PACK=1; else OUT_DIR="$REPO/runs/acceptance-$(date +%F-%H%M%S)"; fi
@@ -212,6 +227,12 @@ CMD_14B="$TP --model qwen2.5-14b $SHAPE_14B --steps 5 --warmup 1 --systems megas
 RATES_14B="\$([ -f $OUT_DIR/h2h-qwen2.5-14b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-14b.json)"
 CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:lean $RATES_14B --timeouts roofline=15 megastream:lean=55 --json $OUT_DIR/h2h-qwen2.5-7b.json --logs $STEPS/7b"
 
+# pytest -m gpu: part 1 runs the engine's GPU tests; the step features' and LoRA's run in parts 3 and 4
+PYTEST="$PY -m pytest -m gpu -q -n 0 -p no:cacheprovider"
+FEATURE_TESTS="tests/test_varlen_attention.py tests/test_embed_device.py"
+LORA_TESTS="tests/test_lora_gpu.py"
+PYTEST_1="$PYTEST tests $(for t in $FEATURE_TESTS $LORA_TESTS; do printf -- '--ignore=%s ' "$t"; done)"
+
 part1() {
   step setup 10 "the carried wheels into $SITE" \
     "ls $WHL/*.whl && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $WHL/*.whl && ls $SITE" \
@@ -226,8 +247,7 @@ part1() {
   step build 40 "megastream's C++ ops, once, before the timed rows" \
     "$PY $STEPS/build_megastream.py" "$PY $STEPS/build_megastream.py"
   step env 10 "megastream env" "$PY -m megastream env" "$PY -m megastream env"
-  step pytest-gpu 90 "the GPU tests" "$PY -m pytest -m gpu -q -n 0 -p no:cacheprovider tests" \
-    "$PY -m pytest -m gpu -q -n 0 -p no:cacheprovider tests"
+  step pytest-gpu 90 "the GPU tests (those of parts 3 and 4's features run there)" "$PYTEST_1" "$PYTEST_1"
   joinstep ds-join 10 ds-build
   step h2h-3b 180 "qwen2.5-3b head-to-head: $H2H_ROWS" "$CMD_H2H" \
     "$CMD_H2H --check && $TP --dry-run --systems megastream:full deepspeed --json $OUT_DIR/h2h-tiny-dry-run.json --logs $STEPS/h2h-3b"
@@ -250,18 +270,48 @@ part2() {
 # norms-only pass); flex compiles its FlexAttention kernels in its warm-up step (the second flex row hits
 # the compile cache); compile compiles the layer function in its two warm-up steps and comes last, so that
 # --carry-over hands it what the rows before it left.
-FEATURE_ROWS="megastream:full megastream:full+flex megastream:full+clip-previous megastream:full+flex+clip-previous megastream:full+compile"
+FEATURE_ROWS="megastream:full megastream:full+flex megastream:full+varlen megastream:full+clip-previous megastream:full+embed-host"
 SHAPE_FEAT="--seq-len 8192 --docs-per-row 8 --micro-batch-size 1 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
-CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --warmups megastream:full+compile=2 --timeouts roofline=15 megastream:full=40 megastream:full+flex=55 megastream:full+clip-previous=40 megastream:full+flex+clip-previous=45 megastream:full+compile=65 --carry-over --json $OUT_DIR/step-features.json --logs $STEPS/features"
+CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --timeouts roofline=15 megastream:full=40 megastream:full+flex=55 megastream:full+varlen=45 megastream:full+clip-previous=40 megastream:full+embed-host=40 --carry-over --json $OUT_DIR/step-features.json --logs $STEPS/features"
 # the dry run: the CPU's rows (flex is not-run there, compile left out: see the header)
-DRY_FEAT="$TP --dry-run --docs-per-row 4 --systems megastream:full megastream:full+flex megastream:full+clip-previous megastream:full+flex+clip-previous --json $OUT_DIR/step-features-dry-run.json --logs $STEPS/features"
+DRY_FEAT="$TP --dry-run --docs-per-row 4 --systems megastream:full megastream:full+flex megastream:full+varlen megastream:full+clip-previous --json $OUT_DIR/step-features-dry-run.json --logs $STEPS/features"
 
 part3() {
   step setup3 40 "megastream's ops (built once: cached after part 1 or 2) and the GPU's state" \
     "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
     "$PY $STEPS/build_megastream.py"
+  step pytest-features 30 "the step features' GPU tests (varlen, the embedding on the device)" \
+    "$PYTEST $FEATURE_TESTS" "$PYTEST $FEATURE_TESTS"
   step features 260 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE_ROWS" \
     "$CMD_FEAT" "$CMD_FEAT --check && $DRY_FEAT"
+}
+
+# Part 4: the rest of the step features (compile; varlen + clip-previous together, the fastest settings
+# by design) against their own megastream:full row (ratios are taken within one run), then LoRA on the
+# GPU (issue 15): benchmarks/lora_step.py's full vs LoRA step on qwen2.5-1.5b (24 GB of pinned full-mode
+# state: half of part 3's 3b start-up), and QLoRA over an NF4 base at Qwen2.5-72B's widths, two layers
+# (the whole model's 80 only add layers the plan counts the same way), 4k tokens, a 24 GB cap: the GPU
+# peak against the plan's, the host store, the time to quantize at init.
+FEATURE2_ROWS="megastream:full megastream:full+varlen+clip-previous megastream:full+compile"
+CMD_FEAT2="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE2_ROWS --warmups megastream:full+compile=2 --timeouts roofline=15 megastream:full=40 megastream:full+varlen+clip-previous=45 megastream:full+compile=65 --carry-over --json $OUT_DIR/step-features-2.json --logs $STEPS/features2"
+LS="$PY benchmarks/lora_step.py"
+CMD_LORA="$LS --device cuda --preset qwen2.5-1.5b --seq-len 4096 --micro-batch 1 --grad-accum 2 --rounds 2 --steps 1 --json $OUT_DIR/lora-step-qwen2.5-1.5b.json"
+CMD_QLORA="$LS --device cuda --preset qwen2.5-72b --layers 2 --modes lora --base-dtype nf4 --seq-len 4096 --micro-batch 1 --grad-accum 1 --gpu-memory-gb 24 --rounds 1 --steps 3 --json $OUT_DIR/qlora-qwen2.5-72b-2-layers.json"
+# the dry run: the same scripts on the CPU's tiny shapes (the features' rows already ran in part 3's)
+DRY_LORA="$LS --device cpu --preset tiny --layers 2 --seq-len 32 --micro-batch 2 --grad-accum 1 --rounds 2 --steps 1 --json $OUT_DIR/lora-step-dry-run.json"
+DRY_QLORA="$LS --device cpu --preset tiny --layers 2 --modes lora --base-dtype nf4 --seq-len 32 --micro-batch 1 --grad-accum 1 --rounds 1 --steps 1 --json $OUT_DIR/qlora-dry-run.json"
+
+part4() {
+  step setup4 40 "megastream's ops (built once: cached after an earlier part on this machine) and the GPU's state" \
+    "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
+    "$PY $STEPS/build_megastream.py"
+  step pytest-lora 40 "LoRA's GPU tests (adapters vs the CPU, dequantization, the plan's GPU peak)" \
+    "$PYTEST $LORA_TESTS" "$PYTEST $LORA_TESTS"
+  step features2 165 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE2_ROWS" \
+    "$CMD_FEAT2" "$CMD_FEAT2 --check"
+  step lora 50 "LoRA vs full fine-tuning step, qwen2.5-1.5b, 8k tokens" "$CMD_LORA" "$CMD_LORA --check && $DRY_LORA"
+  step qlora-72b 45 "QLoRA, NF4 base at Qwen2.5-72B's widths (2 layers), 4k tokens, 24 GB cap: GPU peak vs plan" \
+    "$CMD_QLORA" "$CMD_QLORA --check && $DRY_QLORA"
 }
 
 # ---- the runner -------------------------------------------------------------------------------------
@@ -372,7 +422,7 @@ joinstep() {
 }
 
 parts=()
-case "$PART" in 1) parts=(1) ;; 2) parts=(2) ;; 3) parts=(3) ;; all) parts=(1 2) ;; esac
+case "$PART" in 1) parts=(1) ;; 2) parts=(2) ;; 3) parts=(3) ;; 4) parts=(4) ;; all) parts=(1 2) ;; esac
 : > "$STEPS/plan.jsonl"; : > "$STEPS/results.jsonl"
 echo "gpu_acceptance.sh: parts ${parts[*]}$([ "$DRY" = 1 ] && echo ' (DRY RUN: the CPU, tiny shapes)') -> $OUT_DIR"
 if command -v git > /dev/null && git -C "$REPO" rev-parse HEAD > /dev/null 2>&1; then

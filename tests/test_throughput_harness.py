@@ -42,12 +42,19 @@ def _budget(a, mode):
     return cfg, PRESETS[a.model], budget(cfg, PRESETS[a.model], a.device, dt, dt, 0)
 
 
-def test_attainable_bound_by_hand_on_a_gpu():
-    """max(T_opt, T_fwd) + T_head + T_bwd + tail, each term recomputed here from the rates."""
+@pytest.mark.parametrize("embedding", ["device", "host"])
+def test_attainable_bound_by_hand_on_a_gpu(embedding):
+    """max(T_opt, T_fwd) + T_head + T_bwd + tail, each term recomputed here from the rates, with the
+    embedding on the device (the default on CUDA) and on the host."""
+    import dataclasses
+
     from megastream.model.layout import model_layout
 
     a = _args()
-    cfg, spec, b = _budget(a, "full")
+    cfg, spec, _ = _budget(a, "full")
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, embedding=embedding))
+    b = budget(cfg, spec, "cuda", torch.bfloat16, torch.bfloat16, 0)
+    assert b.embedding == embedding
     r = _rates()
     got = tp.attainable_bound(cfg, spec, b, r)
     units = model_layout(spec)
@@ -56,10 +63,15 @@ def test_attainable_bound_by_hand_on_a_gpu():
     attn = 2 * spec.num_layers * T * S * spec.num_heads * spec.head_dim
     c_fwd = 2 * nl * T / 600e12 + attn / 300e12  # rows are unpacked: the causal attention rate
     c_bwd = 6 * nl * T / 600e12 + 3 * attn / 300e12
-    fwd = max(c_fwd, (nl + V * H) * 2 / 50e9)
-    bwd = max(c_bwd, nl * 2 / 50e9, (nl * 2 + V * H * 4) / 40e9)  # qwen2.5-0.5b ties its embeddings: fp32 D2H
+    fwd = max(c_fwd, (nl + V * H) * 2 / 50e9)  # qwen2.5-0.5b ties its embeddings: the table is the head's
+    max_layer = max(u.numel for u in units[1:-1])
+    if embedding == "host":
+        bwd = max(c_bwd, nl * 2 / 50e9, (nl * 2 + V * H * 4) / 40e9)  # the tied head's gradient: fp32 D2H
+        tail = max_layer * 2 / 40e9 + T * H * 2 / 40e9 + (V * H * 4 + T * H * 8) / 100e9
+    else:  # the tied head's gradient waits for the embedding's rows and crosses with them, fp32, last
+        bwd = max(c_bwd, nl * 2 / 50e9, nl * 2 / 40e9)
+        tail = max_layer * 2 / 40e9 + V * H * 4 / 40e9
     opt = b.params * 0.3e-9
-    tail = max(u.numel for u in units[1:-1]) * 2 / 40e9 + T * H * 2 / 40e9 + (V * H * 4 + T * H * 8) / 100e9
     assert got.opt_s == pytest.approx(opt) and got.fwd_s == pytest.approx(fwd) and got.bwd_s == pytest.approx(bwd)
     assert got.head_s == pytest.approx(6 * V * H * T / 600e12) and got.tail_s == pytest.approx(tail)
     assert got.step_s == pytest.approx(max(opt, fwd) + got.head_s + bwd + tail)
