@@ -58,9 +58,9 @@
 # shapes: the preflight (GPU checks reported, not required), the ops build, megastream env, pytest -m gpu
 # (collecting and skipping), throughput.py --dry-run (the CPU, a tiny model, the head-to-head's rows, both
 # bounds) and throughput.py --check of every GPU command (its arguments, rows, timeouts, what the host's
-# RAM allows); part 3's runs its sdpa rows with 4 documents in 32-token rows (flex and varlen are not-run
-# on the CPU: no FlexAttention backward, no flash kernel there); part 4's checks its GPU rows (compile's
-# compilation alone takes ~60 s of 2 CPU cores) and runs lora_step.py on the demo's tiny shape.
+# RAM allows); parts 3 and 4 check their GPU commands (throughput.py --check, lora_step.py --check: the
+# rows, their settings and timeouts, the plan's GPU peaks) and collect their GPU tests: variant rows and
+# packed rows run on the CPU in tests/test_throughput_harness.py, lora_step.py in tests/test_lora_plan.py.
 # tests/test_gpu_acceptance.py runs it.
 set -o pipefail  # no -e: a failing step never stops the next; no -u: nor does an empty list
 
@@ -112,7 +112,7 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 cat > "$STEPS/preflight.py" <<'EOF'
 """Print and check what the runs need. A failed requirement makes the step fail (after every check has
 printed); on a dry run the GPU's requirements are reported, not required."""
-import ctypes.util, glob, importlib, os, re, resource, shutil, subprocess, sys
+import ctypes.util, glob, importlib, importlib.util, os, re, resource, shutil, subprocess, sys
 from pathlib import Path
 
 dry = os.environ.get("DRY") == "1"
@@ -180,9 +180,13 @@ soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
 report(True, "host", f"{os.cpu_count()} cores, MemTotal {int(mem['MemTotal']) / 1e6:.0f} GB, MemAvailable "
        f"{int(mem['MemAvailable']) / 1e6:.0f} GB, memlock {'unlimited' if soft == resource.RLIM_INFINITY else soft}")
 report(True, "disk", f"{shutil.disk_usage('/tmp').free / 1e9:.0f} GB free in /tmp")
-# every import
+# every import (a dry run only looks up the GPU-only ones: importing peft alone takes ~7 s of a CPU)
 for mod, gpu in (("transformers", False), ("peft", True), ("accelerate", True), ("deepspeed", True), ("pydantic", True),
                  ("megastream", False)):
+    if dry and gpu:
+        spec = importlib.util.find_spec(mod)
+        report(spec is not None, f"find {mod}", spec.origin if spec else "not installed here", gpu=True)
+        continue
     try:
         m = importlib.import_module(mod)
         report(True, f"import {mod}", f"{getattr(m, '__version__', '?')} ({os.path.dirname(m.__file__)})")
@@ -227,11 +231,14 @@ CMD_14B="$TP --model qwen2.5-14b $SHAPE_14B --steps 5 --warmup 1 --systems megas
 RATES_14B="\$([ -f $OUT_DIR/h2h-qwen2.5-14b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-14b.json)"
 CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:lean $RATES_14B --timeouts roofline=15 megastream:lean=55 --json $OUT_DIR/h2h-qwen2.5-7b.json --logs $STEPS/7b"
 
-# pytest -m gpu: part 1 runs the engine's GPU tests; the step features' and LoRA's run in parts 3 and 4
+# pytest -m gpu: part 1 runs the engine's GPU tests; the step features' and LoRA's run in parts 3 and 4.
+# Each file with gpu tests is in exactly one list (tests/test_gpu_acceptance.py checks it), so no part
+# collects the whole suite.
 PYTEST="$PY -m pytest -m gpu -q -n 0 -p no:cacheprovider"
+ENGINE_TESTS="tests/test_gpu.py tests/test_activations.py tests/test_flex_attention.py tests/test_quant.py"
 FEATURE_TESTS="tests/test_varlen_attention.py tests/test_embed_device.py"
 LORA_TESTS="tests/test_lora_gpu.py"
-PYTEST_1="$PYTEST tests $(for t in $FEATURE_TESTS $LORA_TESTS; do printf -- '--ignore=%s ' "$t"; done)"
+PYTEST_1="$PYTEST $ENGINE_TESTS"
 
 part1() {
   step setup 10 "the carried wheels into $SITE" \
@@ -273,8 +280,6 @@ part2() {
 FEATURE_ROWS="megastream:full megastream:full+flex megastream:full+varlen megastream:full+clip-previous megastream:full+embed-host"
 SHAPE_FEAT="--seq-len 8192 --docs-per-row 8 --micro-batch-size 1 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
 CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --timeouts roofline=15 megastream:full=40 megastream:full+flex=55 megastream:full+varlen=45 megastream:full+clip-previous=40 megastream:full+embed-host=40 --carry-over --json $OUT_DIR/step-features.json --logs $STEPS/features"
-# the dry run: the CPU's rows (flex is not-run there, compile left out: see the header)
-DRY_FEAT="$TP --dry-run --docs-per-row 4 --systems megastream:full megastream:full+flex megastream:full+varlen megastream:full+clip-previous --json $OUT_DIR/step-features-dry-run.json --logs $STEPS/features"
 
 part3() {
   step setup3 40 "megastream's ops (built once: cached after part 1 or 2) and the GPU's state" \
@@ -283,7 +288,7 @@ part3() {
   step pytest-features 30 "the step features' GPU tests (varlen, the embedding on the device)" \
     "$PYTEST $FEATURE_TESTS" "$PYTEST $FEATURE_TESTS"
   step features 260 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE_ROWS" \
-    "$CMD_FEAT" "$CMD_FEAT --check && $DRY_FEAT"
+    "$CMD_FEAT" "$CMD_FEAT --check"
 }
 
 # Part 4: the rest of the step features (compile; varlen + clip-previous together, the fastest settings
@@ -297,9 +302,6 @@ CMD_FEAT2="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE2_ROWS --warmups
 LS="$PY benchmarks/lora_step.py"
 CMD_LORA="$LS --device cuda --preset qwen2.5-1.5b --seq-len 4096 --micro-batch 1 --grad-accum 2 --rounds 2 --steps 1 --json $OUT_DIR/lora-step-qwen2.5-1.5b.json"
 CMD_QLORA="$LS --device cuda --preset qwen2.5-72b --layers 2 --modes lora --base-dtype nf4 --seq-len 4096 --micro-batch 1 --grad-accum 1 --gpu-memory-gb 24 --rounds 1 --steps 3 --json $OUT_DIR/qlora-qwen2.5-72b-2-layers.json"
-# the dry run: the same scripts on the CPU's tiny shapes (the features' rows already ran in part 3's)
-DRY_LORA="$LS --device cpu --preset tiny --layers 2 --seq-len 32 --micro-batch 2 --grad-accum 1 --rounds 2 --steps 1 --json $OUT_DIR/lora-step-dry-run.json"
-DRY_QLORA="$LS --device cpu --preset tiny --layers 2 --modes lora --base-dtype nf4 --seq-len 32 --micro-batch 1 --grad-accum 1 --rounds 1 --steps 1 --json $OUT_DIR/qlora-dry-run.json"
 
 part4() {
   step setup4 40 "megastream's ops (built once: cached after an earlier part on this machine) and the GPU's state" \
@@ -309,9 +311,9 @@ part4() {
     "$PYTEST $LORA_TESTS" "$PYTEST $LORA_TESTS"
   step features2 165 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE2_ROWS" \
     "$CMD_FEAT2" "$CMD_FEAT2 --check"
-  step lora 50 "LoRA vs full fine-tuning step, qwen2.5-1.5b, 8k tokens" "$CMD_LORA" "$CMD_LORA --check && $DRY_LORA"
+  step lora 50 "LoRA vs full fine-tuning step, qwen2.5-1.5b, 8k tokens" "$CMD_LORA" "$CMD_LORA --check"
   step qlora-72b 45 "QLoRA, NF4 base at Qwen2.5-72B's widths (2 layers), 4k tokens, 24 GB cap: GPU peak vs plan" \
-    "$CMD_QLORA" "$CMD_QLORA --check && $DRY_QLORA"
+    "$CMD_QLORA" "$CMD_QLORA --check"
 }
 
 # ---- the runner -------------------------------------------------------------------------------------

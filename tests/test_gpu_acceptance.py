@@ -7,56 +7,76 @@ import os
 import subprocess
 import tarfile
 
+import pytest
+
 from helpers import REPO
 
 PART1 = ["setup", "ds-build", "preflight", "build", "env", "pytest-gpu", "ds-join", "h2h-3b"]
 PART2 = ["setup2", "14b", "7b"]
 
 
-def test_acceptance_dry_run(tmp_path):
-    out = tmp_path / "acc"
+def _dry_run(out, *args):
     env = dict(os.environ, PYTHON=__import__("sys").executable)
     env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), "--dry-run", "--out", str(out)],
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), *args, "--dry-run", "--out", str(out)],
                           capture_output=True, text=True, timeout=900, env=env, check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]
+    return text, json.loads((out / "acceptance.json").read_text())
 
-    # the plan: every step, its timeout and its command, within each part's budget
-    assert "part 1: timeouts sum to" in text and "part 2: timeouts sum to" in text
-    doc = json.loads((out / "acceptance.json").read_text())
-    for part, names, budget in (("1", PART1, 360), ("2", PART2, 240)):
-        p = doc["parts"][part]
-        assert [s["step"] for s in p["plan"]] == names
-        assert all(s["timeout_s"] > 0 and s["command"] for s in p["plan"])
-        assert p["timeouts_s"] == sum(s["timeout_s"] for s in p["plan"] if not s["background"]) <= budget
-        # a background step (DeepSpeed's build) fits under the steps it overlaps until its join
-        for i, s in enumerate(p["plan"]):
-            if s["background"]:
-                join = next(j for j in range(i, len(names)) if names[j].endswith("-join"))
-                assert s["timeout_s"] <= sum(x["timeout_s"] for x in p["plan"][i + 1:join + 1])
-        assert p["dry_run"] is True
-        # run: every step ran (none stopped the others), each with its own log, all fine on the CPU
-        assert sorted(s["step"] for s in p["steps"]) == sorted(names)
-        for s in p["steps"]:
-            assert s["status"] == "ok", (s, (out / s["log"]).read_text()[-3000:])
-            assert (out / s["log"]).exists()
-    for name in PART1 + PART2:
+
+def test_acceptance_parts_and_a_bad_part():
+    """--part all (the default) is parts 1 and 2 (each checked below, run on its own as the GPU machine
+    runs them); a part that does not exist is refused before anything runs."""
+    env = dict(os.environ, PYTHON=__import__("sys").executable)
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), "--part", "9", "--dry-run"],
+                         capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert bad.returncode == 2 and "--part must be" in bad.stderr
+    script = (REPO / "scripts" / "gpu_acceptance.sh").read_text()
+    assert "PART=all\n" in script and "all) parts=(1 2) ;;" in script
+
+
+@pytest.mark.parametrize("part", ["1", "2"])
+def test_acceptance_dry_run(tmp_path, part):
+    out = tmp_path / "acc"
+    text, doc = _dry_run(out, "--part", part)
+    names, budget = {"1": (PART1, 360), "2": (PART2, 240)}[part]
+
+    # the plan: every step, its timeout and its command, within the part's budget
+    assert f"part {part}: timeouts sum to" in text
+    p = doc["parts"][part]
+    assert [s["step"] for s in p["plan"]] == names
+    assert all(s["timeout_s"] > 0 and s["command"] for s in p["plan"])
+    assert p["timeouts_s"] == sum(s["timeout_s"] for s in p["plan"] if not s["background"]) <= budget
+    # a background step (DeepSpeed's build) fits under the steps it overlaps until its join
+    for i, s in enumerate(p["plan"]):
+        if s["background"]:
+            join = next(j for j in range(i, len(names)) if names[j].endswith("-join"))
+            assert s["timeout_s"] <= sum(x["timeout_s"] for x in p["plan"][i + 1:join + 1])
+    assert p["dry_run"] is True
+    # run: every step ran (none stopped the others), each with its own log, all fine on the CPU
+    assert sorted(s["step"] for s in p["steps"]) == sorted(names)
+    for s in p["steps"]:
+        assert s["status"] == "ok", (s, (out / s["log"]).read_text()[-3000:])
+        assert (out / s["log"]).exists()
+    for name in names:
         assert f"{name}: ok in" in text  # each step's elapsed time as it ends
 
-    # the summary table, the logs packed, the head-to-head's dry run with both bounds
+    # the summary table, the logs packed
     summary = (out / "summary.txt").read_text()
-    for name in PART1 + PART2:
+    for name in names:
         assert name in summary
-    with tarfile.open(out / "logs-partall.tar.gz") as tar:
-        assert "steps/preflight.log" in tar.getnames()
+    with tarfile.open(out / f"logs-part{part}.tar.gz") as tar:
+        assert f"steps/{names[0]}.log" in tar.getnames()
+    if part == "2":  # the GPU commands' arguments checked: rows the host cannot hold are not-run up front
+        assert "not-run: needs ~" in (out / "steps" / "14b.log").read_text()
+        return
+    # the head-to-head's dry run with both bounds
     h2h = json.loads((out / "h2h-tiny-dry-run.json").read_text())
     rows = {s["name"]: s for s in h2h["systems"]}
     assert rows["megastream:full"]["status"] == "ok"  # every row's dry run: test_throughput_harness.py
     assert rows["deepspeed"]["status"] == "not-run"
     assert set(h2h["bounds"]["megastream:full"]) >= {"ideal", "attainable"}
-    # the GPU commands' arguments checked: rows the host cannot hold are not-run up front
-    assert "not-run: needs ~" in (out / "steps" / "14b.log").read_text()
     assert "preflight:" in (out / "steps" / "preflight.log").read_text()
 
 
@@ -67,9 +87,8 @@ FEATURE_ROWS = ["megastream:full", "megastream:full+flex", "megastream:full+varl
 
 def test_acceptance_part3_dry_run(tmp_path):
     """Part 3, the step features before/after: its plan (a setup, the features' GPU tests and one harness
-    step whose rows are megastream:full and each feature, each under its own timeout, all within 330 s), the GPU command
-    checked (--check: every row runs there, with its timeout and settings) and the CPU's dry run of
-    its rows with packed rows (flex not-run on the CPU, with megastream's reason)."""
+    step whose rows are megastream:full and each feature, each under its own timeout, all within 330 s)
+    and the GPU command checked (--check: every row runs there, with its timeout and settings)."""
     out = tmp_path / "acc3"
     env = dict(os.environ, PYTHON=__import__("sys").executable)
     env.pop("OUT", None)
@@ -103,19 +122,7 @@ def test_acceptance_part3_dry_run(tmp_path):
     assert f"at most {sum(timeouts.values()):.0f} s in all" in log
     assert sum(timeouts.values()) + sum(s["timeout_s"] for s in p["plan"] if s["step"] != "features") <= 330
 
-    # the dry run: packed rows, the sdpa rows ran and have a ratio, flex is not-run on the CPU
-    dry = json.loads((out / "step-features-dry-run.json").read_text())
-    rows = {s["name"]: s for s in dry["systems"]}
-    assert dry["data"]["docs_per_row"] == 4 and dry["data"]["identical_for_all_systems"]
-    assert rows["megastream:full"]["status"] == rows["megastream:full+clip-previous"]["status"] == "ok"
-    assert rows["megastream:full+clip-previous"]["config"]["optim.clip"] == "previous"
-    for row in ("megastream:full+flex", "megastream:full+varlen"):
-        assert rows[row]["status"] == "not-run" and "CPU" in rows[row]["message"], row
-    assert dry["variants"]["full+clip-previous / full"]["ratio"] > 0
-    assert any(u.startswith("compile") for u in dry["unmeasured"])
-    assert "full+clip-previous / full = " in log
-    results = doc["results"]["step-features-dry-run.json"]
-    assert results["variants"]["full+flex / full"] is None and results["unmeasured"]
+    assert not (out / "step-features-dry-run.json").exists()  # the rows run on the CPU in test_throughput_harness
 
 
 PART4 = ["setup4", "pytest-lora", "features2", "lora", "qlora-72b"]
@@ -125,7 +132,7 @@ FEATURE2_ROWS = ["megastream:full", "megastream:full+varlen+clip-previous", "meg
 def test_acceptance_part4_dry_run(tmp_path):
     """Part 4, the rest of the step features and LoRA on the GPU: its plan within 340 s, the features'
     GPU command checked (compile with its warm-up steps), the LoRA benchmarks' GPU arguments checked
-    (the 72B-wide QLoRA's planned GPU peak under its 24 GB cap) and run on the CPU's tiny shape."""
+    (the 72B-wide QLoRA's planned GPU peak under its 24 GB cap)."""
     out = tmp_path / "acc4"
     env = dict(os.environ, PYTHON=__import__("sys").executable)
     env.pop("OUT", None)
@@ -146,25 +153,21 @@ def test_acceptance_part4_dry_run(tmp_path):
     qlora = (out / "steps" / "qlora-72b.log").read_text()
     planned = float(qlora.split("planned GPU peak")[1].split()[0])
     assert 0 < planned <= 24, qlora  # the cap the GPU run sets
-    lora = json.loads((out / "lora-step-dry-run.json").read_text())
-    assert lora["ratio_cpu"] > 0 and set(lora["step_cpu_s"]) == {"full", "lora"}
-    q = json.loads((out / "qlora-dry-run.json").read_text())
-    assert q["base_dtype"] == "nf4" and q["layers"] == 2 and q["lora_tokens_per_s"] > 0
+    lora = (out / "steps" / "lora.log").read_text()
+    assert "qwen2.5-1.5b" in lora and " full: planned GPU peak" in lora and " lora: planned GPU peak" in lora, lora
 
 
 def test_every_gpu_test_file_runs_in_some_part():
-    """Part 1's pytest leaves out the step features' and LoRA's GPU tests, which parts 3 and 4 run:
-    every file with `gpu` tests is run by exactly one part."""
+    """Each part's pytest runs its own list of files (part 1 the engine's, parts 3 and 4 the step
+    features' and LoRA's): every file with `gpu` tests is in exactly one list."""
     import re
 
     script = (REPO / "scripts" / "gpu_acceptance.sh").read_text()
     lists = {name: re.search(rf'^{name}="([^"]*)"', script, re.M).group(1).split()
-             for name in ("FEATURE_TESTS", "LORA_TESTS")}
-    later = lists["FEATURE_TESTS"] + lists["LORA_TESTS"]
+             for name in ("ENGINE_TESTS", "FEATURE_TESTS", "LORA_TESTS")}
+    listed = [f for files in lists.values() for f in files]
     gpu_files = sorted(f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
                        if "mark.gpu" in p.read_text() and p.name != "test_gpu_acceptance.py")
-    assert set(later) <= set(gpu_files), set(later) - set(gpu_files)
-    assert "--ignore=%s" in script and "for t in $FEATURE_TESTS $LORA_TESTS" in script  # part 1 leaves them out
-    assert '"$PYTEST $FEATURE_TESTS"' in script and '"$PYTEST $LORA_TESTS"' in script  # parts 3 and 4 run them
-    assert len(later) == len(set(later)) and {"tests/test_gpu.py", "tests/test_flex_attention.py"} <= (
-        set(gpu_files) - set(later))  # the engine's own GPU tests stay in part 1
+    assert sorted(listed) == gpu_files  # none missed, none twice
+    assert 'PYTEST_1="$PYTEST $ENGINE_TESTS"' in script and '"$PYTEST_1" "$PYTEST_1"' in script
+    assert '"$PYTEST $FEATURE_TESTS"' in script and '"$PYTEST $LORA_TESTS"' in script  # parts 3 and 4
