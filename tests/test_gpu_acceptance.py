@@ -90,13 +90,7 @@ def test_acceptance_part3_dry_run(tmp_path):
     step whose rows are megastream:full and each feature, each under its own timeout, all within 330 s)
     and the GPU command checked (--check: every row runs there, with its timeout and settings)."""
     out = tmp_path / "acc3"
-    env = dict(os.environ, PYTHON=__import__("sys").executable)
-    env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), "--part", "3", "--dry-run",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, check=False)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-6000:]
-    doc = json.loads((out / "acceptance.json").read_text())
+    text, doc = _dry_run(out, "--part", "3")
     assert list(doc["parts"]) == ["3"]
     p = doc["parts"]["3"]
     assert [s["step"] for s in p["plan"]] == PART3 and p["timeouts_s"] <= 330
@@ -134,13 +128,7 @@ def test_acceptance_part4_dry_run(tmp_path):
     GPU command checked (compile with its warm-up steps), the LoRA benchmarks' GPU arguments checked
     (the 72B-wide QLoRA's planned GPU peak under its 24 GB cap)."""
     out = tmp_path / "acc4"
-    env = dict(os.environ, PYTHON=__import__("sys").executable)
-    env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), "--part", "4", "--dry-run",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, check=False)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-6000:]
-    doc = json.loads((out / "acceptance.json").read_text())
+    text, doc = _dry_run(out, "--part", "4")
     p = doc["parts"]["4"]
     assert [s["step"] for s in p["plan"]] == PART4 and p["timeouts_s"] <= 340
     for s in p["steps"]:
