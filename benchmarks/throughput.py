@@ -273,23 +273,20 @@ def attainable_bound(cfg, spec, b, rates) -> Attainable:
     host = rates.host_gbps * 1e9
     embed_host = (head * 4 + T * H * 4 * 2) / host  # norm pass over the fp32 gradient + the scatter-add
     tied = spec.tie_word_embeddings
-    if b.device_type == "cuda" and b.embedding == "device":
-        # engine.embedding: device: an untied table crosses before layer 0 (into the head's buffer); the
-        # gradient is scatter-added and normed on the device and crosses once, fp32, after the last
-        # layer's backward (a tied head's gradient waits for it: they are one buffer)
+    if b.device_type == "cuda":
         h2d, d2h = rates.h2d_gbps * 1e9, rates.d2h_gbps * 1e9
-        fwd = max(c_fwd, (n_layers + head + (0 if tied else head)) * ec / h2d)
-        bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + (0 if tied else head * eg)) / d2h)
-        tail = max_layer * eg / d2h + head * 4 / d2h
-        first = max(opt, fwd)
-        step = first + c_head + bwd + tail
-        bound = "optimizer" if opt >= fwd else "forward"
-    elif b.device_type == "cuda":
-        h2d, d2h = rates.h2d_gbps * 1e9, rates.d2h_gbps * 1e9
-        fwd = max(c_fwd, (n_layers + head) * ec / h2d)
-        head_d2h = head * (4 if tied else eg)
-        bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + head_d2h) / d2h)
-        tail = max_layer * eg / d2h + T * H * ec / d2h + embed_host
+        if b.embedding == "device":
+            # engine.embedding: device: an untied table crosses before layer 0 (into the head's buffer); the
+            # gradient is scatter-added and normed on the device and crosses once, fp32, after the last
+            # layer's backward (a tied head's gradient waits for it: they are one buffer)
+            fwd = max(c_fwd, (n_layers + head + (0 if tied else head)) * ec / h2d)
+            bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + (0 if tied else head * eg)) / d2h)
+            tail = max_layer * eg / d2h + head * 4 / d2h
+        else:
+            fwd = max(c_fwd, (n_layers + head) * ec / h2d)
+            head_d2h = head * (4 if tied else eg)
+            bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + head_d2h) / d2h)
+            tail = max_layer * eg / d2h + T * H * ec / d2h + embed_host
         first = max(opt, fwd)
         step = first + c_head + bwd + tail
         bound = "optimizer" if opt >= fwd else "forward"
@@ -448,8 +445,8 @@ def megastream_config(a, mode: str):
     from megastream.config import build_config
     from megastream.resolve import MODES as RESOLVE_MODES
 
-    mode, *variants = mode.split("+")
-    master, states = RESOLVE_MODES[mode]
+    settings = variant_settings(f"megastream:{mode}")
+    master, states = RESOLVE_MODES[mode.split("+")[0]]
     packed = getattr(a, "docs_per_row", 1) > 1
     raw = {
         # pack: false with one document a row -- every row is one full-length document (see the module
@@ -463,10 +460,9 @@ def megastream_config(a, mode: str):
         "engine": {"device": a.device, "gpu_memory_gb": a.gpu_memory_gb, "activations": a.activations,
                    "dtype": _compute(a)},
     }
-    for v in variants:
-        for key, value in VARIANTS[v].items():
-            section, name = key.split(".")
-            raw.setdefault(section, {})[name] = value
+    for key, value in settings.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
     return build_config(raw)
 
 

@@ -4,6 +4,8 @@ against the allocator's. Skipped without CUDA (`pytest -m gpu`, scripts/gpu_acce
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from megastream.adapters.lora import LoraAdapters
 from megastream.config import LORA_TARGETS, Config, EngineConfig, LoraConfig, TrainConfig
 from megastream.engine.engine import Engine
 from megastream.model.layout import model_layout
+from megastream.presets import PRESETS
 from megastream.store import HostStore
 from test_gpu import _no_tf32, _preset_cfg  # noqa: F401 (an autouse fixture: fp32 matmuls stay fp32)
 from test_lora import ALPHA, RANK, _batches, _spec
@@ -58,12 +61,7 @@ def test_lora_cuda_fp32_matches_cpu(tied, scheme):
 def test_packed_layer_dequantizes_on_cuda_as_on_the_host(scheme, dtype):
     """What the engine streams (a layer's packed buffer) unpacks on the device to exactly the host's
     result: the dequantization is a table lookup and elementwise IEEE operations, no reduction."""
-    from megastream.presets import PRESETS
-
-    spec = PRESETS["qwen2.5-0.5b"]
-    import dataclasses
-
-    spec = dataclasses.replace(spec, num_layers=1)
+    spec = dataclasses.replace(PRESETS["qwen2.5-0.5b"], num_layers=1)
     store = HostStore(model_layout(spec), dtype, dtype, pin=True, trainable=False, quant=scheme)
     store.init_random(0.02, seed=0)
     u = next(iter(store.packing))
