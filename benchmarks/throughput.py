@@ -488,6 +488,7 @@ def worker_megastream(a, mode: str) -> dict:
     from megastream import ops
     from megastream.engine.engine import Engine
     from megastream.errors import ConfigError
+    from megastream.plan import make_plan
     from megastream.resolve import check_model_inputs, model_spec, resolve_device
     from megastream.train import build_model, cap_gpu_memory
 
@@ -511,7 +512,9 @@ def worker_megastream(a, mode: str) -> dict:
     t0 = time.perf_counter()
     model = build_model(cfg, spec, device)
     init_s = time.perf_counter() - t0
-    engine = Engine(spec, model.store, cfg, device)
+    # the loss chunk `megastream train` runs with: on CUDA the plan's, grown into the free GPU memory
+    chunk = make_plan(cfg, spec).budget.chunk_tokens if device.type == "cuda" else None
+    engine = Engine(spec, model.store, cfg, device, chunk_tokens=chunk)
     batches = _batches(a, spec.vocab_size)
     mbs = [_megastream_batch(ids, cuts) for ids, cuts in batches]
 
