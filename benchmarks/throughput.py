@@ -707,8 +707,9 @@ def worker_roofline(a) -> dict:
     cuda = a.device == "cuda"
     small = a.dry_run or not cuda
     # the dry run: toy sizes (quick: the probe's smallest shapes); it checks the plumbing, it measures nothing
-    rec = run_probe(torch.device(a.device), log=lambda *_: None, quick=a.dry_run,
-                    optimizer_params=2**18 if a.dry_run else 2**20 if small else 64 * 2**20,
+    # each rate printed as it is measured (flushed): a roofline child stopped at its timeout shows how far it got
+    rec = run_probe(torch.device(a.device), log=lambda *m: print(*m, flush=True), quick=a.dry_run,
+                    optimizer_params=2**18 if a.dry_run else 2**20 if small else 16 * 2**20,
                     host_bytes=2**24 if a.dry_run else 2**26 if small else 2**30)
     return {"h2d_gbps": 0.0, "d2h_gbps": 0.0} | rec
 

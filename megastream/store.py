@@ -22,14 +22,18 @@ store plus the layers being read.
 Model state in host bytes per parameter (bf16 compute): 2 + 4 + 8 = 14 (full precision),
 2 + 4 = 6 (no master, bf16 states), 2 + 2 + 8/256 = 4.03 (no master, int8 states); gradient
 staging adds 2 (bf16) or 4 (fp32). State slices start on 256-element boundaries (int8 blocks).
-Pinning uses cudaHostRegister on whole arenas: torch's pinned allocator would round every
-allocation up to a power of two (a 28 GB arena would take 32 GB) and pinning per tensor is slow.
+Pinned arenas are registered with cudaHostRegister (pinned_zeros): torch's pinned allocator would
+round every allocation up to a power of two (a 28 GB arena would take 32 GB) and pinning per tensor
+is slow.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
+import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -38,29 +42,49 @@ from megastream import cuda
 from megastream.model.layout import UnitLayout
 
 
-def _pin(t: torch.Tensor) -> torch.Tensor:
-    """Page-lock `t` in place (no copy, no rounding). Returns `t`, or a pinned copy as a fallback."""
-    if t.numel() == 0:
-        return t
-    nbytes = t.numel() * t.element_size()
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+def pinned_zeros(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, Callable[[], None]]:
+    """A zero-filled host tensor, page-locked in place for as long as it lives, and its `release`.
+
+    Its memory is an anonymous mmap (page-aligned, zero pages: no rounding up, unlike torch's pinned
+    allocator, which would give a 28 GB arena 32 GB) registered with cudaHostRegister. The
+    registration ends (`release`, at most once) when the caller says so, or by a finalizer when the
+    last tensor viewing the memory is freed, before its pages are unmapped. Registering memory that
+    torch's allocator owns could not promise that: an arena freed while still registered (a store
+    never closed, an exception) leaves a stale registration at addresses the next allocation may
+    reuse, and then cudaHostRegister there fails (CUDA error 712, already registered) and copies
+    through it fail ('invalid argument'). If registering fails, the fallback is torch's pinned
+    allocator (with its rounding) and a warning."""
+    if numel == 0:
+        return torch.zeros(0, dtype=dtype), _no_release
+    nbytes = numel * dtype.itemsize
+    buf = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled; torch.frombuffer keeps it alive
+    t = torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+    ptr = t.data_ptr()
+    err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
     if err == 0:
-        return t
+        release = weakref.finalize(buf, _unregister, ptr)
+        release.atexit = False  # at exit the driver releases it with the process
+        return t, release
     # The failed call also set this thread's CUDA last error, which the next checked kernel launch
     # would report as its own failure: clear it before the fallback's first use of the device.
     cuda.clear_last_error()
     warnings.warn(f"cudaHostRegister of {nbytes / 1e9:.2f} GB failed (CUDA error {err}); falling back to "
                   "torch's pinned allocator, which rounds each arena up to a power of two", stacklevel=2)
-    return t.pin_memory()
+    del t, buf
+    return torch.zeros(numel, dtype=dtype).pin_memory(), _no_release
 
 
-def _unpin(t: torch.Tensor) -> None:
-    """Undo `_pin`'s in-place registration. Only once no copy into or out of `t` is in flight."""
-    if t.numel() == 0:
-        return
-    err = int(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
+def _no_release() -> None:  # what a tensor that is not registered needs to release
+    pass
+
+
+def _unregister(ptr: int) -> None:
+    """Undo pinned_zeros' registration. Host waits for the device first: an H2D copy out of the memory
+    or a D2H copy into it may still be in flight, and must not outlive the registration."""
+    torch.cuda.synchronize()  # (the memory was registered through torch's CUDA runtime: CUDA is up)
+    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
     if err:
-        cuda.clear_last_error()  # as in _pin: not for the next kernel launch to report
+        cuda.clear_last_error()  # as in pinned_zeros: not for the next kernel launch to report
         warnings.warn(f"cudaHostUnregister failed (CUDA error {err})", stacklevel=2)
 
 
@@ -97,8 +121,18 @@ class HostStore:
         n_embed = sizes[0]
         self.numel = sum(sizes)
 
+        self._releases: list[Callable[[], None]] = []  # the pinned arenas' registrations (close ends them)
+
+        def arena(numel: int, dtype: torch.dtype) -> torch.Tensor:
+            """Zeros; page-locked when `pin` (what crosses PCIe: working, packed, grad, embed_grad)."""
+            if not pin:
+                return torch.zeros(numel, dtype=dtype)
+            t, release = pinned_zeros(numel, dtype)
+            self._releases.append(release)
+            return t
+
         aliased = compute_dtype == torch.float32
-        self.working = torch.zeros(n, dtype=compute_dtype)
+        self.working = arena(n, compute_dtype)
         self.master = (self.working if aliased else torch.zeros(n, dtype=torch.float32)) if master else None
         m_dtype, v_dtype = STATE_DTYPES[states]
         ns = self.state_offsets[-1] if trainable else 0
@@ -110,20 +144,11 @@ class HostStore:
         # Gradient staging for units 1.. (the embedding accumulates separately, in fp32).
         self.rotating = rotating_grads and trainable
         self._slot = max(sizes[1:-1]) if self.rotating else 0
-        self.grad = torch.zeros((2 * self._slot + sizes[-1] if self.rotating else n - n_embed) if trainable else 0,
-                                dtype=grad_dtype)
-        self.embed_grad = torch.zeros(n_embed if trainable else 0, dtype=torch.float32)
-
-        self._pinned: list[torch.Tensor] = []
-        if pin:
-            pinned = self._pin(self.working)
-            if self.master is self.working:
-                self.master = pinned
-            self.working = pinned
-            if self.packed.numel():  # a quantized base's layers (an empty arena is not tracked)
-                self.packed = self._pin(self.packed)
-            self.grad = self._pin(self.grad)
-            self.embed_grad = self._pin(self.embed_grad)
+        self.grad = arena((2 * self._slot + sizes[-1] if self.rotating else n - n_embed) if trainable else 0,
+                          grad_dtype)
+        self.embed_grad = arena(n_embed if trainable else 0, torch.float32)
+        if pin and self.packed.numel():  # a quantized base's layers (still all zeros: nothing packed yet)
+            self.packed = arena(self.packed.numel(), torch.uint8)
 
     def _plan_packing(self, quant: str | None) -> None:
         """packing[u]: (entry, byte offset, bytes, quantized) for each tensor of a packed layer."""
@@ -186,21 +211,12 @@ class HostStore:
         """The arena the optimizer updates: the fp32 master, or the working copy without one."""
         return self.master if self.master is not None else self.working
 
-    def _pin(self, t: torch.Tensor) -> torch.Tensor:
-        p = _pin(t)
-        if p is t:
-            self._pinned.append(t)
-        return p
-
     def close(self) -> None:
-        if self._pinned:
-            # Host waits for the device: H2D copies out of `working` (h2d stream) and D2H copies into
-            # `grad` / `embed_grad` (d2h stream) may still be in flight, and must not outlive the
-            # registration of the memory they read or write.
-            torch.cuda.synchronize()
-        for t in self._pinned:
-            _unpin(t)
-        self._pinned.clear()
+        """Unregister the pinned arenas now (each waits for the device first: see _unregister); they
+        stay usable as ordinary host memory. Without close, a finalizer does it when they are freed."""
+        for release in self._releases:
+            release()
+        self._releases.clear()
 
     # ---- per-unit slices (views, no copies) --------------------------------------------------
     def _slice(self, arena: torch.Tensor, u: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """CUDA faults found by reading the CUDA path (issue 12, section 1), tested without a GPU: the CUDA
 runtime, its streams and NVML are replaced by fakes that record what is called, in which order."""
 
+import gc
 import sys
 import types
 import warnings
@@ -13,7 +14,7 @@ import megastream.cuda
 import megastream.engine.activations
 from megastream import telemetry
 from megastream.model.layout import model_layout
-from megastream.store import HostStore, _pin, _unpin
+from megastream.store import HostStore, _unregister, pinned_zeros
 from test_engine import _engine, _spec
 
 CUDA_ERROR_MEMORY_ALLOCATION = 2
@@ -61,16 +62,17 @@ def runtime(monkeypatch):
 # ---- 2. a failed cudaHostRegister must not leave its error for the next kernel launch ----------
 def test_pin_fallback_clears_the_cuda_error_before_its_first_use(runtime):
     rt = runtime(register_error=CUDA_ERROR_MEMORY_ALLOCATION)
-    t = torch.zeros(1000)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = _pin(t)
-    assert p is not t  # torch's pinned copy
+        p, release = pinned_zeros(1000, torch.float32)
+    assert p.shape == (1000,) and not p.any()  # torch's pinned copy
     assert rt.last_error == 0  # the first checked launch after the fallback finds no error
     assert rt.log == ["register", "clear", "pin_memory"]
     assert [str(w.message) for w in caught] == ["cudaHostRegister of 0.00 GB failed (CUDA error 2); falling back "
                                                 "to torch's pinned allocator, which rounds each arena up to a "
                                                 "power of two"]
+    release()  # nothing registered: nothing to undo
+    assert len(rt.log) == 3
 
 
 def test_store_falls_back_without_registering_anything(runtime):
@@ -84,19 +86,39 @@ def test_store_falls_back_without_registering_anything(runtime):
     assert len(rt.log) == 9
 
 
-def test_pin_in_place_registers_once_and_clears_nothing(runtime):
+def test_pin_registers_page_aligned_zeros_once_and_releases_once(runtime):
     rt = runtime()
-    t = torch.zeros(1000)
-    assert _pin(t) is t
+    t, release = pinned_zeros(1000, torch.float32)
+    assert t.shape == (1000,) and t.dtype == torch.float32 and not t.any() and t.data_ptr() % 4096 == 0
     assert rt.log == ["register"]
+    release()
+    release()  # at most once, whoever calls it (close, then the finalizer)
+    assert rt.log == ["register", "synchronize", "unregister"]
+    t += 1  # still ordinary host memory after its release
 
 
-def test_failed_unpin_clears_the_cuda_error(runtime):
+def test_an_arena_freed_without_close_is_unregistered_when_its_last_view_dies(runtime):
+    """A store dropped without close (an exception, a test's failed assert) must not leave its
+    registrations behind: the next allocation at those addresses would fail to register (CUDA error
+    712) and copies through them would fail ('invalid argument'), as the first GPU run showed."""
+    rt = runtime()
+    store = HostStore(model_layout(_spec(False)), torch.bfloat16, torch.bfloat16, pin=True)
+    view = store.working_of(1)
+    rt.log.clear()
+    del store
+    gc.collect()
+    assert rt.log == ["synchronize", "unregister"] * 2  # grad and embed_grad; `working` lives in `view`
+    del view
+    gc.collect()
+    assert rt.log == ["synchronize", "unregister"] * 3
+
+
+def test_failed_unregister_clears_the_cuda_error(runtime):
     rt = runtime(unregister_error=CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _unpin(torch.zeros(10))
-    assert rt.last_error == 0 and rt.log == ["unregister", "clear"]
+        _unregister(torch.zeros(10).data_ptr())
+    assert rt.last_error == 0 and rt.log == ["synchronize", "unregister", "clear"]
     assert [str(w.message) for w in caught] == ["cudaHostUnregister failed (CUDA error 713)"]
 
 
@@ -144,8 +166,7 @@ def test_engine_close_drains_the_copy_streams_before_unregistering(monkeypatch):
     s = engine.streams
     s.cuda = True  # as on a GPU: four streams, copies in flight until synchronised
     s.compute, s.h2d, s.d2h, s.offload = (FakeStream(n, log) for n in ("compute", "h2d", "d2h", "offload"))
-    engine.ckpts._arena, engine.ckpts._pinned = torch.zeros(16), True  # a registered offload arena
-    monkeypatch.setattr(megastream.engine.activations, "_unpin", lambda t: log.append("unregister"))
+    engine.ckpts._arena, engine.ckpts._release = torch.zeros(16), lambda: log.append("unregister")  # registered
     engine.close()
     assert log[-1] == "unregister"
     assert sorted(log[:-1]) == ["sync compute", "sync d2h", "sync h2d", "sync offload"]
@@ -154,10 +175,10 @@ def test_engine_close_drains_the_copy_streams_before_unregistering(monkeypatch):
 def test_store_close_synchronises_before_unregistering(runtime):
     rt = runtime()
     store = HostStore(model_layout(_spec(False)), torch.bfloat16, torch.bfloat16, pin=True)
-    assert store._pinned and rt.log == ["register"] * 3
+    assert rt.log == ["register"] * 3
     rt.log.clear()
     store.close()
-    assert rt.log == ["synchronize", "unregister", "unregister", "unregister"]
+    assert rt.log == ["synchronize", "unregister"] * 3
 
 
 # ---- 5. NVML: the device torch uses, found by UUID, never by its CUDA index --------------------

@@ -1,5 +1,7 @@
 """The CUDA path: streams, pinned arenas, device-accumulated gradients. Skipped without CUDA."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from megastream.engine.engine import Engine
 from megastream.model.layout import model_layout
 from megastream.presets import PRESETS
 from megastream.store import HostStore
+from helpers import assert_close_normwise
 from test_engine import _batches, _spec
 
 pytestmark = pytest.mark.gpu
@@ -44,7 +47,10 @@ def test_cuda_fp32_matches_cpu(tied, clip):
     for a, b in zip(cpu_stats, gpu_stats):
         assert b.loss == pytest.approx(a.loss, rel=1e-5)
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
-    torch.testing.assert_close(gpu_store.master, cpu_store.master, rtol=1e-4, atol=1e-6)
+    # Norm-wise (an element-wise check failed on the first H200 run: one of 20,568 elements off by
+    # 1.3e-4 relative): each weight's gradient sums over the step's tokens, each term an H-long dot
+    # product, so n = tokens * hidden terms, in fp32.
+    assert_close_normwise(gpu_store.master, cpu_store.master, n_terms=3 * 2 * 9 * spec.hidden_size)
     gpu_store.close()
 
 
@@ -76,15 +82,20 @@ def test_1b_preset_peak_gpu_memory():
         ids = torch.randint(0, spec.vocab_size, (2, 512), generator=g)
         mbs.append(MicroBatch(ids, torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)))
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        stats = engine.step(mbs, lr=1e-5)
+    stats = [engine.step(mbs, lr=1e-5) for _ in range(2)]
     engine.close()
     peak = torch.cuda.max_memory_allocated()
     layer = model_layout(spec)[1].numel
     head = spec.vocab_size * spec.hidden_size
     predicted = 2 * layer * 2 + 2 * layer * 4 + head * 2 + head * 4
     print(f"llama-3.2-1b peak GPU memory {peak / 2**30:.2f} GiB (weights+grads buffers {predicted / 2**30:.2f} GiB)")
-    assert stats.loss == pytest.approx(11.76, abs=0.5)  # ~ln(vocab) at init
+    # At init the logits of a row are ~N(0, s^2) with s^2 = std^2 * H (the final norm's output has unit
+    # RMS; tied rows have std 0.02), so the loss on uniform random targets is ~ln V + s^2 / 2 = 12.17
+    # (a 2-layer cut of this model gives 12.14 on the CPU in fp32). The second step sees the same batch
+    # after one AdamW step, whose first update is a sign step of every one of 1.2B weights: the loss
+    # drops (10.86 on the first H200 run), so it is only checked to be lower.
+    assert stats[0].loss == pytest.approx(math.log(spec.vocab_size) + 0.02**2 * spec.hidden_size / 2, abs=0.25)
+    assert stats[1].loss < stats[0].loss
     assert peak < predicted + 1.5 * 2**30
     store.close()
 

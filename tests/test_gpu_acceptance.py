@@ -1,5 +1,5 @@
 """scripts/gpu_acceptance.sh --dry-run: the plan lists every step the GPU run needs, with timeouts
-inside the 10-minute budget (part 1 <= 360 s, part 2 <= 240 s), and the CPU-capable parts run with
+inside the 10-minute budget (part 1 <= 395 s, part 2 <= 205 s), and the CPU-capable parts run with
 tiny shapes, leaving the summary, the JSON and every step's log behind."""
 
 import json
@@ -15,13 +15,13 @@ PART1 = ["setup", "ds-build", "preflight", "build", "env", "pytest-gpu", "ds-joi
 PART2 = ["setup2", "14b", "7b"]
 
 
-def _dry_run(out, *args):
+def _dry_run(out, *args, rc=0):
     env = dict(os.environ, PYTHON=__import__("sys").executable)
     env.pop("OUT", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), *args, "--dry-run", "--out", str(out)],
                           capture_output=True, text=True, timeout=900, env=env, check=False)
     text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-6000:]
+    assert proc.returncode == rc, text[-6000:]
     return text, json.loads((out / "acceptance.json").read_text())
 
 
@@ -40,7 +40,7 @@ def test_acceptance_parts_and_a_bad_part():
 def test_acceptance_dry_run(tmp_path, part):
     out = tmp_path / "acc"
     text, doc = _dry_run(out, "--part", part)
-    names, budget = {"1": (PART1, 360), "2": (PART2, 240)}[part]
+    names, budget = {"1": (PART1, 395), "2": (PART2, 205)}[part]
 
     # the plan: every step, its timeout and its command, within the part's budget
     assert f"part {part}: timeouts sum to" in text
@@ -78,6 +78,21 @@ def test_acceptance_dry_run(tmp_path, part):
     assert rows["deepspeed"]["status"] == "not-run"
     assert set(h2h["bounds"]["megastream:full"]) >= {"ideal", "attainable"}
     assert "preflight:" in (out / "steps" / "preflight.log").read_text()
+
+
+
+def test_acceptance_deadline_skips_what_cannot_finish(tmp_path):
+    """--deadline S: a step whose timeout would end past S seconds into the run is skipped (logged,
+    summed up, never started), so one device call ends inside its limit with its logs packed. Parts 1
+    and 2 together fit one 600 s call."""
+    out = tmp_path / "acc"
+    text, doc = _dry_run(out, "--part", "2", "--deadline", "5", rc=1)  # not every step ran
+    steps = doc["parts"]["2"]["steps"]
+    assert [s["step"] for s in steps] == PART2 and {s["status"] for s in steps} == {"skipped"}
+    assert "skipped: its" in (out / "steps" / "14b.log").read_text()
+    assert "14b          skipped" in (out / "summary.txt").read_text()
+    script = (REPO / "scripts" / "gpu_acceptance.sh").read_text()
+    assert int(script.split("BUDGET_1=")[1].split()[0]) + int(script.split("BUDGET_2=")[1].split()[0]) <= 600
 
 
 PART3 = ["setup3", "pytest-features", "features"]

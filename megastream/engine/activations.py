@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from megastream.engine.streams import DONE, Streams
-from megastream.store import _pin, _unpin
+from megastream.store import _no_release, pinned_zeros
 
 
 class Checkpoints:
@@ -24,7 +24,7 @@ class Checkpoints:
         self.streams = streams
         self.offload = mode == "host"
         self._arena: torch.Tensor | None = None  # host (pinned on cuda), grown to the largest step seen
-        self._pinned = False
+        self._release = _no_release  # ends a pinned arena's registration
         self._reset()
 
     def _reset(self) -> None:
@@ -41,12 +41,10 @@ class Checkpoints:
         need = n_layers * sum(x.numel() for x in xs)
         if self._arena is None or self._arena.numel() < need or self._arena.dtype != xs[0].dtype:
             self.close()
-            arena = torch.empty(need, dtype=xs[0].dtype)
-            if self.streams.cuda:
-                self._arena = _pin(arena)  # page-locked, so the copies run at PCIe speed, async
-                self._pinned = self._arena is arena  # registered in place (else a pinned copy: nothing to undo)
+            if self.streams.cuda:  # page-locked, so the copies run at PCIe speed, async
+                self._arena, self._release = pinned_zeros(need, xs[0].dtype)
             else:
-                self._arena = arena
+                self._arena = torch.empty(need, dtype=xs[0].dtype)
 
     def save(self, i: int, xs: list[torch.Tensor]) -> None:
         """Keep layer i's inputs. Offloading: queue their D2H copies behind the compute that made them."""
@@ -91,6 +89,5 @@ class Checkpoints:
         return self._dev.pop(i)
 
     def close(self) -> None:
-        if self._arena is not None and self._pinned:
-            _unpin(self._arena)
-        self._arena, self._pinned = None, False
+        self._release()  # unregisters a pinned arena (after a device sync); a no-op otherwise
+        self._arena, self._release = None, _no_release
