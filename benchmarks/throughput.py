@@ -115,7 +115,6 @@ import datetime
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import signal
 import socket
@@ -252,6 +251,7 @@ def attainable_bound(cfg, spec, b, rates) -> Attainable:
     ideal roofline (every term perfectly overlapped) and below what the engine measures."""
     from megastream.model.layout import model_layout
     from megastream.plan import roofline
+    from megastream.probe import attention_rate
 
     units = model_layout(spec)
     n_layers = sum(u.numel for u in units[1:-1])
@@ -264,7 +264,10 @@ def attainable_bound(cfg, spec, b, rates) -> Attainable:
     mm = rates.matmul_tflops * 1e12
     # a dense document mask runs at the masked rate; flex and varlen skip what the mask would zero
     masked = cfg.data.pack and cfg.engine.attention == "sdpa"
-    at = (rates.attention_tflops.get("masked" if masked else "causal") or rates.matmul_tflops) * 1e12
+    kind = "masked" if masked else "causal"
+    # at the row's length and head size, as plan.roofline rates it (the probe's shape-aware rates)
+    at = attention_rate(rates.attention_by_shape, kind, S, spec.head_dim,
+                        rates.attention_tflops.get(kind) or rates.matmul_tflops) * 1e12
     attn_pass = 2 * spec.num_layers * T * S * qd  # one pass of causal attention, FLOPs
     c_fwd = 2 * n_layers * T / mm + attn_pass / at
     c_bwd = 6 * n_layers * T / mm + 3 * attn_pass / at
@@ -305,6 +308,7 @@ def _rates_from(rec: dict):
 
     return Rates(h2d_gbps=rec["h2d_gbps"], d2h_gbps=rec["d2h_gbps"], matmul_tflops=rec["matmul_tflops"],
                  host_gbps=rec["host_gbps"], attention_tflops=dict(rec.get("attention_tflops", {})),
+                 attention_by_shape=dict(rec.get("attention_tflops_by_shape") or {}),
                  optimizer_ns_per_param=dict(rec["optimizer_ns_per_param"]), source="measured in this run")
 
 
@@ -436,6 +440,9 @@ def _timed(a, step) -> dict:
         losses.append(loss)
         if i >= a.warmup:
             times.append(dt)
+        # progress in the row's log (flushed): a row stopped at its timeout shows how far it got
+        print(f"{'warm-up' if i < a.warmup else 'timed'} step {i + 1}/{a.warmup + a.steps}: {dt:.3f} s, "
+              f"loss {loss:.4f}", flush=True)
     return {"step_times_s": times, "losses": losses, "warmup_steps": a.warmup}
 
 
@@ -512,6 +519,7 @@ def worker_megastream(a, mode: str) -> dict:
     t0 = time.perf_counter()
     model = build_model(cfg, spec, device)
     init_s = time.perf_counter() - t0
+    print(f"init: {init_s:.1f} s (host store, random weights, pinning)", flush=True)
     # the loss chunk `megastream train` runs with: on CUDA the plan's, grown into the free GPU memory
     chunk = make_plan(cfg, spec).budget.chunk_tokens if device.type == "cuda" else None
     engine = Engine(spec, model.store, cfg, device, chunk_tokens=chunk)
@@ -525,18 +533,22 @@ def worker_megastream(a, mode: str) -> dict:
     engine.worker.wait_all()
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
-    if a.profile and device.type == "cuda":
-        from megastream.profiling import profile_steps
-
-        out["overlap"] = profile_steps(engine, mbs, HYPER["lr"], steps=a.profile_steps)
-    engine.close()
-    model.store.close()
     out.update(info, params=model.store.numel, init_s=init_s, data_sha256=_digest(batches),
                state_bytes_per_param=model.store.state_bytes_per_param(),
                config={"engine.attention": cfg.engine.attention, "engine.compile": cfg.engine.compile,
                        "optim.clip": cfg.optim.clip, "data.pack": cfg.data.pack,
                        **{k: _get(cfg, k) for k in variant_settings(f"megastream:{mode}")}},
                loss_tokens=sum(int((mb.labels != -100).sum()) for mb in mbs))
+    if a.profile and device.type == "cuda":
+        from megastream.profiling import profile_steps
+
+        # the timed steps' result first: a profile stopped at the row's timeout does not lose them
+        _write_result(a, {"status": "ok", **out, "profile": "started, not finished (the row's timeout)"})
+        t0 = time.perf_counter()
+        out["overlap"] = profile_steps(engine, mbs, HYPER["lr"], steps=a.profile_steps)
+        print(f"profile: {a.profile_steps} steps in {time.perf_counter() - t0:.1f} s", flush=True)
+    engine.close()
+    model.store.close()
     return out
 
 
@@ -616,8 +628,10 @@ def worker_deepspeed(a) -> dict:
     dschf = HfDeepSpeedConfig(ds)  # noqa: F841 -- kept alive: from_config builds under zero.Init
     model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    print(f"init: the model under zero.Init in {time.perf_counter() - t0:.1f} s", flush=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     init_s = time.perf_counter() - t0
+    print(f"init: deepspeed.initialize done, {init_s:.1f} s in all", flush=True)
     basic = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
     if basic != "DeepSpeedCPUAdam":
         raise NotRun(f"DeepSpeed chose {basic} for the offloaded optimizer, not DeepSpeedCPUAdam")
@@ -657,6 +671,7 @@ def worker_fsdp2(a) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)  # fp32 master on the host
+    print(f"init: the fp32 model in {time.perf_counter() - t0:.1f} s", flush=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, _compute(a)), reduce_dtype=torch.float32)}
     if cuda:
@@ -674,6 +689,7 @@ def worker_fsdp2(a) -> dict:
     except (RuntimeError, TypeError, ValueError) as e:  # never fall back to the slower for-each AdamW
         raise NotRun(f"torch.optim.AdamW(fused=True) refused the offloaded parameters: {e}") from e
     init_s = time.perf_counter() - t0
+    print(f"init: sharded, offloaded and the optimizer built, {init_s:.1f} s in all", flush=True)
     cpu_batches = _batches(a, hf.vocab_size)
     batches = [_hf_batch(ids, cuts, a.device) for ids, cuts in cpu_batches]
 
@@ -737,11 +753,19 @@ def run_worker(a) -> None:
         oom_gpu = isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)
         res = {"status": "oom-gpu" if oom_gpu else "oom-host" if isinstance(e, MemoryError) else "error",
                "message": text[:500], "traceback": traceback.format_exc()[-3000:]}
+    _write_result(a, res)
+
+
+def _write_result(a, res: dict) -> None:
+    """The row's result for the harness (a.out), with this process's peak host memory; written whole
+    (temp file, then rename), also as a partial result before a profile the timeout may cut short."""
     from megastream.machine import peak_rss
 
-    res["peak_host_bytes"] = peak_rss()  # VmHWM of this process (/proc/self/status)
-    res["peak_host_source"] = "VmHWM, /proc/self/status at the end of the row"
-    Path(a.out).write_text(json.dumps(res))
+    res = dict(res, peak_host_bytes=peak_rss(),  # VmHWM of this process (/proc/self/status)
+               peak_host_source="VmHWM, /proc/self/status at the end of the row")
+    tmp = Path(a.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(a.out)
 
 
 # ---- the harness -----------------------------------------------------------------------------------
@@ -771,8 +795,10 @@ def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
             time.sleep(0.2)
         rc = proc.wait()
     text = log.read_text(errors="replace")
-    if out.exists():
+    if out.exists():  # its result; after a timeout, what it wrote before it (the timed steps, not the profile)
         res = json.loads(out.read_text())
+        if timed_out:
+            res["timed_out"] = f"after its result was written, at its {timeout:g} s timeout"
     elif timed_out:
         res = {"status": "timeout", "message": f"timed out after {timeout:g} s (its own timeout)"}
     elif rc in (-9, 137):  # SIGKILL without a result: the kernel's OOM killer
@@ -935,9 +961,7 @@ def main(argv=None) -> int:
                      "--profile-steps", str(a.profile_steps), "--docs-per-row", str(a.docs_per_row)]
     a.passthrough += ["--profile"] * a.profile + ["--dry-run"] * a.dry_run + ["--allow-reference-ops"] * a.allow_reference_ops
 
-    # The parent imports torch (no CUDA call: the device's name comes from the roofline child).
-    import torch
-
+    # The parent makes no CUDA call: the device's name comes from the roofline child.
     from megastream.model.layout import count_params
     from megastream.presets import PRESETS
 
@@ -1019,6 +1043,9 @@ def main(argv=None) -> int:
             r = {"status": "not-run", "message": pre[system]} if pre[system] else results(system)
             systems.append(_row(a, system, r, n, tokens, roof, bounds.get(system)))
             _print_row(systems[-1])
+            if a.json and system != a.systems[-1]:
+                _write_json(a.json, _doc(a, device=device, roof=roof, n=n, tokens=tokens, systems=systems,
+                                         bounds=bounds, partial=True))
     digests = sorted({s["data_sha256"] for s in systems if s.get("data_sha256")})
     if len(digests) > 1:
         print("ERROR: the systems trained on different data (data_sha256 differs)", flush=True)
@@ -1031,40 +1058,62 @@ def main(argv=None) -> int:
     if unmeasured:
         print("unmeasured step features:\n" + "\n".join(f"  {u}" for u in unmeasured), flush=True)
     if a.json:
-        doc = {"device": device, "date": datetime.date.today().isoformat(),
-               "torch_version": roof.get("torch_version", torch.__version__), "model": a.model, "params": n,
-               "tokens_per_step": tokens, "seq_len": a.seq_len, "micro_batch_size": a.micro_batch_size,
-               "grad_accum": a.grad_accum, "gpu_memory_gb": a.gpu_memory_gb, "host_ram_gb": a.host_ram_gb,
-               "dry_run": a.dry_run, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "data": {"kind": "random token ids, torch.Generator seeded 0, uniform over the vocabulary",
-                        "rows": "full seq_len rows, one document per row: plain causal attention, no packing "
-                                "masks, in every system (megastream data.pack: false; moot for such rows)"
-                                if a.docs_per_row == 1 else
-                                f"full seq_len rows of {a.docs_per_row} documents each, boundaries drawn by a "
-                                "torch.Generator seeded 1 (every document >= 2 tokens), the same for every system: "
-                                "RoPE positions restart at each document, attention stays within it (megastream: "
-                                "its packed rows' document mask, data.pack: bfd; transformers: position_ids and "
-                                "a 4-D boolean document mask), no target across a boundary",
-                        "docs_per_row": a.docs_per_row,
-                        "loss_tokens_per_row": a.seq_len - a.docs_per_row,
-                        "sha256": digests[0] if len(digests) == 1 else digests or None,
-                        "sha256_covers": "token ids and document boundaries",
-                        "identical_for_all_systems": len(digests) <= 1 and len(loss_tokens) <= 1},
-               "setup": {"gradient_checkpointing": "every decoder layer's input (recompute in backward)",
-                         "optimizer": "AdamW", **{k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
-                         "attention": "SDPA, causal" if a.docs_per_row == 1 else
-                         "SDPA with a dense document mask (megastream engine.attention: sdpa, the transformers "
-                         "baselines); FlexAttention with a block-sparse one in megastream's +flex rows",
-                         "compute_dtype": _compute(a)},
-               "headline": headline, "variants": variants, "unmeasured": unmeasured, "systems": systems,
-               "rates": {k: roof.get(k) for k in ("h2d_gbps", "d2h_gbps", "matmul_tflops", "matmul_dtype",
-                                                 "attention_tflops", "host_gbps", "optimizer_ns_per_param", "threads")},
-               "rates_source": roof.get("rates_from") or "measured in this run (the roofline child)",
-               "bounds": bounds,
-               "roofline": _roofline_summary(roof, systems)}
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2))
+        _write_json(a.json, _doc(a, device=device, roof=roof, n=n, tokens=tokens, systems=systems, bounds=bounds,
+                                 headline=headline, variants=variants, unmeasured=unmeasured))
     return 0
+
+
+def _doc(a, *, device: str, roof: dict, n: int, tokens: int, systems: list[dict], bounds: dict, headline=None,
+         variants=None, unmeasured=None, partial: bool = False) -> dict:
+    """The --json document: the run's setup, rates, bounds and rows (partial: the rows so far)."""
+    import torch
+
+    digests = sorted({s["data_sha256"] for s in systems if s.get("data_sha256")})
+    loss_tokens = sorted({s["loss_tokens"] for s in systems if s.get("loss_tokens")})
+    doc = {"device": device, "date": datetime.date.today().isoformat(),
+           "torch_version": roof.get("torch_version", torch.__version__), "model": a.model, "params": n,
+           "tokens_per_step": tokens, "seq_len": a.seq_len, "micro_batch_size": a.micro_batch_size,
+           "grad_accum": a.grad_accum, "gpu_memory_gb": a.gpu_memory_gb, "host_ram_gb": a.host_ram_gb,
+           "dry_run": a.dry_run, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "data": {"kind": "random token ids, torch.Generator seeded 0, uniform over the vocabulary",
+                    "rows": "full seq_len rows, one document per row: plain causal attention, no packing "
+                            "masks, in every system (megastream data.pack: false; moot for such rows)"
+                            if a.docs_per_row == 1 else
+                            f"full seq_len rows of {a.docs_per_row} documents each, boundaries drawn by a "
+                            "torch.Generator seeded 1 (every document >= 2 tokens), the same for every system: "
+                            "RoPE positions restart at each document, attention stays within it (megastream: "
+                            "its packed rows' document mask, data.pack: bfd; transformers: position_ids and "
+                            "a 4-D boolean document mask), no target across a boundary",
+                    "docs_per_row": a.docs_per_row,
+                    "loss_tokens_per_row": a.seq_len - a.docs_per_row,
+                    "sha256": digests[0] if len(digests) == 1 else digests or None,
+                    "sha256_covers": "token ids and document boundaries",
+                    "identical_for_all_systems": len(digests) <= 1 and len(loss_tokens) <= 1},
+           "setup": {"gradient_checkpointing": "every decoder layer's input (recompute in backward)",
+                     "optimizer": "AdamW", **{k: list(v) if isinstance(v, tuple) else v for k, v in HYPER.items()},
+                     "attention": "SDPA, causal" if a.docs_per_row == 1 else
+                     "SDPA with a dense document mask (megastream engine.attention: sdpa, the transformers "
+                     "baselines); FlexAttention with a block-sparse one in megastream's +flex rows",
+                     "compute_dtype": _compute(a)},
+           "headline": headline, "variants": variants, "unmeasured": unmeasured, "systems": systems,
+           "rates": {k: roof.get(k) for k in ("h2d_gbps", "d2h_gbps", "matmul_tflops", "matmul_dtype",
+                                             "attention_tflops", "attention_tflops_by_shape", "host_gbps",
+                                             "optimizer_ns_per_param", "threads")},
+           "rates_source": roof.get("rates_from") or "measured in this run (the roofline child)",
+           "bounds": bounds,
+           "roofline": _roofline_summary(roof, systems)}
+    if partial:
+        doc["partial"] = ("the rows run so far: written after each row, so that a run stopped before its end "
+                          "(an outer timeout) keeps them; the headline and ratios come with the last row")
+    return doc
+
+
+def _write_json(path: str, doc: dict) -> None:
+    """Whole or not at all: a temp file, then a rename."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
 
 
 def _row(a, system: str, r: dict, n: int, tokens: int, roof: dict, bound: dict | None) -> dict:

@@ -77,7 +77,15 @@ MAX_CHUNK_TOKENS = 8192  # the automatic loss chunk grows up to this many tokens
 # scripts/gpu_acceptance.sh) measures torch.cuda.max_memory_allocated against this model; commit
 # its record here, e.g. {"date": "...", "device": "H100 80GB", "torch": "2.x", "config": "...",
 # "planned_bytes": ..., "measured_bytes": ...} (planned_bytes: gpu_total minus CUDA_CONTEXT_DEVICE).
-GPU_CALIBRATION: dict | None = None
+# The first H200 run (benchmarks/results/2026-11-29-h200-first-run.md): the qwen2.5-3b head-to-head's
+# megastream:full row peaked at 9.19 GB allocated (printed to 2 decimals; its JSON was lost to the step's
+# timeout) where this model plans 9.113 GB for that config; test_plan_predicts_gpu_peak_within_15_percent
+# passed there too (qwen2.5-0.5b, activations on the device and on the host).
+GPU_CALIBRATION: dict | None = {
+    "date": "2026-11-29", "device": "NVIDIA H200", "torch": "2.11.0+cu130",
+    "config": "benchmarks/throughput.py --model qwen2.5-3b, megastream:full, 4 x 2 x 1024 tokens a step, "
+              "engine.gpu_memory_gb 24, activations and embedding on the device, loss chunk 4096 tokens",
+    "planned_bytes": 9_112_807_576, "measured_bytes": 9_190_000_000}
 
 
 @dataclass

@@ -77,21 +77,24 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, n: int | None = Non
 
 
 def measure_attention(device: torch.device, dtype: torch.dtype, masked: bool, seq: int = 1024, heads: int = 8,
-                      kv_heads: int = 2, head_dim: int = 64, repeats: int = 3) -> float:
+                      kv_heads: int = 2, head_dim: int = 64, repeats: int = 3, batch: int = 1) -> float:
     """TFLOP/s of the engine's attention (model/llama.py `attention`), forward + backward, counted
     as the roofline counts it: causal, half of the S x S square, 2 * S * heads * head_dim FLOPs per
     token per pass (3 passes). masked: with the boolean document mask packed rows use, which
     computes the whole square and rules out the causal fast paths (on a CPU several times slower
-    per counted FLOP); else plain causal."""
+    per counted FLOP); else plain causal. `batch` rows of `heads` heads: on a GPU the step's
+    attention runs micro_batch_size x num_heads of them at once, and one small one (a row of 4 heads at
+    1024 tokens: 3 GFLOP, ~10 us) times the kernel launches, not the kernel (the first H200 run measured
+    4.7 TFLOP/s so, where the step's attention ran at ~50x that)."""
     g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(1, kv_heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(1, kv_heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
-    mask = document_mask(torch.zeros(1, seq, dtype=torch.long, device=device)) if masked else None
-    dout = torch.randn(1, heads, seq, head_dim, device=device, generator=g).to(dtype)
+    q = torch.randn(batch, heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(batch, kv_heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(batch, kv_heads, seq, head_dim, device=device, generator=g).to(dtype).requires_grad_()
+    mask = document_mask(torch.zeros(batch, seq, dtype=torch.long, device=device)) if masked else None
+    dout = torch.randn(batch, heads, seq, head_dim, device=device, generator=g).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = timeit(lambda: attention(q, k, v, mask).backward(dout), repeats, sync)
-    return 3 * 2 * seq * seq * heads * head_dim / t / 1e12
+    return 3 * 2 * seq * seq * batch * heads * head_dim / t / 1e12
 
 
 # The shapes measured for the shape-aware rates (quick: the first of each only).
@@ -99,6 +102,16 @@ GEMM_WIDTHS = {"cpu": (128, 512, 2048), "cuda": (1024, 4096, 8192)}
 GEMM_ROWS = {"cpu": 4096, "cuda": 8192}
 ATTN_SEQS = {"cpu": (512, 2048), "cuda": (1024, 8192)}
 ATTN_HEAD_DIMS = (32, 128)
+# Attention is timed over about this many tokens at once (rows of seq tokens, 16 heads, 4 KV heads on
+# CUDA), as a step's micro-batch runs it; the CPU keeps one row of few heads (its rate barely depends on it).
+ATTN_TOKENS = {"cpu": 0, "cuda": 16384}
+
+
+def attention_batch(kind: str, seq: int) -> dict:
+    """measure_attention's batch and heads for a `kind` device at `seq` tokens a row."""
+    if not ATTN_TOKENS[kind]:
+        return {}
+    return {"batch": max(1, ATTN_TOKENS[kind] // seq), "heads": 16, "kv_heads": 4}
 
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, rows: int, width: int, repeats: int = 3) -> float:
@@ -242,11 +255,12 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
     rec["matmul_dtype"] = str(dtype)[6:]
     rec["matmul_tflops"] = measure_matmul(device, dtype, **small.get("matmul", {}))
     log(f"  {rec['matmul_dtype']} matmul                          {rec['matmul_tflops']:8.2f} TFLOP/s")
-    rec["attention_tflops"] = {k: measure_attention(device, dtype, masked=k == "masked", **small.get("attention", {}))
+    kind = device.type
+    at = small.get("attention", {}) or {"seq": 1024, **attention_batch(kind, 1024)}
+    rec["attention_tflops"] = {k: measure_attention(device, dtype, masked=k == "masked", **at)
                                for k in ("masked", "causal")}
     log(f"  {rec['matmul_dtype']} attention, masked / causal      {rec['attention_tflops']['masked']:8.3f} / "
         f"{rec['attention_tflops']['causal']:.3f} TFLOP/s")
-    kind = device.type
     widths = GEMM_WIDTHS[kind][:1] if quick else GEMM_WIDTHS[kind]
     rows = 512 if quick else GEMM_ROWS[kind]
     rec["matmul_tflops_by_width"] = {str(w): measure_gemm(device, dtype, rows, w) for w in widths}
@@ -254,8 +268,9 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
                                                      rec["matmul_tflops_by_width"].items()) + " TFLOP/s")
     seqs, dims = ((256,), (32,)) if quick else (ATTN_SEQS[kind], ATTN_HEAD_DIMS)
     rec["attention_tflops_by_shape"] = {
-        k: {f"{s},{h}": measure_attention(device, dtype, masked=k == "masked", seq=s, heads=4, kv_heads=2,
-                                          head_dim=h, repeats=2) for s in seqs for h in dims}
+        k: {f"{s},{h}": measure_attention(device, dtype, masked=k == "masked", seq=s, head_dim=h, repeats=2,
+                                          **({"heads": 4, "kv_heads": 2} | attention_batch(kind, s)))
+            for s in seqs for h in dims}
         for k in ("masked", "causal")}
     for k, pts in rec["attention_tflops_by_shape"].items():
         log(f"  {rec['matmul_dtype']} attention {k:<6} (seq,head_dim) " + ", ".join(f"{p}: {r:.4f}" for p, r in

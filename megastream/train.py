@@ -438,6 +438,13 @@ def cap_gpu_memory(cfg: Config, device: torch.device) -> None:
         limit_gpu_memory(cfg.engine.gpu_memory_gb, device)
 
 
+def uncap_gpu_memory(cfg: Config, device: torch.device) -> None:
+    """Lift engine.gpu_memory_gb's cap when the run ends: the allocator's fraction is per process, and a
+    caller that trains again in the same process (a notebook, a test) must not inherit it."""
+    if device.type == "cuda" and cfg.engine.gpu_memory_gb:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
 def limit_gpu_memory(gb: float, device: torch.device) -> None:
     """Cap this process's caching allocator on `device` (which must carry its index) at `gb` GB."""
     total = torch.cuda.get_device_properties(device).total_memory
@@ -530,6 +537,7 @@ def train(cfg: Config, *, overwrite: bool = False, resume: str | None = None, fo
                         f"engine.dist_timeout_s={cfg.engine.dist_timeout_s:g} bounds the wait). "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     finally:
+        uncap_gpu_memory(cfg, device)
         if comm is not None:
             comm.close()
 

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Everything a GPU must show, in one command and at most 10 minutes of GPU time, in two parts (and two
-# more, each on its own: the step features and LoRA, parts 3 and 4):
+# Everything a GPU must show, in four parts, each one device call (at most 600 s) of its own; a session
+# with 15 minutes of device time runs one (the machine's start takes the rest). Timeouts come from the
+# first H200 run (2026-11-29): preflight 24 s, ops build 20 s, env 7 s, GPU tests 87 s, DeepSpeed's CPU Adam
+# build 53 s, the roofline child and megastream:full on qwen2.5-3b 66 s together; DeepSpeed and FSDP2 were
+# still initialising at 69 s and 45 s, and qwen2.5-14b was profiling at 125 s.
 #
-#   part 1 (<= 395 s, alone enough for the headline)
+#   part 1 (<= 505 s, the headline)
 #     setup      install the carried wheels (.whl/, from scripts/gpu_wheels.sh) into --site, on PYTHONPATH
-#     ds-build   DeepSpeed's CPU Adam JIT-build (~200 s of CPU: two -O3 -g translation units), once, in the
-#                background under the next steps, joined (ds-join) before any timed row: counted in part 1
+#     ds-build   DeepSpeed's CPU Adam JIT-build (53 s on the H200 machine: two -O3 -g translation units),
+#                once, in the background under the next steps, joined (ds-join) before any timed row
 #     preflight  print and check: Python (the carried wheels' tag must match it), g++ and ninja (megastream's
 #                ops and DeepSpeed's CPU Adam JIT-build), CUDA_HOME / nvcc and the CUDA libraries, the GPU,
 #                host RAM and the locked-memory limit, every import (torch, transformers, peft, accelerate,
 #                deepspeed from --site, megastream from this checkout)
 #     build      megastream's C++ ops, once, before any timed row
 #     env        megastream env
-#     pytest-gpu pytest -m gpu (the GPU tests, but for parts 3 and 4's)
 #     ds-join    wait for ds-build
 #     h2h-3b     benchmarks/throughput.py on qwen2.5-3b: megastream full (the headline) and lean, DeepSpeed
-#                ZeRO-3 offload, FSDP2 offload, each row under its own timeout
-#   part 2 (<= 205 s; the 14b row reuses part 1's measured rates when it has them)
-#     setup2     megastream's ops again (a cache hit when part 1 ran on this machine) and the GPU's state
-#     14b        qwen2.5-14b, compact mode, 24 GB GPU cap, 5 timed steps, then a torch.profiler trace of 3
-#                steps: compute-stream busy fraction, H2D/D2H time hidden under compute
+#                ZeRO-3 offload, FSDP2 offload, each row under its own timeout; its JSON is rewritten after
+#                every row, so a run stopped early keeps the rows it finished
+#   part 2 (<= 465 s)
+#     setup2     megastream's ops (a cache hit when part 1 ran on this machine) and the GPU's state
+#     pytest-gpu pytest -m gpu (the GPU tests, but for parts 3 and 4's)
+#     cpu-ops    the host CPU (an AVX-512 Xeon): tests/test_ops.py on each instruction-set path it runs and
+#                benchmarks/optimizer.py on its widest path and forced to AVX2 -> OUT/optimizer-host*.json
+#     14b        qwen2.5-14b, compact mode, 24 GB GPU cap, 3 timed steps, then a torch.profiler trace of 2
+#                steps: compute-stream busy fraction, H2D/D2H time hidden under compute (the timed steps'
+#                result is kept if the profile runs out of time); part 1's rates when it ran on this machine
 #     7b         qwen2.5-7b megastream rows that the host's RAM holds (rates reused from the 14b step)
-#   part 3 (<= 330 s, on its own: `all` is parts 1 and 2) the step features before/after
+#   part 3 (<= 365 s) the step features before/after
 #     setup3     megastream's ops (a cache hit after part 1 or 2 on this machine) and the GPU's state
 #     pytest-features  pytest -m gpu of varlen attention and the embedding on the device
 #     features   qwen2.5-3b, 8192-token rows of 8 documents each (seeded boundaries), 1 x 2 rows a step:
@@ -33,7 +40,7 @@
 #                unmeasured. qwen2.5-3b, not 7b: megastream:full on 7b needs ~125 GB of host RAM (its memory
 #                model), over 95% of the machine's 128 GB, so its rows would be not-run (part 2 runs 7b in
 #                lean mode only)
-#   part 4 (<= 340 s, on its own) the rest of the step features, and LoRA on the GPU
+#   part 4 (<= 375 s) the rest of the step features, and LoRA on the GPU
 #     setup4     as setup3
 #     pytest-lora  pytest -m gpu of LoRA / QLoRA (tests/test_lora_gpu.py)
 #     features2  the same shape: megastream:full, +varlen+clip-previous, +compile (torch.compile of the layer
@@ -49,7 +56,7 @@
 #
 # --deadline S: a step whose timeout would end more than S seconds after the run started is skipped
 # (status skipped), so a run given one device call (at most 600 s) ends inside it and packs its logs:
-# `--part all --deadline 550` runs part 2's steps as far as the time part 1 left allows.
+# `--part all --deadline 560` runs part 2's steps as far as the time part 1 left allows.
 #
 # Every step runs under its own `timeout` (the whole process group is killed at its limit) and a failing
 # step never stops the later ones. Each step's output goes to OUT/steps/<step>.log (and the harness's
@@ -78,10 +85,10 @@ SITE=/tmp/megastream-site
 WHL="$REPO/.whl"
 PY=${PYTHON:-python3}
 DEADLINE=""  # --deadline S: skip any step whose timeout would end more than S s after the run started
-BUDGET_1=395
-BUDGET_2=205
-BUDGET_3=330
-BUDGET_4=340
+BUDGET_1=505
+BUDGET_2=465
+BUDGET_3=365
+BUDGET_4=375
 DRY_SCALE=${DRY_SCALE:-4}  # a dry run on a small CPU gets this many times each step's (GPU-sized) timeout
 HOST_RAM_GB=128  # the device machine's RAM (KINDS.md); its MemTotal starts lower and grows with use
 
@@ -233,20 +240,23 @@ EOF
 H2H_ROWS="megastream:full deepspeed fsdp2 megastream:lean"
 SHAPE_3B="--seq-len 1024 --micro-batch-size 4 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
 SHAPE_14B="--seq-len 1024 --micro-batch-size 4 --grad-accum 4 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
-CMD_H2H="$TP --model qwen2.5-3b $SHAPE_3B --systems $H2H_ROWS --timeouts roofline=45 megastream:full=35 deepspeed=55 fsdp2=45 megastream:lean=25 --carry-over --json $OUT_DIR/h2h-qwen2.5-3b.json --logs $STEPS/h2h-3b"
+CMD_H2H="$TP --model qwen2.5-3b $SHAPE_3B --systems $H2H_ROWS --timeouts roofline=50 megastream:full=45 deepspeed=150 fsdp2=120 megastream:lean=35 --carry-over --json $OUT_DIR/h2h-qwen2.5-3b.json --logs $STEPS/h2h-3b"
 RATES_3B="\$([ -f $OUT_DIR/h2h-qwen2.5-3b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-3b.json)"
-CMD_14B="$TP --model qwen2.5-14b $SHAPE_14B --steps 5 --warmup 1 --systems megastream:compact $RATES_3B --profile --profile-steps 3 --timeouts roofline=20 megastream:compact=110 --carry-over --json $OUT_DIR/h2h-qwen2.5-14b.json --logs $STEPS/14b"
+CMD_14B="$TP --model qwen2.5-14b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:compact $RATES_3B --profile --profile-steps 2 --timeouts roofline=50 megastream:compact=150 --carry-over --json $OUT_DIR/h2h-qwen2.5-14b.json --logs $STEPS/14b"
 RATES_14B="\$([ -f $OUT_DIR/h2h-qwen2.5-14b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-14b.json)"
-CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:lean $RATES_14B --timeouts roofline=15 megastream:lean=55 --json $OUT_DIR/h2h-qwen2.5-7b.json --logs $STEPS/7b"
+CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:lean $RATES_14B --timeouts roofline=50 megastream:lean=55 --carry-over --json $OUT_DIR/h2h-qwen2.5-7b.json --logs $STEPS/7b"
 
 # pytest -m gpu: part 1 runs the engine's GPU tests; the step features' and LoRA's run in parts 3 and 4.
 # Each file with gpu tests is in exactly one list (tests/test_gpu_acceptance.py checks it), so no part
 # collects the whole suite.
-PYTEST="$PY -m pytest -m gpu -q -n 0 -p no:cacheprovider"
+PYTEST="$PY -m pytest -m gpu -q -rP -n 0 -p no:cacheprovider"  # -rP: passing tests' prints too (planned vs measured peaks)
 ENGINE_TESTS="tests/test_gpu.py tests/test_activations.py tests/test_flex_attention.py tests/test_quant.py"
 FEATURE_TESTS="tests/test_varlen_attention.py tests/test_embed_device.py"
 LORA_TESTS="tests/test_lora_gpu.py"
 PYTEST_1="$PYTEST $ENGINE_TESTS"
+# The GPU machine's host is an AVX-512 Xeon (CI's machines may have AVX2 only): the ops' tests on its
+# avx512 / avx2 / scalar paths, and the optimizer against torch on its widest path and forced to AVX2.
+CMD_CPU_OPS="$PY -m pytest -q -n 0 -p no:cacheprovider tests/test_ops.py; $PY benchmarks/optimizer.py --sizes 46.8e6 --repeats 3 --json $OUT_DIR/optimizer-host.json; MEGASTREAM_CPU_ISA=avx2 $PY benchmarks/optimizer.py --sizes 46.8e6 --repeats 3 --json $OUT_DIR/optimizer-host-avx2.json"
 
 part1() {
   step setup 10 "the carried wheels into $SITE" \
@@ -254,17 +264,16 @@ part1() {
     "ls -la $WHL 2>/dev/null || echo 'no .whl/ here (bash scripts/gpu_wheels.sh makes it); a dry run installs nothing'"
   # (the dry run's head-to-head runs the headline row and DeepSpeed's not-run only: every row's CPU
   # dry run is tests/test_throughput_harness.py's, and this one stays within a test's 60 s)
-  # DeepSpeed's CPU Adam takes ~200 s of CPU to JIT-build (two -O3 -g translation units): built once, in the
-  # background on 2 of the 16 cores, under the next steps, and joined before the timed rows
-  bgstep ds-build 160 "DeepSpeed's CPU Adam JIT-build, in the background until ds-join" \
+  # DeepSpeed's CPU Adam takes ~53 s to JIT-build there (two -O3 -g translation units): built once, in the
+  # background under the next steps, and joined before the timed rows
+  bgstep ds-build 80 "DeepSpeed's CPU Adam JIT-build, in the background until ds-join" \
     "$PY $STEPS/build_deepspeed.py" "$PY $STEPS/build_deepspeed.py"
   step preflight 35 "Python, compilers, CUDA, host, every import" "$PY $STEPS/preflight.py" "$PY $STEPS/preflight.py"
   step build 30 "megastream's C++ ops, once, before the timed rows" \
     "$PY $STEPS/build_megastream.py" "$PY $STEPS/build_megastream.py"
   step env 10 "megastream env" "$PY -m megastream env" "$PY -m megastream env"
-  step pytest-gpu 90 "the GPU tests (those of parts 3 and 4's features run there)" "$PYTEST_1" "$PYTEST_1"
   joinstep ds-join 10 ds-build
-  step h2h-3b 210 "qwen2.5-3b head-to-head: $H2H_ROWS" "$CMD_H2H" \
+  step h2h-3b 410 "qwen2.5-3b head-to-head: $H2H_ROWS" "$CMD_H2H" \
     "$CMD_H2H --check && $TP --dry-run --systems megastream:full deepspeed --json $OUT_DIR/h2h-tiny-dry-run.json --logs $STEPS/h2h-3b"
 }
 
@@ -272,7 +281,10 @@ part2() {
   step setup2 10 "megastream's ops (cached after part 1) and the GPU's state" \
     "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
     "$PY $STEPS/build_megastream.py"
-  step 14b 135 "qwen2.5-14b compact, 24 GB cap, 5 steps + a 3-step profile" "$CMD_14B" "$CMD_14B --check"
+  step pytest-gpu 90 "the GPU tests (those of parts 3 and 4's features run there)" "$PYTEST_1" "$PYTEST_1"
+  step cpu-ops 100 "the host's AVX-512: the C++ ops' tests on every ISA path it runs, the optimizer benchmark" \
+    "$CMD_CPU_OPS" "$PY -m pytest --co -q -p no:cacheprovider tests/test_ops.py && $PY benchmarks/optimizer.py --help"
+  step 14b 205 "qwen2.5-14b compact, 24 GB cap, 3 steps + a 2-step profile" "$CMD_14B" "$CMD_14B --check"
   step 7b 60 "qwen2.5-7b megastream rows the host holds" "$CMD_7B" "$CMD_7B --check"
 }
 
@@ -287,7 +299,7 @@ part2() {
 # --carry-over hands it what the rows before it left.
 FEATURE_ROWS="megastream:full megastream:full+flex megastream:full+varlen megastream:full+clip-previous megastream:full+embed-host"
 SHAPE_FEAT="--seq-len 8192 --docs-per-row 8 --micro-batch-size 1 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
-CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --timeouts roofline=15 megastream:full=40 megastream:full+flex=55 megastream:full+varlen=45 megastream:full+clip-previous=40 megastream:full+embed-host=40 --carry-over --json $OUT_DIR/step-features.json --logs $STEPS/features"
+CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --timeouts roofline=50 megastream:full=40 megastream:full+flex=55 megastream:full+varlen=45 megastream:full+clip-previous=40 megastream:full+embed-host=40 --carry-over --json $OUT_DIR/step-features.json --logs $STEPS/features"
 
 part3() {
   step setup3 40 "megastream's ops (built once: cached after part 1 or 2) and the GPU's state" \
@@ -295,7 +307,7 @@ part3() {
     "$PY $STEPS/build_megastream.py"
   step pytest-features 30 "the step features' GPU tests (varlen, the embedding on the device)" \
     "$PYTEST $FEATURE_TESTS" "$PYTEST $FEATURE_TESTS"
-  step features 260 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE_ROWS" \
+  step features 295 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE_ROWS" \
     "$CMD_FEAT" "$CMD_FEAT --check"
 }
 
@@ -306,7 +318,7 @@ part3() {
 # (the whole model's 80 only add layers the plan counts the same way), 4k tokens, a 24 GB cap: the GPU
 # peak against the plan's, the host store, the time to quantize at init.
 FEATURE2_ROWS="megastream:full megastream:full+varlen+clip-previous megastream:full+compile"
-CMD_FEAT2="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE2_ROWS --warmups megastream:full+compile=2 --timeouts roofline=15 megastream:full=40 megastream:full+varlen+clip-previous=45 megastream:full+compile=65 --carry-over --json $OUT_DIR/step-features-2.json --logs $STEPS/features2"
+CMD_FEAT2="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE2_ROWS --warmups megastream:full+compile=2 --timeouts roofline=50 megastream:full=40 megastream:full+varlen+clip-previous=45 megastream:full+compile=65 --carry-over --json $OUT_DIR/step-features-2.json --logs $STEPS/features2"
 LS="$PY benchmarks/lora_step.py"
 CMD_LORA="$LS --device cuda --preset qwen2.5-1.5b --seq-len 4096 --micro-batch 1 --grad-accum 2 --rounds 2 --steps 1 --json $OUT_DIR/lora-step-qwen2.5-1.5b.json"
 CMD_QLORA="$LS --device cuda --preset qwen2.5-72b --layers 2 --modes lora --base-dtype nf4 --seq-len 4096 --micro-batch 1 --grad-accum 1 --gpu-memory-gb 24 --rounds 1 --steps 3 --json $OUT_DIR/qlora-qwen2.5-72b-2-layers.json"
@@ -317,7 +329,7 @@ part4() {
     "$PY $STEPS/build_megastream.py"
   step pytest-lora 40 "LoRA's GPU tests (adapters vs the CPU, dequantization, the plan's GPU peak)" \
     "$PYTEST $LORA_TESTS" "$PYTEST $LORA_TESTS"
-  step features2 165 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE2_ROWS" \
+  step features2 200 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE2_ROWS" \
     "$CMD_FEAT2" "$CMD_FEAT2 --check"
   step lora 50 "LoRA vs full fine-tuning step, qwen2.5-1.5b, 8k tokens" "$CMD_LORA" "$CMD_LORA --check"
   step qlora-72b 45 "QLoRA, NF4 base at Qwen2.5-72B's widths (2 layers), 4k tokens, 24 GB cap: GPU peak vs plan" \

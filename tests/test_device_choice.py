@@ -42,5 +42,22 @@ def test_memory_cap_on_the_resolved_device(fake_cuda):
         cap_gpu_memory(cfg, torch.device("cuda"))
 
 
+
+def test_a_run_lifts_its_memory_cap_when_it_ends(fake_cuda, monkeypatch):
+    """The allocator's fraction is per process: a run (failed or not) must not leave it to the next run
+    in the same process. On the first H200 run, one test's 1.5 GB cap made four later tests run out of
+    memory."""
+    import megastream.train as T
+
+    def fail(cfg, comm, device, *rest):
+        T.cap_gpu_memory(cfg, device)
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(T, "join", lambda cfg: (None, torch.device("cuda", 1)))
+    monkeypatch.setattr(T, "_train", fail)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        T.train(Config(engine=EngineConfig(device="cuda", gpu_memory_gb=24)))
+    assert fake_cuda == [(pytest.approx(0.3), 1), (1.0, 1)]
+
 def test_cpu_stays_cpu():
     assert resolve_device(Config(engine=EngineConfig(device="cpu"))) == torch.device("cpu")

@@ -108,6 +108,7 @@ def _machine(ram_gb: float) -> Machine:
 def test_plan_marks_the_gpu_figure_unverified_until_calibrated(monkeypatch):
     from megastream.plan import make_plan, render
 
+    monkeypatch.setattr(memory, "GPU_CALIBRATION", None)  # as before the first GPU run
     cfg = load_config(BIG)
     p = make_plan(cfg, PRESETS["qwen2.5-14b"], runtime_bytes=int(0.3e9), host=_machine(256))
     b = p.budget
@@ -129,9 +130,11 @@ def test_plan_marks_the_gpu_figure_unverified_until_calibrated(monkeypatch):
     assert p.to_json()["gpu_verified"] is True and p.to_json()["gpu_calibration"] == record
 
 
-def test_plan_cli_json_says_unverified():
+def test_plan_cli_json_carries_the_h200_calibration():
+    """The shipped calibration: the first H200 run's qwen2.5-3b peak, 9.19 GB measured, 9.11 GB planned."""
     js = json.loads(run_cli("plan", str(BIG), "--json", check=False).stdout)
-    assert js["device"] == "cuda" and js["gpu_verified"] is False
+    assert js["device"] == "cuda" and js["gpu_verified"] is True
+    assert js["gpu_status"] == "verified: peak 9.19 GB measured on NVIDIA H200 (2026-11-29), planned/measured 0.99"
     assert js["gpu_peak_phase"] in js["gpu_phases"]
 
 

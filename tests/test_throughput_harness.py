@@ -165,6 +165,44 @@ def test_carry_over_gives_a_row_what_earlier_rows_left(monkeypatch, tmp_path):
     assert rows["fsdp2"]["timeout_s"] == 77 and rows["fsdp2"]["limit_s"] == 77 + (110 - 30)
 
 
+
+def test_the_json_is_rewritten_after_every_row(monkeypatch, tmp_path):
+    """A harness stopped before its end (an outer timeout: the first H200 run lost every row so) keeps
+    the rows it finished: the JSON, marked partial, is rewritten after each row; the last write is whole."""
+    out = tmp_path / "h2h.json"
+    seen = []
+
+    def spawn(a, system, tmp, timeout):
+        if out.exists():
+            doc = json.loads(out.read_text())
+            seen.append((system, [r["name"] for r in doc["systems"]], "partial" in doc, doc["rates"]["h2d_gbps"]))
+        return _canned(a, system, tmp, timeout)
+
+    monkeypatch.setattr(tp, "_spawn", spawn)
+    monkeypatch.setattr(tp.importlib.util, "find_spec", lambda name: None)
+    assert tp.main(["--model", "qwen2.5-0.5b", "--host-ram-gb", "1000", "--systems", "megastream:lean", "fsdp2",
+                    "--json", str(out)]) == 0
+    assert seen[-1][0] == "fsdp2" and "megastream:lean" in seen[-1][1] and "fsdp2" not in seen[-1][1]
+    assert seen[-1][2] and seen[-1][3] == 50.0  # partial, with the rates a later --rates-from reads
+    doc = json.loads(out.read_text())
+    assert "partial" not in doc and "fsdp2" in [r["name"] for r in doc["systems"]] and doc["headline"]
+
+
+def test_a_row_keeps_the_result_it_wrote_before_its_timeout(monkeypatch, tmp_path):
+    """A megastream row writes its timed steps' result before its profile: killed during the profile, the
+    row keeps them (the first H200 run's 14B row was profiling at its timeout and lost its steps)."""
+    fake = tmp_path / "worker.py"
+    fake.write_text("import json, sys, time\n"
+                    "out = sys.argv[sys.argv.index('--out') + 1]\n"
+                    "open(out, 'w').write(json.dumps({'status': 'ok', 'step_times_s': [1.0]}))\n"
+                    "time.sleep(60)\n")
+    monkeypatch.setattr(tp, "__file__", str(fake))
+    a = _args(device="cpu", model="tiny")
+    a.passthrough = []
+    r = tp._spawn(a, "megastream:full", tmp_path, timeout=2.0)
+    assert r["status"] == "ok" and r["step_times_s"] == [1.0] and "2 s timeout" in r["timed_out"]
+    assert r["wall_s"] < 20
+
 def test_rows_the_host_cannot_hold_are_not_run():
     a = _args(model="qwen2.5-7b", host_ram_gb=128.0)
     n = sum(u.numel for u in __import__("megastream.model.layout", fromlist=["x"]).model_layout(PRESETS[a.model]))
