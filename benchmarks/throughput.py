@@ -111,6 +111,7 @@ qwen2.5-3b with 8k-token rows of 8 documents).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import importlib.util
@@ -122,6 +123,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -725,7 +727,7 @@ def worker_roofline(a) -> dict:
     # the dry run: toy sizes (quick: the probe's smallest shapes); it checks the plumbing, it measures nothing
     # each rate printed as it is measured (flushed): a roofline child stopped at its timeout shows how far it got
     rec = run_probe(torch.device(a.device), log=lambda *m: print(*m, flush=True), quick=a.dry_run,
-                    optimizer_params=2**18 if a.dry_run else 2**20 if small else 16 * 2**20,
+                    optimizer_params=2**18 if a.dry_run else 2**20 if small else 64 * 2**20,  # CUDA: 1.8 GB in full mode, past any cache
                     host_bytes=2**24 if a.dry_run else 2**26 if small else 2**30)
     return {"h2d_gbps": 0.0, "d2h_gbps": 0.0} | rec
 
@@ -769,6 +771,36 @@ def _write_result(a, res: dict) -> None:
 
 
 # ---- the harness -----------------------------------------------------------------------------------
+_RUNNING: set[int] = set()  # process groups of the rows running now (each row is its own session)
+
+
+def _stop_rows(signum, frame) -> None:
+    """SIGTERM / SIGINT of the harness (an outer `timeout`, Ctrl-C): end the rows it started, then
+    itself. Each row runs in its own session, out of reach of a signal to the harness's group: on the
+    first H200 run a row outlived the harness killed by gpu_acceptance.sh's step timeout, and went on
+    using the GPU and the host's cores under the next step's measurements."""
+    for pgid in list(_RUNNING):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _rows_stop_with_the_harness():
+    """_stop_rows on SIGTERM and SIGINT while the rows run (the main thread only); then the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _stop_rows) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
     """Run one row in its own process, under its own timeout, polling its VmHWM while it runs."""
     name = system.replace(":", "_")
@@ -783,6 +815,7 @@ def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
     with open(log, "w") as f:
         # its own process group, so that a timeout also ends what it started (a compiler, ninja)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        _RUNNING.add(proc.pid)
         while proc.poll() is None:
             polled = max(polled, vm_hwm(proc.pid) or 0)
             if time.perf_counter() - t > timeout:
@@ -794,6 +827,7 @@ def _spawn(a, system: str, tmp: Path, timeout: float) -> dict:
                 break
             time.sleep(0.2)
         rc = proc.wait()
+        _RUNNING.discard(proc.pid)
     text = log.read_text(errors="replace")
     if out.exists():  # its result; after a timeout, what it wrote before it (the timed steps, not the profile)
         res = json.loads(out.read_text())
@@ -993,7 +1027,7 @@ def main(argv=None) -> int:
                   + (f"  (warm-up {warm} steps)" if s in a.row_args else ""))
         print(f"  at most {sum(timeout_of(s) for s in rows if not pre.get(s)):.0f} s in all")
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
+    with _rows_stop_with_the_harness(), tempfile.TemporaryDirectory() as tmp:
         slack = [0.0]  # --carry-over: seconds earlier rows left of their timeouts (sequential rows only)
 
         def spawn(name: str) -> dict:

@@ -399,6 +399,12 @@ step() {
   echo "== [part $CUR] $name (timeout ${limit}s): $what"
   timeout -k 10 "$limit" bash -c "$cmd" > "$STEPS/$name.log" 2>&1
   rc=$?
+  # A harness row runs in its own session; the harness ends its rows when stopped, and this sweeps any
+  # it could not (a SIGKILL), so that no row of a timed-out step runs on under the next step's
+  # measurements (the GPU machine runs nothing else; a dry run sweeps nothing: tests run beside it)
+  if [ "$DRY" != 1 ] && { [ $rc = 124 ] || [ $rc = 137 ]; }; then
+    pkill -KILL -f "benchmarks/throughput.py --worker" 2>/dev/null
+  fi
   record "$name" "$rc" "$(elapsed "$t0" "$(now)")" "$t" "$limit"
 }
 

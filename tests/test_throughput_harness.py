@@ -4,8 +4,11 @@ harness end to end on the CPU (the GPU head-to-head runs the same code with --de
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +205,34 @@ def test_a_row_keeps_the_result_it_wrote_before_its_timeout(monkeypatch, tmp_pat
     r = tp._spawn(a, "megastream:full", tmp_path, timeout=2.0)
     assert r["status"] == "ok" and r["step_times_s"] == [1.0] and "2 s timeout" in r["timed_out"]
     assert r["wall_s"] < 20
+
+
+def test_a_harness_stopped_by_sigterm_ends_its_running_row(tmp_path):
+    """An outer timeout's SIGTERM to the harness ends the row it is running (its own session, out of the
+    signal's reach otherwise): on the first H200 run an orphaned row kept the GPU and the cores busy
+    under the next step's measurements."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, sys, time\n"
+                      f"open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n"
+                      "time.sleep(120)\n")
+    harness = (f"import argparse, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import throughput as tp\n"
+               f"tp.__file__ = {str(worker)!r}\n"
+               "a = argparse.Namespace(passthrough=[], logs=None)\n"
+               "with tp._rows_stop_with_the_harness():\n"
+               f"    tp._spawn(a, 'megastream:full', __import__('pathlib').Path({str(tmp_path)!r}), 120.0)\n")
+    proc = subprocess.Popen([sys.executable, "-c", harness])
+    pid_file = tmp_path / "pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, "the row never started"
+        time.sleep(0.1)
+    row = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{row}").exists() and "Z" not in Path(f"/proc/{row}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the row outlived the harness"
+        time.sleep(0.1)
 
 def test_rows_the_host_cannot_hold_are_not_run():
     a = _args(model="qwen2.5-7b", host_ram_gb=128.0)
