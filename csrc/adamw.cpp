@@ -4,6 +4,7 @@
 //                            staging buffer, update weights and moments, write the working copy.
 //   megastream::accumulate_sqnorm   dst += alpha * src (optional) and return ||dst||^2, one pass.
 //   megastream::cpu_isa / cpu_isas / set_cpu_isa   which instruction-set path runs (see below).
+//   megastream::nf4_codes    the 4-bit codes of a quantized base's weight at load (csrc/nf4.h).
 //
 // Modes follow the tensors' dtypes:
 //   weights  float32  (fp32 master; `working`, if defined, receives the bf16 working copy, RNE)
@@ -58,6 +59,8 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+
+#include "nf4.h"
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -301,6 +304,25 @@ double accumulate_sqnorm(at::Tensor dst, const c10::optional<at::Tensor>& src, d
   return total;
 }
 
+void nf4_codes(const at::Tensor& x, const at::Tensor& absmax, const at::Tensor& table, at::Tensor out) {
+  const int64_t n = x.numel();
+  TORCH_CHECK(n % nf4::kBlock == 0, "x must hold whole blocks of ", nf4::kBlock, " elements, has ", n);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(absmax.scalar_type() == x.scalar_type() && table.scalar_type() == x.scalar_type(),
+              "absmax and table must have x's dtype");
+  TORCH_CHECK(out.scalar_type() == at::kByte, "out must be uint8");
+  check_flat(x, "x", n);
+  check_flat(absmax, "absmax", n / nf4::kBlock);
+  check_flat(table, "table", 16);
+  check_flat(out, "out", n / 2);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  float tab[16];
+  for (int k = 0; k < 16; ++k)
+    tab[k] = bf16 ? nf4::bf16_to_float(reinterpret_cast<const uint16_t*>(table.data_ptr())[k])
+                  : table.data_ptr<float>()[k];
+  nf4::codes(x.data_ptr(), absmax.data_ptr(), tab, bf16, out.data_ptr<uint8_t>(), n / nf4::kBlock);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(megastream, m) {
@@ -311,9 +333,11 @@ TORCH_LIBRARY(megastream, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("set_cpu_isa(str isa) -> str", &set_cpu_isa);
+  m.def("nf4_codes(Tensor x, Tensor absmax, Tensor table, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(megastream, CPU, m) {
   m.impl("adamw_step", &adamw_step);
   m.impl("accumulate_sqnorm", &accumulate_sqnorm);
+  m.impl("nf4_codes", &nf4_codes);
 }

@@ -101,6 +101,38 @@ def test_nf4_ties_match_torchao(to_nf4, dtype):
     assert torch.equal(dequantize(q, dtype), ref.get_original_weight())
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_c_op_equals_the_torch_path(dtype):
+    """The CPU's default, the C++ op (csrc/nf4.h, ~10x faster than the torch ops), gives the torch path's
+    bytes exactly: heavy-tailed weights, values on and 1-3 ulps around every midpoint, an all-zero
+    block, and a tail padded up to 64 x 256."""
+    from megastream import ops
+
+    if not ops.have_ext():
+        pytest.skip("the C++ ops are not built here")
+    ties = _ties(dtype).view(-1)
+    w = torch.cat([_weight((64, 512), dtype, seed=5, heavy=True).view(-1), ties, torch.zeros(BLOCK, dtype=dtype),
+                   _weight((1, 3 * BLOCK), dtype, seed=6).view(-1)]).view(-1, BLOCK)
+    a, b = quantize(w, "nf4", use_ext=False), quantize(w, "nf4", use_ext=True)
+    assert a.pad > 0
+    for field in ("data", "scales", "scale_scales", "scale_offset"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_nf4_on_the_cpu_takes_the_c_op(monkeypatch):
+    from megastream import ops
+    from megastream.adapters import quant
+
+    if not ops.have_ext():
+        pytest.skip("the C++ ops are not built here")
+
+    def torch_path(*args):
+        raise AssertionError("the torch path ran on the CPU with the C++ ops built")
+
+    monkeypatch.setattr(quant, "_nf4_codes", torch_path)
+    quantize(_weight((64, 256), torch.bfloat16), "nf4")
+
 def _ulp_slack(dtype) -> float:
     return 4 * torch.finfo(dtype).eps  # rounding of w / A, of the table and of the products
 
