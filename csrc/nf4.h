@@ -81,8 +81,14 @@ static inline __attribute__((always_inline)) void block_codes(const float* x, fl
 // Every block of a chunk: x (n = nblk * 64 elements, bf16 bits or fp32), absmax (nblk, x's dtype), the
 // table as floats, into out (n / 2 bytes). Compiled for AVX2 and for the baseline ISA (target_clones:
 // chosen once, at load, by the CPU; the operations are the same IEEE ones on both, so the codes are too).
-__attribute__((target_clones("avx2", "default"))) void codes(const void* x, const void* absmax, const float* table,
-                                                              bool bf16, uint8_t* out, int64_t nblk) {
+#if defined(__x86_64__) || defined(__i386__)
+#define NF4_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define NF4_CLONES  // another architecture: its baseline ISA only
+#endif
+
+NF4_CLONES void codes(const void* x, const void* absmax, const float* table,
+                      bool bf16, uint8_t* out, int64_t nblk) {
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblk; ++b) {
     float xs[kBlock];
