@@ -237,7 +237,7 @@ print("DeepSpeed CPU Adam: built | %.1f s" % (time.perf_counter() - t))
 EOF
 
 # ---- the plan: step NAME TIMEOUT_S COMMAND DRY_COMMAND ----------------------------------------------
-H2H_ROWS="megastream:full deepspeed fsdp2 megastream:lean"
+H2H_ROWS="megastream:full megastream:lean deepspeed fsdp2"  # the quick rows first: a run cut short keeps them
 SHAPE_3B="--seq-len 1024 --micro-batch-size 4 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
 SHAPE_14B="--seq-len 1024 --micro-batch-size 4 --grad-accum 4 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
 CMD_H2H="$TP --model qwen2.5-3b $SHAPE_3B --systems $H2H_ROWS --timeouts roofline=50 megastream:full=45 deepspeed=190 fsdp2=120 megastream:lean=35 --carry-over --json $OUT_DIR/h2h-qwen2.5-3b.json --logs $STEPS/h2h-3b"
