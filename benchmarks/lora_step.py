@@ -156,6 +156,9 @@ def main() -> None:
                                  quant=quant if mode == "lora" else None)
         stores[mode].init_random(spec.initializer_range, seed=0)
         init_s[mode] = time.perf_counter() - t  # random init (and, for a quantized base, quantizing it)
+        # progress, flushed: a run stopped at its timeout (gpu_acceptance.sh) shows how far it got
+        print(f"init {mode}: {init_s[mode]:.1f} s (host store, random weights"
+              + (f", {quant} quantization" if quant and mode == "lora" else "") + ")", flush=True)
     adapters = LoraAdapters(spec, LORA_TARGETS, rank=a.rank, alpha=lora.alpha, dropout=a.dropout, rslora=False,
                             device=device, seed=0)
     adapters.init_default()
@@ -177,6 +180,13 @@ def main() -> None:
             engine.close()  # its optimizer thread (and that thread's OpenMP team) ends here
             if device.type == "cuda":
                 gpu_peak[mode] = max(gpu_peak.get(mode, 0), torch.cuda.max_memory_allocated(device))
+            print(f"round {r + 1}/{a.rounds} {mode}: steps " + ", ".join(f"{w:.3f}" for w, _ in steps)
+                  + " s (the first a warm-up)", flush=True)
+            # what is measured so far, in case the run is stopped before its end (rewritten at the end)
+            _write(a, {"partial": "written after each mode's steps; the whole result replaces it at the end",
+                       "preset": a.preset, "layers": spec.num_layers, "init_s": init_s,
+                       "step_times_s": {m: [t[0] for t in v] for m, v in times.items()},
+                       "gpu_peak_bytes": gpu_peak})
     host_store = {m: sum(s.breakdown().values()) for m, s in stores.items()}
     for store in stores.values():
         store.close()
@@ -224,9 +234,12 @@ def main() -> None:
 
 
 def _write(a, result: dict) -> None:
+    """Whole or not at all: a temp file, then a rename."""
     if a.json:
-        with open(a.json, "w") as f:
+        tmp = f"{a.json}.tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
+        os.replace(tmp, a.json)
 
 
 if __name__ == "__main__":

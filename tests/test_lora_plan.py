@@ -350,10 +350,14 @@ def test_lora_step_benchmark_runs(tmp_path):
 
     from helpers import REPO
 
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "lora_step.py"), "--device", "cpu", "--preset", "tiny",
-                    "--layers", "2", "--base-dtype", "nf4", "--seq-len", "32", "--micro-batch", "2", "--grad-accum", "1",
-                    "--rounds", "2", "--steps", "1", "--json", str(tmp_path / "r.json")], check=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lora_step.py"), "--device", "cpu", "--preset",
+                           "tiny", "--layers", "2", "--base-dtype", "nf4", "--seq-len", "32", "--micro-batch", "2",
+                           "--grad-accum", "1", "--rounds", "2", "--steps", "1", "--json", str(tmp_path / "r.json")],
+                          check=True, timeout=120, capture_output=True, text=True)
+    # progress as it goes (a run stopped at a timeout shows how far it got); the whole result at the end
+    assert "init lora:" in proc.stdout and "nf4 quantization" in proc.stdout and "round 2/2 full: steps" in proc.stdout
     r = json.loads((tmp_path / "r.json").read_text())
+    assert "partial" not in r and not (tmp_path / "r.json.tmp").exists()
     assert r["layers"] == 2 and r["base_dtype"] == "nf4" and r["ratio_cpu"] > 0
     assert len(r["step_cpu_s"]["full"]) == len(r["step_cpu_s"]["lora"]) == 2
     assert r["host_store_bytes"]["lora"] < r["host_store_bytes"]["full"] / 4  # a 4-bit base, no optimizer state
