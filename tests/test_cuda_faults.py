@@ -113,6 +113,24 @@ def test_an_arena_freed_without_close_is_unregistered_when_its_last_view_dies(ru
     assert rt.log == ["synchronize", "unregister"] * 3
 
 
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_a_pinned_quantized_store_allocates_its_packed_arena_once(runtime, monkeypatch, quant):
+    """A quantized base's packed arena (~40 GB for a 72B NF4 base on a 64 GB host) is allocated pinned
+    from the start, never as ordinary zeros first and then again as the pinned arena."""
+    rt = runtime()
+    sizes = []
+    zeros = torch.zeros
+
+    def spy(*args, **kw):
+        sizes.append(args[0] if args and isinstance(args[0], int) else None)
+        return zeros(*args, **kw)
+
+    monkeypatch.setattr(torch, "zeros", spy)
+    store = HostStore(model_layout(_spec(False)), torch.float32, torch.float32, pin=True, trainable=False, quant=quant)
+    assert store.packed.numel() > 0 and store.packed.numel() not in sizes
+    assert rt.log == ["register"] * 2  # working (embedding and head) and packed
+
 def test_failed_unregister_clears_the_cuda_error(runtime):
     rt = runtime(unregister_error=CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED)
     with warnings.catch_warnings(record=True) as caught:
