@@ -205,6 +205,10 @@ def test_a_row_keeps_the_result_it_wrote_before_its_timeout(monkeypatch, tmp_pat
     r = tp._spawn(a, "megastream:full", tmp_path, timeout=2.0)
     assert r["status"] == "ok" and r["step_times_s"] == [1.0] and "2 s timeout" in r["timed_out"]
     assert r["wall_s"] < 20
+    row = tp._row(_args(), "megastream:full", dict(r, peak_gpu_bytes=9_190_000_000), 3e9, 8192,
+                  {"matmul_tflops": 768.0}, None)
+    assert row["tokens_per_s"] == 8192.0 and row["timed_out"] == r["timed_out"]  # the JSON says so
+    assert row["peak_gpu_bytes"] == 9_190_000_000  # exact bytes (the first run kept only 9.19 GB)
 
 
 def test_a_harness_stopped_by_sigterm_ends_its_running_row(tmp_path):
