@@ -122,7 +122,6 @@ def test_nf4_c_op_equals_the_torch_path(dtype):
 
 def test_nf4_on_the_cpu_takes_the_c_op(monkeypatch):
     from megastream import ops
-    from megastream.adapters import quant
 
     if not ops.have_ext():
         pytest.skip("the C++ ops are not built here")
@@ -130,7 +129,7 @@ def test_nf4_on_the_cpu_takes_the_c_op(monkeypatch):
     def torch_path(*args):
         raise AssertionError("the torch path ran on the CPU with the C++ ops built")
 
-    monkeypatch.setattr(quant, "_nf4_codes", torch_path)
+    monkeypatch.setattr(ops.reference, "nf4_codes", torch_path)
     quantize(_weight((64, 256), torch.bfloat16), "nf4")
 
 def _ulp_slack(dtype) -> float:

@@ -151,9 +151,9 @@ def _nf4_table(dtype: torch.dtype, device) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize(w: torch.Tensor, scheme: str, *, use_ext: bool | None = None) -> QuantizedWeight:
-    """Quantize a 2-D weight (bf16, fp32, or any float dtype) on its own device. nf4 on the CPU finds
-    its 4-bit codes with the C++ op (csrc/nf4.h, bit for bit the torch path's result) when the ops are
-    built; `use_ext` False forces the torch path (tests compare the two)."""
+    """Quantize a 2-D weight (bf16, fp32, or any float dtype) on its own device. nf4 finds its 4-bit
+    codes with megastream.ops.nf4_codes: the C++ op on the CPU when the ops are built (bit for bit the
+    torch ops' result), else torch ops; `use_ext` as that function takes it (tests compare the two)."""
     shape = _check(w.shape, scheme)
     if not w.is_floating_point():
         raise ValueError(f"quantize a floating-point weight, got {w.dtype}")
@@ -215,17 +215,11 @@ def _quantize_nf4(w: torch.Tensor, shape, use_ext: bool | None = None) -> Quanti
     # neighbours of w / A can be nearest, since rounding a difference is monotone).
     table = _nf4_table(dt, dev)
     data = torch.empty(padded // 2, dtype=torch.uint8, device=dev)
-    if use_ext is None:
-        from megastream import ops
+    from megastream import ops
 
-        use_ext = dev.type == "cpu" and ops.have_ext() and hasattr(torch.ops.megastream, "nf4_codes")
     for s, x in _nf4_chunks(flat, padded, dt):
         a = absmax[s // BLOCK : (s + x.numel()) // BLOCK]
-        out = data[s // 2 : (s + x.numel()) // 2]
-        if use_ext:  # the same codes, ~10x faster a core, on every core (csrc/nf4.h)
-            torch.ops.megastream.nf4_codes(x.contiguous(), a, table, out)
-        else:
-            _nf4_codes(x, a, table, out)
+        ops.nf4_codes(x, a, table, data[s // 2 : (s + x.numel()) // 2], use_ext=use_ext)
 
     return QuantizedWeight(
         "nf4",
@@ -235,17 +229,6 @@ def _quantize_nf4(w: torch.Tensor, shape, use_ext: bool | None = None) -> Quanti
         factor.float().contiguous(),
         mean.float().reshape(1),
     )
-
-
-def _nf4_codes(x: torch.Tensor, a: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
-    """out <- the packed 4-bit codes of the blocks x (their absmaxes a), in torch ops (any device)."""
-    v = (x.view(-1, BLOCK) / torch.where(a == 0, torch.ones_like(a), a)[:, None]).view(-1)
-    lo = torch.searchsorted(table.float(), v.float(), right=True, out_int32=True).sub_(1).clamp_(0, 14)
-    hi = lo + 1
-    d_lo = (v - table.index_select(0, lo)).abs()
-    d_hi = (v - table.index_select(0, hi)).abs()
-    code = torch.where(d_hi < d_lo, hi, lo).to(torch.uint8).view(-1, 2)
-    out.copy_((code[:, 0] << 4) | code[:, 1])
 
 
 def _nf4_pair_table(dtype: torch.dtype, device) -> torch.Tensor:

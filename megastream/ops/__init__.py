@@ -1,5 +1,5 @@
-"""Host optimizer ops: the C++ build of csrc/adamw.cpp when it can be had, else the pure-PyTorch
-reference (megastream.ops.reference), with one warning.
+"""Host ops (the optimizer, NF4 quantization codes): the C++ build of csrc/adamw.cpp when it can be
+had, else the pure-PyTorch reference (megastream.ops.reference), with one warning.
 
 The extension is compiled on first use with torch.utils.cpp_extension (-O3 -fopenmp, no
 -march=native) into ~/.cache/megastream/ (or $MEGASTREAM_CACHE), keyed by the sources, the compiler
@@ -210,3 +210,14 @@ def accumulate_sqnorm(dst: torch.Tensor, src: torch.Tensor | None = None, alpha:
     if ext:
         return torch.ops.megastream.accumulate_sqnorm(dst, src, alpha)
     return reference.accumulate_sqnorm(dst, src, alpha)
+
+
+def nf4_codes(x: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, out: torch.Tensor, *,
+              use_ext: bool | None = None) -> None:
+    """out <- the packed 4-bit NF4 codes of x's blocks of 64 (their absmaxes `absmax`, the 16 values
+    `table` in x's dtype; megastream/adapters/quant.py): the C++ op (csrc/nf4.h) for CPU tensors when
+    built, else torch ops (any device). Both give the same bytes."""
+    if x.device.type == "cpu" and _use_ext(use_ext):
+        torch.ops.megastream.nf4_codes(x.contiguous(), absmax, table, out)
+    else:
+        reference.nf4_codes(x, absmax, table, out)

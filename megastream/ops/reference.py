@@ -1,5 +1,5 @@
-"""Pure-PyTorch references for the ops in csrc/adamw.cpp, also the fallback when the C++ build is
-unavailable. Same arithmetic in the same order (fp32, no fused multiply-add), so the two agree
+"""Pure-PyTorch references for the ops in csrc/adamw.cpp and csrc/nf4.h, also the fallback when the C++
+build is unavailable. Same arithmetic in the same order (fp32, no fused multiply-add), so the two agree
 element for element; see csrc/adamw.cpp for the modes and the 8-bit code."""
 
 from __future__ import annotations
@@ -155,3 +155,15 @@ def accumulate_sqnorm(dst: torch.Tensor, src: torch.Tensor | None, alpha: float)
     if src is not None:
         dst.add_(src.float(), alpha=alpha)
     return float(torch.dot(dst.double(), dst.double()))
+
+
+def nf4_codes(x: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- the packed 4-bit codes of x's blocks of 64 (absmaxes `absmax`): the nearest NF4 value to
+    x / A in x's dtype, ties to the lower index, two codes a byte, high nibble first (csrc/nf4.h)."""
+    v = (x.view(-1, 64) / torch.where(absmax == 0, torch.ones_like(absmax), absmax)[:, None]).view(-1)
+    lo = torch.searchsorted(table.float(), v.float(), right=True, out_int32=True).sub_(1).clamp_(0, 14)
+    hi = lo + 1
+    d_lo = (v - table.index_select(0, lo)).abs()
+    d_hi = (v - table.index_select(0, hi)).abs()
+    code = torch.where(d_hi < d_lo, hi, lo).to(torch.uint8).view(-1, 2)
+    out.copy_((code[:, 0] << 4) | code[:, 1])
