@@ -731,7 +731,8 @@ def worker_roofline(a) -> dict:
     # the dry run: toy sizes (quick: the probe's smallest shapes); it checks the plumbing, it measures nothing
     # each rate printed as it is measured (flushed): a roofline child stopped at its timeout shows how far it got
     rec = run_probe(torch.device(a.device), log=lambda *m: print(*m, flush=True), quick=a.dry_run,
-                    optimizer_params=2**18 if a.dry_run else 2**20 if small else 64 * 2**20,  # CUDA: 1.8 GB in full mode, past any cache
+                    # on CUDA 64M params: 1.8 GB of full-mode state, past any cache
+                    optimizer_params=2**18 if a.dry_run else 2**20 if small else 64 * 2**20,
                     host_bytes=2**24 if a.dry_run else 2**26 if small else 2**30)
     return {"h2d_gbps": 0.0, "d2h_gbps": 0.0} | rec
 
@@ -1084,10 +1085,9 @@ def main(argv=None) -> int:
             if a.json and system != a.systems[-1]:
                 _write_json(a.json, _doc(a, device=device, roof=roof, n=n, tokens=tokens, systems=systems,
                                          bounds=bounds, partial=True))
-    digests = sorted({s["data_sha256"] for s in systems if s.get("data_sha256")})
+    digests, loss_tokens = _data_identity(systems)
     if len(digests) > 1:
         print("ERROR: the systems trained on different data (data_sha256 differs)", flush=True)
-    loss_tokens = sorted({s["loss_tokens"] for s in systems if s.get("loss_tokens")})
     if len(loss_tokens) > 1:
         print(f"ERROR: the systems' losses count different tokens ({loss_tokens})", flush=True)
     headline = _print_ratios(systems)
@@ -1106,8 +1106,7 @@ def _doc(a, *, device: str, roof: dict, n: int, tokens: int, systems: list[dict]
     """The --json document: the run's setup, rates, bounds and rows (partial: the rows so far)."""
     import torch
 
-    digests = sorted({s["data_sha256"] for s in systems if s.get("data_sha256")})
-    loss_tokens = sorted({s["loss_tokens"] for s in systems if s.get("loss_tokens")})
+    digests, loss_tokens = _data_identity(systems)
     doc = {"device": device, "date": datetime.date.today().isoformat(),
            "torch_version": roof.get("torch_version", torch.__version__), "model": a.model, "params": n,
            "tokens_per_step": tokens, "seq_len": a.seq_len, "micro_batch_size": a.micro_batch_size,
@@ -1144,6 +1143,12 @@ def _doc(a, *, device: str, roof: dict, n: int, tokens: int, systems: list[dict]
         doc["partial"] = ("the rows run so far: written after each row, so that a run stopped before its end "
                           "(an outer timeout) keeps them; the headline and ratios come with the last row")
     return doc
+
+
+def _data_identity(systems: list[dict]) -> tuple[list[str], list[int]]:
+    """The distinct data hashes and loss-token counts the rows report (one of each: the same work)."""
+    return (sorted({s["data_sha256"] for s in systems if s.get("data_sha256")}),
+            sorted({s["loss_tokens"] for s in systems if s.get("loss_tokens")}))
 
 
 def _write_json(path: str, doc: dict) -> None:

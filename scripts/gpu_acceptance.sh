@@ -249,6 +249,8 @@ CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastr
 # pytest -m gpu: part 1 runs the engine's GPU tests; the step features' and LoRA's run in parts 3 and 4.
 # Each file with gpu tests is in exactly one list (tests/test_gpu_acceptance.py checks it), so no part
 # collects the whole suite.
+# a later part's setup: the GPU's state (memory in use: nothing left running) and megastream's ops (cached)
+GPU_STATE="nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py"
 PYTEST="$PY -m pytest -m gpu -q -rP -n 0 -p no:cacheprovider"  # -rP: passing tests' prints too (planned vs measured peaks)
 ENGINE_TESTS="tests/test_gpu.py tests/test_activations.py tests/test_flex_attention.py tests/test_quant.py"
 FEATURE_TESTS="tests/test_varlen_attention.py tests/test_embed_device.py"
@@ -279,7 +281,7 @@ part1() {
 
 part2() {
   step setup2 10 "megastream's ops (cached after part 1) and the GPU's state" \
-    "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
+    "$GPU_STATE" \
     "$PY $STEPS/build_megastream.py"
   step pytest-gpu 90 "the GPU tests (those of parts 3 and 4's features run there)" "$PYTEST_1" "$PYTEST_1"
   step cpu-ops 120 "the host's AVX-512: the C++ ops' tests on every ISA path it runs, the optimizer benchmark" \
@@ -303,7 +305,7 @@ CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --timeouts 
 
 part3() {
   step setup3 40 "megastream's ops (built once: cached after part 1 or 2) and the GPU's state" \
-    "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
+    "$GPU_STATE" \
     "$PY $STEPS/build_megastream.py"
   step pytest-features 30 "the step features' GPU tests (varlen, the embedding on the device)" \
     "$PYTEST $FEATURE_TESTS" "$PYTEST $FEATURE_TESTS"
@@ -325,7 +327,7 @@ CMD_QLORA="$LS --device cuda --preset qwen2.5-72b --layers 2 --modes lora --base
 
 part4() {
   step setup4 40 "megastream's ops (built once: cached after an earlier part on this machine) and the GPU's state" \
-    "nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv; $PY $STEPS/build_megastream.py" \
+    "$GPU_STATE" \
     "$PY $STEPS/build_megastream.py"
   step pytest-lora 40 "LoRA's GPU tests (adapters vs the CPU, dequantization, the plan's GPU peak)" \
     "$PYTEST $LORA_TESTS" "$PYTEST $LORA_TESTS"
