@@ -107,6 +107,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$PART" in 1|2|3|4|all) ;; *) echo "--part must be 1, 2, 3, 4 or all (parts 1 and 2)" >&2; exit 2 ;; esac
+if [ -n "$DEADLINE" ] && ! [[ $DEADLINE =~ ^[0-9]+$ ]]; then echo "--deadline must be a whole number of seconds, got $DEADLINE" >&2; exit 2; fi
 PACK=0
 if [ -z "$OUT_DIR" ]; then
   if [ -n "${OUT:-}" ]; then OUT_DIR=$OUT; PACK=1; else OUT_DIR="$REPO/runs/acceptance-$(date +%F-%H%M%S)"; fi

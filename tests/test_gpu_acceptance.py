@@ -32,6 +32,9 @@ def test_acceptance_parts_and_a_bad_part():
     bad = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), "--part", "9", "--dry-run"],
                          capture_output=True, text=True, timeout=60, env=env, check=False)
     assert bad.returncode == 2 and "--part must be" in bad.stderr
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "gpu_acceptance.sh"), "--deadline", "9m", "--dry-run"],
+                         capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert bad.returncode == 2 and "--deadline must be a whole number of seconds, got 9m" in bad.stderr
     script = (REPO / "scripts" / "gpu_acceptance.sh").read_text()
     assert "PART=all\n" in script and "all) parts=(1 2) ;;" in script
 

@@ -132,6 +132,24 @@ def test_nf4_on_the_cpu_takes_the_c_op(monkeypatch):
     monkeypatch.setattr(ops.reference, "nf4_codes", torch_path)
     quantize(_weight((64, 256), torch.bfloat16), "nf4")
 
+
+def test_nf4_load_benchmark_runs(tmp_path):
+    """benchmarks/nf4_load.py (the figure the README quotes) on a small weight: both paths, the same codes."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    from megastream import ops
+
+    if not ops.have_ext():
+        pytest.skip("the C++ ops are not built here")
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "nf4_load.py"), "--rows", "64", "--cols", "512",
+                    "--rounds", "1", "--json", str(out)], check=True, timeout=120)
+    r = json.loads(out.read_text())
+    assert r["same_codes"] and r["shape"] == [64, 512] and r["ns_per_param"]["torch"] > 0 and r["speedup"] > 0
+
 def _ulp_slack(dtype) -> float:
     return 4 * torch.finfo(dtype).eps  # rounding of w / A, of the table and of the products
 
