@@ -661,10 +661,72 @@ def worker_deepspeed(a) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _params_on_meta():
+    """Build a module's parameters on the meta device (no memory, no init cost) and its buffers for real:
+    a rotary embedding computes its inv_freq in __init__, which `to_empty` could not give back."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":  # a meta one is kept: tying re-registers it
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def build_fp32_hf(hf, shard, storage: str, draw_on: str):
+    """transformers' fp32 model of `hf`, built on the meta device, passed to `shard` (FSDP2's wrapping),
+    then given its storage on `storage` and filled as transformers initialises it, drawn on `draw_on`.
+    The buffers (rotary inv_freq) were computed for real at construction; `to_empty` would leave them
+    uninitialised, so they are put back."""
+    import torch
+    import transformers
+
+    with _params_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    shard(model)
+    buffers = {name: buf.clone() for name, buf in model.named_buffers()}
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # parameters keep their identity: tying holds
+    try:
+        model.to_empty(device=storage)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
+    _init_like_hf(model, hf.initializer_range, draw_on)
+    return model
+
+
+def _init_like_hf(model, std: float, device: str) -> None:
+    """Fill a model's parameters as transformers initialises these decoders (matrices ~ N(0, std), norm
+    weights 1, biases 0), drawing on `device` (seeded 0) and copying into each parameter's storage; for
+    an FSDP2 model of one rank the local shard is the whole tensor."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if name.endswith("bias"):
+                local.zero_()
+            elif p.dim() == 1:
+                local.fill_(1.0)
+            else:  # drawn where it is fast, then one copy into the (pinned) host storage
+                local.copy_(torch.empty(local.shape, device=device).normal_(0.0, std, generator=gen))
+
+
 def worker_fsdp2(a) -> dict:
     import torch
     import torch.distributed as dist
-    import transformers
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     _dist_env()
@@ -675,16 +737,23 @@ def worker_fsdp2(a) -> dict:
         torch.cuda.set_device(0)
     hf = _hf_config(a)
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)  # fp32 master on the host
-    print(f"init: the fp32 model in {time.perf_counter() - t0:.1f} s", flush=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Built without memory (parameters on the meta device), sharded, then given its fp32 storage (the
+    # master, pinned by FSDP2 under its offload policy) and filled: transformers' own init draws every
+    # weight with the host's serial generator, ~11 ns/param (about a minute for 3B on the GPU's host,
+    # most of the row's timeout in the first run); drawn on the GPU it costs one D2H copy.
     kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, _compute(a)), reduce_dtype=torch.float32)}
     if cuda:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
-    for layer in model.model.layers:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+
+    def shard(model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+
+    # offloaded: the sharded params live on the host (the CPU's run: where it computes)
+    model = build_fp32_hf(hf, shard, storage="cpu" if cuda else a.device, draw_on=a.device)
+    print(f"init: the fp32 model built, sharded and filled in {time.perf_counter() - t0:.1f} s", flush=True)
     if cuda:  # buffers (rotary inv_freq) are not FSDP's: put them where compute runs
         for mod in model.modules():
             for name, buf in list(mod.named_buffers(recurse=False)):

@@ -16,9 +16,9 @@
 #     build      megastream's C++ ops, once, before any timed row
 #     env        megastream env
 #     ds-join    wait for ds-build
-#     h2h-3b     benchmarks/throughput.py on qwen2.5-3b: megastream full (the headline) and lean, DeepSpeed
-#                ZeRO-3 offload, FSDP2 offload, each row under its own timeout; its JSON is rewritten after
-#                every row, so a run stopped early keeps the rows it finished
+#     h2h-3b     benchmarks/throughput.py on qwen2.5-3b: megastream full (the headline) and lean, FSDP2
+#                offload, DeepSpeed ZeRO-3 offload, each row under its own timeout; its JSON is rewritten
+#                after every row, so a run stopped early keeps the rows it finished
 #   part 2 (<= 485 s)
 #     setup2     megastream's ops (a cache hit when part 1 ran on this machine) and the GPU's state
 #     pytest-gpu pytest -m gpu (the GPU tests, but for parts 3 and 4's)
@@ -238,10 +238,13 @@ print("DeepSpeed CPU Adam: built | %.1f s" % (time.perf_counter() - t))
 EOF
 
 # ---- the plan: step NAME TIMEOUT_S COMMAND DRY_COMMAND ----------------------------------------------
-H2H_ROWS="megastream:full megastream:lean deepspeed fsdp2"  # the quick rows first: a run cut short keeps them
+# the quick rows first: a run cut short keeps them, and --carry-over hands each row's unused time to the
+# next. FSDP2 (built on the meta device, filled on the GPU: seconds) before DeepSpeed, whose ZeRO-3 init
+# outlasted 69 s in the first run, so DeepSpeed gets what FSDP2 leaves.
+H2H_ROWS="megastream:full megastream:lean fsdp2 deepspeed"
 SHAPE_3B="--seq-len 1024 --micro-batch-size 4 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
 SHAPE_14B="--seq-len 1024 --micro-batch-size 4 --grad-accum 4 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
-CMD_H2H="$TP --model qwen2.5-3b $SHAPE_3B --systems $H2H_ROWS --timeouts roofline=50 megastream:full=45 deepspeed=190 fsdp2=120 megastream:lean=35 --carry-over --json $OUT_DIR/h2h-qwen2.5-3b.json --logs $STEPS/h2h-3b"
+CMD_H2H="$TP --model qwen2.5-3b $SHAPE_3B --systems $H2H_ROWS --timeouts roofline=50 megastream:full=45 fsdp2=100 deepspeed=210 megastream:lean=35 --carry-over --json $OUT_DIR/h2h-qwen2.5-3b.json --logs $STEPS/h2h-3b"
 RATES_3B="\$([ -f $OUT_DIR/h2h-qwen2.5-3b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-3b.json)"
 CMD_14B="$TP --model qwen2.5-14b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:compact $RATES_3B --profile --profile-steps 2 --timeouts roofline=50 megastream:compact=150 --carry-over --json $OUT_DIR/h2h-qwen2.5-14b.json --logs $STEPS/14b"
 RATES_14B="\$([ -f $OUT_DIR/h2h-qwen2.5-14b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-14b.json)"

@@ -308,6 +308,40 @@ def test_harness_end_to_end_on_the_cpu(tmp_path):
     assert doc["variants"]["full+flex / full"]["ratio"] is None and any(u.startswith("compile") for u in doc["unmeasured"])
 
 
+def test_the_fsdp2_row_builds_its_model_on_meta_as_transformers_would():
+    """The FSDP2 row builds its fp32 model without memory and fills it (transformers' own init draws each
+    weight on the host's serial generator: about a minute for 3B): same parameters, tying and rotary
+    buffers as transformers' build, the same init statistics, and, given the same weights, the same
+    logits -- so the row trains the model the others do."""
+    import transformers
+
+    hf = transformers.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                  rope_theta=1e6, use_cache=False)
+    hf._attn_implementation = "sdpa"
+    shards = []
+    meta = tp.build_fp32_hf(hf, shards.append, storage="cpu", draw_on="cpu")
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    assert shards == [meta]  # sharded before it had storage
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight  # tied as transformers ties
+    got, want = dict(meta.named_parameters()), dict(ref.named_parameters())
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    for name, buf in ref.named_buffers():  # computed at construction, kept through to_empty
+        assert torch.equal(dict(meta.named_buffers())[name], buf), name
+    for name, p in got.items():
+        if name.endswith("bias"):
+            assert not p.any(), name
+        elif p.dim() == 1:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:  # N(0, 0.02): the sample std of >= 4096 draws is within 5% of it
+            assert p.std().item() == pytest.approx(hf.initializer_range, rel=0.05), name
+    meta.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, hf.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(meta(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
 # ---- step-feature variants and packed rows ----------------------------------------------------------
 def test_variant_names_parse_and_bad_ones_are_refused(capsys):
     assert tp.parse_system("megastream:full") == ("megastream:full", ())
