@@ -1,7 +1,7 @@
 """Command line.
 
-    megastream train CONFIG [--set key=value ...] [--resume [PATH]] [--force]
-    megastream demo                  train the bundled demo (CPU, about a minute)
+    megastream train CONFIG [--set key=value ...] [--resume [PATH] | --overwrite] [--force]
+    megastream demo                  train the bundled demo (CPU, 1-2 minutes)
     megastream prepare CONFIG        tokenize the data into its token cache now (train does it when missing)
     megastream plan CONFIG [--json]  memory budget, verdict for this machine, predicted speed
     megastream probe [--quick]       measure this machine's bandwidths and FLOP rate (cached for plan)
@@ -20,10 +20,20 @@ from megastream.errors import ConfigError, Interrupted, MegastreamError
 from megastream.tokenizer import DEMO_DIR
 
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
+EXAMPLES = """examples:
+  megastream demo                                   train the bundled demo model (CPU, 1-2 minutes)
+  megastream plan configs/qwen2.5-14b-24gb.yaml     does it fit this machine, and how fast will it run
+  megastream train config.yaml --set train.lr=3e-5  train; --set overrides any config key
+  megastream train config.yaml --resume             continue from the newest checkpoint in output.dir
+  megastream <command> --help                       each command's options"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megastream", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="megastream", formatter_class=argparse.RawDescriptionHelpFormatter,  # the examples as written
+        description="Fine-tune a large language model on one GPU (or the CPU): weights and optimizer states\n"
+                    "live in host RAM, and one layer at a time is streamed to the device.",
+        epilog=EXAMPLES)
     p.add_argument("--version", action="version", version=f"megastream {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -281,3 +281,24 @@ def test_resume_summary_reports_the_runs_first_and_last_loss(demo_run, tmp_path)
     assert first != metrics[3]["loss"] and last != metrics[3]["loss"]
     assert (f"megastream: done, loss {first:.4f} (step 1) -> {last:.4f} (step 5); resumed at step 3; "
             in proc.stdout), proc.stdout
+
+
+# ------------------------------------------------------------------ the top-level --help
+def test_top_level_help_reads_as_written_and_its_examples_are_real(capsys):
+    """`megastream --help`: a description and examples laid out as written (argparse used to reflow the
+    module docstring's command table into one paragraph), every example a real command with real files."""
+    from megastream.cli import EXAMPLES, _parser
+
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert EXAMPLES in out and "Command line." not in out
+    parser = _parser()
+    for line in EXAMPLES.splitlines()[1:]:
+        argv = line.strip().split("  ")[0].split()[1:]
+        if argv[0] == "<command>":
+            continue
+        args = parser.parse_args(argv)  # the example parses as written
+        if getattr(args, "config", None) and args.config != "config.yaml":
+            assert (REPO / args.config).is_file(), line
