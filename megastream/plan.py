@@ -296,14 +296,17 @@ GPU_UNVERIFIED = "unverified (not yet measured on a CUDA allocator)"
 
 
 def gpu_status(b: Budget) -> str:
-    """Whether the GPU figure has met a CUDA allocator (memory.GPU_CALIBRATION), in words."""
+    """Whether the GPU figure has met a CUDA allocator (memory.GPU_CALIBRATION), in words: which run
+    checked the model, planned against measured. A calibration is one config's peak, not this one's."""
     c = b.gpu_calibration
     if c is None:
         return GPU_UNVERIFIED
     planned, measured = c.get("planned_bytes"), c.get("measured_bytes")
-    ratio = f", planned/measured {planned / measured:.2f}" if planned and measured else ""
-    peak = f"{measured / 1e9:.2f} GB " if measured else ""
-    return f"verified: peak {peak}measured on {c.get('device', 'a GPU')} ({c.get('date', 'undated')}){ratio}"
+    where = f"{c.get('device', 'a GPU')} ({c.get('date', 'undated')})"
+    figures = f"planned {planned / 1e9:.2f} GB, measured {measured / 1e9:.2f} GB" if planned and measured else ""
+    if not b.gpu_verified:  # LoRA: its adapters, dequantized layer and frozen backward are not in that run
+        return f"unverified for LoRA (full fine-tuning's model was checked on {where}: {figures})"
+    return f"checked on {where} against {c.get('label', 'one run')}: {figures}"
 
 
 def _gpu_json(b: Budget) -> dict:

@@ -122,19 +122,27 @@ def test_plan_marks_the_gpu_figure_unverified_until_calibrated(monkeypatch):
     assert js["gpu_peak_phase"] == b.peak_phase
     assert js["gpu_phases"][b.peak_phase]["bytes_total"] == js["gpu_bytes_total"] == sum(js["gpu_bytes"].values())
 
-    record = {"date": "2026-12-01", "device": "NVIDIA H100 80GB HBM3", "planned_bytes": int(1.0e9),
-              "measured_bytes": int(0.95e9)}
+    record = {"date": "2026-12-01", "device": "NVIDIA H100 80GB HBM3", "label": "a 1B run",
+              "planned_bytes": int(1.0e9), "measured_bytes": int(0.95e9)}
     monkeypatch.setattr(memory, "GPU_CALIBRATION", record)
     p = make_plan(cfg, PRESETS["qwen2.5-14b"], runtime_bytes=int(0.3e9), host=_machine(256))
-    assert UNVERIFIED not in render(p) and "verified: peak 0.95 GB measured on NVIDIA H100" in render(p)
+    assert UNVERIFIED not in render(p)
+    assert ("checked on NVIDIA H100 80GB HBM3 (2026-12-01) against a 1B run: planned 1.00 GB, measured 0.95 GB"
+            in render(p))
     assert p.to_json()["gpu_verified"] is True and p.to_json()["gpu_calibration"] == record
+    # a LoRA plan's GPU terms (adapters, the dequantized layer, a frozen backward) were not in that run
+    lora = make_plan(load_config(REPO / "configs" / "qwen2.5-14b-lora.yaml"), PRESETS["qwen2.5-14b"],
+                     runtime_bytes=int(0.3e9), host=_machine(256))
+    assert lora.to_json()["gpu_verified"] is False
+    assert "unverified for LoRA (full fine-tuning's model was checked on NVIDIA H100" in render(lora)
 
 
 def test_plan_cli_json_carries_the_h200_calibration():
     """The shipped calibration: the first H200 run's qwen2.5-3b peak, 9.19 GB measured, 9.11 GB planned."""
     js = json.loads(run_cli("plan", str(BIG), "--json", check=False).stdout)
     assert js["device"] == "cuda" and js["gpu_verified"] is True
-    assert js["gpu_status"] == "verified: peak 9.19 GB measured on NVIDIA H200 (2026-11-29), planned/measured 0.99"
+    assert js["gpu_status"] == ("checked on NVIDIA H200 (2026-11-29) against qwen2.5-3b, full mode, 8192 tokens a "
+                                "step: planned 9.11 GB, measured 9.19 GB")
     assert js["gpu_peak_phase"] in js["gpu_phases"]
 
 
