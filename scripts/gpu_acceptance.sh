@@ -279,8 +279,8 @@ part1() {
     "$PY $STEPS/build_megastream.py" "$PY $STEPS/build_megastream.py"
   step env 10 "megastream env" "$PY -m megastream env" "$PY -m megastream env"
   joinstep ds-join 10 ds-build
-  step h2h-3b 450 "qwen2.5-3b head-to-head: $H2H_ROWS" "$CMD_H2H" \
-    "$CMD_H2H --check && $TP --dry-run --systems megastream:full deepspeed --json $OUT_DIR/h2h-tiny-dry-run.json --logs $STEPS/h2h-3b"
+  # its dry run checks the GPU command (--check); the rows themselves run on the CPU in test_throughput_harness
+  step h2h-3b 450 "qwen2.5-3b head-to-head: $H2H_ROWS" "$CMD_H2H" "$CMD_H2H --check"
 }
 
 part2() {

@@ -13,7 +13,7 @@ GOLDEN = Path(__file__).parent / "golden" / "demo_loss.json"  # data.pack: bfd (
 # The same demo with megastream <= 0.1's packing (greedy, in file order): recorded before the token
 # cache replaced the in-memory loader, and still met by `data.pack: greedy` (same tokens, same order).
 GOLDEN_GREEDY = Path(__file__).parent / "golden" / "demo_loss_greedy.json"
-STEPS = 40
+STEPS = 25  # the loss is down by ~1.4 (7.66 -> 6.25 over the last 5) by then
 
 
 @pytest.fixture(scope="module")
