@@ -544,18 +544,24 @@ def worker_megastream(a, mode: str) -> dict:
     if a.profile and device.type == "cuda":
         from megastream.profiling import profile_steps
 
-        # the timed steps' result first: a profile stopped at the row's timeout does not lose them
-        _write_result(a, {"status": "ok", **out, "profile": "started, not finished (the row's timeout)"})
-        t0 = time.perf_counter()
-        try:  # a profiler that fails (CUPTI, say) costs the overlap figures, not the row's throughput
-            out["overlap"] = profile_steps(engine, mbs, HYPER["lr"], steps=a.profile_steps)
-        except Exception as e:
-            out["overlap_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-        print(f"profile: {a.profile_steps} steps in {time.perf_counter() - t0:.1f} s"
-              + (f" ({out['overlap_error']})" if "overlap_error" in out else ""), flush=True)
+        _profile_into(a, out, lambda: profile_steps(engine, mbs, HYPER["lr"], steps=a.profile_steps))
     engine.close()
     model.store.close()
     return out
+
+
+def _profile_into(a, out: dict, profile) -> None:
+    """out["overlap"] = profile(), after writing the row's timed steps (a profile stopped at the row's
+    timeout does not lose them); a profiler that fails (CUPTI, say) costs the overlap figures, not the
+    row's throughput: out["overlap_error"] says why."""
+    _write_result(a, {"status": "ok", **out, "profile": "started, not finished (the row's timeout)"})
+    t0 = time.perf_counter()
+    try:
+        out["overlap"] = profile()
+    except Exception as e:
+        out["overlap_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+    print(f"profile: {a.profile_steps} steps in {time.perf_counter() - t0:.1f} s"
+          + (f" ({out['overlap_error']})" if "overlap_error" in out else ""), flush=True)
 
 
 def _settings_text(settings: dict) -> str:

@@ -211,6 +211,23 @@ def test_a_row_keeps_the_result_it_wrote_before_its_timeout(monkeypatch, tmp_pat
     assert row["peak_gpu_bytes"] == 9_190_000_000  # exact bytes (the first run kept only 9.19 GB)
 
 
+def test_a_failing_profiler_costs_the_overlap_figures_not_the_row(tmp_path, capsys):
+    """The profile after a megastream row's timed steps (CUDA only): the steps are written first, and a
+    profiler that raises (CUPTI missing, say) leaves the row ok with overlap_error saying why."""
+    a = _args(out=str(tmp_path / "row.json"))
+    out = {"step_times_s": [1.0]}
+
+    def broken():
+        assert json.loads((tmp_path / "row.json").read_text())["step_times_s"] == [1.0]  # written already
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore")
+
+    tp._profile_into(a, out, broken)
+    assert out["overlap_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED\nmore" and "overlap" not in out
+    assert "(RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in capsys.readouterr().out
+    tp._profile_into(a, out := {"step_times_s": [1.0]}, lambda: {"busy": 0.9})
+    assert out["overlap"] == {"busy": 0.9} and "overlap_error" not in out
+
+
 def test_a_harness_stopped_by_sigterm_ends_its_running_row(tmp_path):
     """An outer timeout's SIGTERM to the harness ends the row it is running (its own session, out of the
     signal's reach otherwise): on the first H200 run an orphaned row kept the GPU and the cores busy
