@@ -21,9 +21,9 @@
 #                after every row, so a run stopped early keeps the rows it finished
 #   part 2 (<= 485 s)
 #     setup2     megastream's ops (a cache hit when part 1 ran on this machine) and the GPU's state
-#     pytest-gpu pytest -m gpu (the GPU tests, but for parts 3 and 4's)
 #     cpu-ops    the host CPU (an AVX-512 Xeon): tests/test_ops.py on each instruction-set path it runs and
 #                benchmarks/optimizer.py on its widest path and forced to AVX2 -> OUT/optimizer-host*.json
+#     pytest-gpu pytest -m gpu (the GPU tests, but for parts 3 and 4's)
 #     14b        qwen2.5-14b, compact mode, 24 GB GPU cap, 3 timed steps, then a torch.profiler trace of 2
 #                steps: compute-stream busy fraction, H2D/D2H time hidden under compute (the timed steps'
 #                result is kept if the profile runs out of time); part 1's rates when it ran on this machine
@@ -271,8 +271,6 @@ part1() {
   step setup 10 "the carried wheels into $SITE" \
     "ls $WHL/*.whl && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $WHL/*.whl && ls $SITE" \
     "ls -la $WHL 2>/dev/null || echo 'no .whl/ here (bash scripts/gpu_wheels.sh makes it); a dry run installs nothing'"
-  # (the dry run's head-to-head runs the headline row and DeepSpeed's not-run only: every row's CPU
-  # dry run is tests/test_throughput_harness.py's, and this one stays within a test's 60 s)
   # DeepSpeed's CPU Adam takes ~53 s to JIT-build there (two -O3 -g translation units): built once, in the
   # background under the next steps, and joined before the timed rows
   bgstep ds-build 80 "DeepSpeed's CPU Adam JIT-build, in the background until ds-join" \
@@ -290,9 +288,11 @@ part2() {
   step setup2 10 "megastream's ops (cached after part 1) and the GPU's state" \
     "$GPU_STATE" \
     "$PY $STEPS/build_megastream.py"
-  step pytest-gpu 90 "the GPU tests (those of parts 3 and 4's features run there)" "$PYTEST_1" "$PYTEST_1"
+  # first after the setup: a `--part all` run reaches part 2 with what part 1 left, and this step alone
+  # completes an issue (the AVX-512 path's optimizer figures); it uses no GPU
   step cpu-ops 120 "the host's AVX-512: the C++ ops' tests on every ISA path it runs, the optimizer benchmark" \
     "$CMD_CPU_OPS" "$PY -m pytest --co -q -p no:cacheprovider tests/test_ops.py && $PY benchmarks/optimizer.py --help"
+  step pytest-gpu 90 "the GPU tests (those of parts 3 and 4's features run there)" "$PYTEST_1" "$PYTEST_1"
   step 14b 205 "qwen2.5-14b compact, 24 GB cap, 3 steps + a 2-step profile" "$CMD_14B" "$CMD_14B --check"
   step 7b 60 "qwen2.5-7b megastream rows the host holds" "$CMD_7B" "$CMD_7B --check"
 }

@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO
 
 PART1 = ["setup", "ds-build", "preflight", "build", "env", "ds-join", "h2h-3b"]
-PART2 = ["setup2", "pytest-gpu", "cpu-ops", "14b", "7b"]
+PART2 = ["setup2", "cpu-ops", "pytest-gpu", "14b", "7b"]
 
 
 def _dry_run(out, *args, rc=0):
