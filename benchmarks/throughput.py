@@ -82,8 +82,9 @@ Two bounds per megastream row, from rates measured in the same run (pinned H2D/D
 matmul and attention rates, host memory bandwidth, the fused optimizer's rate per mode):
   ideal       megastream.plan.roofline: every term perfectly overlapped, max(compute, H2D, D2H,
               optimizer) on a GPU
-  attainable  attainable_bound() below: what megastream's own schedule can reach with those rates,
-              ~ max(T_opt, T_fwd) + T_head + T_bwd + tail
+  attainable  megastream.plan.schedule, `plan`'s predicted step: what megastream's own schedule can
+              reach with those rates, ~ max(T_opt, T_fwd) + T_head + T_bwd + tail (optim.clip: global;
+              T_fwd + T_head + max(T_bwd, T_opt) + tail with optim.clip: previous)
 and the fraction of each achieved (bound / measured step time).
 
 The parent process never creates a CUDA context (children would otherwise inherit a GPU already
@@ -126,7 +127,6 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,95 +214,12 @@ def _system_arg(name: str) -> str:
 
 
 # ---- bounds ----------------------------------------------------------------------------------------
-@dataclass
-class Attainable:
-    fwd_s: float  # forward phase: max(forward compute, H2D of every layer and then the head)
-    opt_s: float  # host optimizer pass over every parameter (overlaps the next step's forward)
-    head_s: float  # chunked loss + head gradients
-    bwd_s: float  # backward phase: max(recompute + backward compute, H2D of every layer, D2H of the grads)
-    tail_s: float  # after the last backward: the last gradient's D2H, the embedding gradient on the host
-    step_s: float
-    bound: str  # the phase that sets the first term: "optimizer" or "forward" (GPU), "serial" (CPU)
+def attainable_bound(cfg, spec, b, rates):
+    """What megastream's own schedule can reach with the measured `rates`: `plan`'s predicted step,
+    megastream.plan.schedule (max(T_opt, T_fwd) + T_head + T_bwd + tail with optim.clip: global)."""
+    from megastream.plan import schedule
 
-
-def attainable_bound(cfg, spec, b, rates) -> Attainable:
-    """The step time megastream's own schedule (engine/engine.py `Engine.step`) can reach with the
-    measured `rates` (megastream.plan.Rates), for `cfg`, `spec` and its memory budget `b`:
-
-        step ~ max(T_opt, T_fwd) + T_head + T_bwd + tail
-
-    T_opt   the host AdamW pass over all parameters (the measured ns/param of this mode; else bytes
-            / host bandwidth, as plan.roofline). The step's updates run on a host thread in unit
-            order while the next step's forward streams units in the same order, so the forward
-            and the previous step's optimizer overlap, and the slower sets the pace.
-    T_fwd   max(forward compute, H2D of every layer and then the head): one stream computes while
-            the copy stream brings the next unit; the head's copy queues behind the last layer's.
-    T_head  the chunked loss with d(hidden) and head gradients: 6 * V * H FLOPs per token.
-    T_bwd   max(recompute + backward compute (3x the forward), H2D of every layer again, D2H of
-            every layer's gradient and the head's (fp32 when the embedding is tied)).
-    tail    what follows the last layer's backward and overlaps nothing: that layer's gradient D2H,
-            the d(embedding output) D2H, and the host's scatter-add and norm of the embedding
-            gradient (V * H fp32 read once, 8 bytes per scattered element); with the embedding on
-            the device (engine.embedding, the default on CUDA) the embedding's fp32 gradient D2H
-            instead, and an untied table's H2D joins the forward's copies.
-
-    Compute is timed at the matmul rate and attention (counted as plan.roofline counts it) at its
-    own measured rate. On the CPU the same cores do everything, so the terms add:
-    T_opt + compute + the host copies plan.roofline counts + tail. It is an estimate of the schedule,
-    not a proof: it ignores launch gaps and the first unit's copy latency, and so sits above the
-    ideal roofline (every term perfectly overlapped) and below what the engine measures."""
-    from megastream.model.layout import model_layout
-    from megastream.plan import roofline
-    from megastream.probe import attention_rate
-
-    units = model_layout(spec)
-    n_layers = sum(u.numel for u in units[1:-1])
-    max_layer = max(u.numel for u in units[1:-1])
-    T, S = b.tokens_per_step, cfg.data.seq_len
-    H, V = spec.hidden_size, spec.vocab_size
-    head = V * H
-    qd = spec.num_heads * spec.head_dim
-    ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
-    mm = rates.matmul_tflops * 1e12
-    # a dense document mask runs at the masked rate; flex and varlen skip what the mask would zero
-    masked = cfg.data.pack and cfg.engine.attention == "sdpa"
-    kind = "masked" if masked else "causal"
-    # at the row's length and head size, as plan.roofline rates it (the probe's shape-aware rates)
-    at = attention_rate(rates.attention_by_shape, kind, S, spec.head_dim,
-                        rates.attention_tflops.get(kind) or rates.matmul_tflops) * 1e12
-    attn_pass = 2 * spec.num_layers * T * S * qd  # one pass of causal attention, FLOPs
-    c_fwd = 2 * n_layers * T / mm + attn_pass / at
-    c_bwd = 6 * n_layers * T / mm + 3 * attn_pass / at
-    c_head = 6 * head * T / mm
-    opt = roofline(cfg, spec, b, rates).optimizer_s
-    host = rates.host_gbps * 1e9
-    embed_host = (head * 4 + T * H * 4 * 2) / host  # norm pass over the fp32 gradient + the scatter-add
-    tied = spec.tie_word_embeddings
-    if b.device_type == "cuda":
-        h2d, d2h = rates.h2d_gbps * 1e9, rates.d2h_gbps * 1e9
-        if b.embedding == "device":
-            # engine.embedding: device: an untied table crosses before layer 0 (into the head's buffer); the
-            # gradient is scatter-added and normed on the device and crosses once, fp32, after the last
-            # layer's backward (a tied head's gradient waits for it: they are one buffer)
-            fwd = max(c_fwd, (n_layers + head + (0 if tied else head)) * ec / h2d)
-            bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + (0 if tied else head * eg)) / d2h)
-            tail = max_layer * eg / d2h + head * 4 / d2h
-        else:
-            fwd = max(c_fwd, (n_layers + head) * ec / h2d)
-            head_d2h = head * (4 if tied else eg)
-            bwd = max(c_bwd, n_layers * ec / h2d, (n_layers * eg + head_d2h) / d2h)
-            tail = max_layer * eg / d2h + T * H * ec / d2h + embed_host
-        first = max(opt, fwd)
-        step = first + c_head + bwd + tail
-        bound = "optimizer" if opt >= fwd else "forward"
-    else:
-        # as plan.roofline: the "transfers" are host memcpys (read + write), on the same cores
-        copies = (2 * n_layers * ec + head * ec + n_layers * eg + head * (4 if spec.tie_word_embeddings else eg)) \
-            * 2 / host
-        fwd, bwd, tail = c_fwd + copies, c_bwd, embed_host
-        step = opt + fwd + c_head + bwd + tail
-        bound = "serial"
-    return Attainable(fwd_s=fwd, opt_s=opt, head_s=c_head, bwd_s=bwd, tail_s=tail, step_s=step, bound=bound)
+    return schedule(cfg, spec, b, rates)
 
 
 def _rates_from(rec: dict):
@@ -329,7 +246,7 @@ def megastream_bounds(a, mode: str, rates) -> dict:
     r = roofline(cfg, spec, b, rates)
     ideal = {"step_s": r.step_s, "bound": r.bound, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
              "optimizer_s": r.optimizer_s, "flops_per_step": r.flops}
-    return {"ideal": ideal, "attainable": asdict(attainable_bound(cfg, spec, b, rates)),
+    return {"ideal": ideal, "attainable": vars(attainable_bound(cfg, spec, b, rates)),
             "state_bytes_per_param": b.state_bytes_per_param, "host_bytes": b.host_total}
 
 
@@ -1146,12 +1063,16 @@ def main(argv=None) -> int:
         bounds = {s: megastream_bounds(a, s.split(":", 1)[1], rates) for s in a.systems if s.startswith("megastream:")}
         for s, bd in bounds.items():
             i, t = bd["ideal"], bd["attainable"]
-            print(f"  bounds {s:<19} ideal {i['step_s']:.4g} s ({i['bound']}-bound) | attainable {t['step_s']:.4g} s = "
-                  f"max(opt {t['opt_s']:.3g}, fwd {t['fwd_s']:.3g}) + head {t['head_s']:.3g} + bwd {t['bwd_s']:.3g} "
-                  f"+ tail {t['tail_s']:.3g}" if a.device == "cuda" else
-                  f"  bounds {s:<19} ideal {i['step_s']:.4g} s | attainable {t['step_s']:.4g} s = opt {t['opt_s']:.3g} "
-                  f"+ fwd {t['fwd_s']:.3g} + head {t['head_s']:.3g} + bwd {t['bwd_s']:.3g} + tail {t['tail_s']:.3g} "
-                  "(the CPU: one set of cores, the terms add)", flush=True)
+            if a.device != "cuda":
+                terms = "the ideal (the CPU: one set of cores, the terms add)"
+            elif "optim.clip: previous" in t["overlap"]:
+                terms = (f"fwd {t['fwd_s']:.3g} + head {t['head_s']:.3g} + max(bwd {t['bwd_s']:.3g}, opt "
+                         f"{t['opt_s']:.3g}) + tail {t['tail_s']:.3g}")
+            else:
+                terms = (f"max(opt {t['opt_s']:.3g}, fwd {t['fwd_s']:.3g}) + head {t['head_s']:.3g} + bwd "
+                         f"{t['bwd_s']:.3g} + tail {t['tail_s']:.3g}")
+            print(f"  bounds {s:<19} ideal {i['step_s']:.4g} s ({i['bound']}-bound) | attainable (plan's prediction) "
+                  f"{t['step_s']:.4g} s = {terms}", flush=True)
         systems = []
         for system in a.systems:
             r = {"status": "not-run", "message": pre[system]} if pre[system] else results(system)
@@ -1296,7 +1217,8 @@ def _print_row(r: dict) -> None:
             f"step {r['step_s']:.3f} s (spread {r['step_spread']:.0%})  {mem}")
     if "ideal_s" in r:
         line += (f"\n      bounds: ideal {r['ideal_s']:.3g} s ({r['ideal_bound']}), {r['ideal_fraction']:.0%} of it "
-                 f"achieved | attainable {r['attainable_s']:.3g} s, {r['attainable_fraction']:.0%} of it achieved")
+                 f"achieved | attainable (plan's prediction) {r['attainable_s']:.3g} s, {r['attainable_fraction']:.0%} "
+                 f"of it achieved: plan/measured {r['attainable_fraction']:.2f}")
     if "overlap" in r:
         o = r["overlap"]
         line += (f"\n      overlap: compute busy {o['compute_busy_fraction']:.0%} of the GPU timeline; H2D "

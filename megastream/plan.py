@@ -186,6 +186,92 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
                     dequant_s=dequant_s, adapter_s=adapter_s)
 
 
+@dataclass
+class Schedule:
+    """The step megastream's own schedule can reach with the rates: the roofline's terms in the order
+    the engine runs them, overlapped only where it overlaps them (see `schedule`)."""
+    fwd_s: float  # forward: max(forward compute, H2D of every layer and then the head)
+    opt_s: float  # the host optimizer pass over every parameter
+    head_s: float  # the chunked loss with the head's gradients
+    bwd_s: float  # backward: max(recompute + backward compute, H2D of every layer, D2H of the gradients)
+    tail_s: float  # after the last layer's backward: what overlaps nothing
+    step_s: float
+    bound: str  # "optimizer" | "forward" | "backward" (CUDA); the roofline's (the CPU, LoRA)
+    overlap: str  # how the terms combine, in words
+
+
+def schedule(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates, roof: Roofline | None = None) -> Schedule:
+    """The step time of engine/engine.py's `Engine.step` with these rates, `plan`'s prediction. The
+    roofline (every term overlapped with every other) is a bound the engine cannot reach on a GPU: its
+    host optimizer overlaps only part of the step. With optim.clip: global the step's updates start
+    when the global norm is known (backward's end) and run in unit order while the next forward
+    streams the units in the same order, so
+
+        step = max(T_opt, T_fwd) + T_head + T_bwd + tail
+
+    and with optim.clip: previous each unit is updated as its gradient lands, overlapping the backward,
+    and the next forward starts after the last (the embedding's) update:
+
+        step = T_fwd + T_head + max(T_bwd, T_opt) + tail
+
+    T_fwd   max(forward compute, H2D of every layer and then the head): one stream computes while the
+            copy stream brings the next unit
+    T_head  the chunked loss with d(hidden) and the head's gradients
+    T_bwd   max(recompute + backward compute (3x the forward's), H2D of every layer again, D2H of
+            every layer's gradient and the head's (fp32 when the embedding is tied))
+    tail    the last layer's gradient D2H, then with the embedding on the device (engine.embedding) its
+            fp32 gradient D2H, on the host the d(embedding output) D2H and the host's scatter-add and
+            norm of the embedding gradient (V * H fp32 read once, 8 bytes per scattered element)
+
+    Compute is the roofline's: each matmul at the rate of its narrowest dimension, attention at its
+    own. It ignores launch gaps and the first unit's copy latency. On the CPU the same cores do
+    everything, so the roofline already adds its terms; a LoRA step has no host optimizer to schedule:
+    both are the roofline's step."""
+    roof = roof or roofline(cfg, spec, b, rates)
+    if b.device_type != "cuda" or b.lora:
+        serial = b.device_type != "cuda"
+        return Schedule(fwd_s=roof.step_s - roof.optimizer_s if serial else roof.compute_s, opt_s=roof.optimizer_s,
+                        head_s=0.0, bwd_s=0.0, tail_s=0.0, step_s=roof.step_s, bound=roof.bound,
+                        overlap="the CPU: one set of cores, the terms add" if serial
+                        else "LoRA: no host optimizer, the roofline's overlap")
+    units = model_layout(spec)
+    layers = units[1:-1]
+    n_layers, max_layer = sum(u.numel for u in layers), max(u.numel for u in layers)
+    T, H, head = b.tokens_per_step, spec.hidden_size, spec.vocab_size * spec.hidden_size
+    ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
+    mms = _matmuls(spec, T)
+    rate = lambda w: gemm_rate(rates.matmul_by_width, w, rates.matmul_tflops) * 1e12  # noqa: E731
+    layer_mm = sum(f / rate(w) for f, w in mms[:-1])  # forward, recompute and 2 of backward
+    attn_pass = roof.attention_s / 4
+    c_fwd, c_bwd = layer_mm / 4 + attn_pass, 3 * layer_mm / 4 + 3 * attn_pass
+    c_head = mms[-1][0] / rate(mms[-1][1])
+    _, unrouted_in, unrouted_out = routed_expert_bytes(cfg, spec, units, T)
+    lay_in = (n_layers - unrouted_in / 2) * ec  # each pass's share of the experts that stay home
+    lay_out = (n_layers - unrouted_out) * eg
+    h2d, d2h = rates.h2d_gbps * 1e9, rates.d2h_gbps * 1e9
+    tied = spec.tie_word_embeddings
+    if b.embedding == "device":
+        # an untied table crosses before layer 0 (into the head's buffer); the gradient is scatter-added
+        # and normed on the device and crosses once, fp32, after the last layer's backward (a tied head's
+        # gradient waits for it: they are one buffer)
+        fwd = max(c_fwd, (lay_in + head * ec * (1 if tied else 2)) / h2d)
+        bwd = max(c_bwd, lay_in / h2d, (lay_out + (0 if tied else head * eg)) / d2h)
+        tail = max_layer * eg / d2h + head * 4 / d2h
+    else:
+        fwd = max(c_fwd, (lay_in + head * ec) / h2d)
+        bwd = max(c_bwd, lay_in / h2d, (lay_out + head * (4 if tied else eg)) / d2h)
+        tail = max_layer * eg / d2h + T * H * ec / d2h + (head * 4 + T * H * 8) / (rates.host_gbps * 1e9)
+    opt = roof.optimizer_s
+    if cfg.optim.clip == "previous":
+        step, bound = fwd + c_head + max(bwd, opt) + tail, "optimizer" if opt >= bwd else "backward"
+        overlap = "the updates overlap the backward (optim.clip: previous)"
+    else:
+        step, bound = max(opt, fwd) + c_head + bwd + tail, "optimizer" if opt >= fwd else "forward"
+        overlap = "the updates overlap the next forward (optim.clip: global)"
+    return Schedule(fwd_s=fwd, opt_s=opt, head_s=c_head, bwd_s=bwd, tail_s=tail, step_s=step, bound=bound,
+                    overlap=overlap)
+
+
 def layer_passes(n_layers: int) -> list[int]:
     """H2D copies of each layer per step: forward and backward, but once for the last two, which are
     still resident in the double buffer when backward starts."""
@@ -230,6 +316,7 @@ class Plan:
     machine: Machine
     rates: Rates
     roofline: Roofline
+    schedule: Schedule  # the predicted step: the roofline's terms as the engine overlaps them
     ram_usable: int  # bytes this run may take: what is available now plus what this process holds
     gpu_budget: int | None  # bytes; None when no GPU is visible and engine.gpu_memory_gb is unset
     gpu_budget_source: str
@@ -277,8 +364,10 @@ class Plan:
             "ram_usable": self.ram_usable, "gpu_budget_bytes": self.gpu_budget,
             "memlock_limit": self.machine.memlock_limit,
             "fits_host": self.fits_host, "fits_gpu": self.fits_gpu, "fits": self.fits_host and self.fits_gpu,
-            "predicted_step_s": r.step_s, "predicted_tokens_per_s": b.tokens_per_step / r.step_s,
-            "roofline": {"flops_per_step": r.flops, "attention_flops_per_step": r.attention_flops, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
+            "predicted_step_s": self.schedule.step_s,
+            "predicted_tokens_per_s": b.tokens_per_step / self.schedule.step_s,
+            "schedule": vars(self.schedule),
+            "roofline": {"step_s": r.step_s, "flops_per_step": r.flops, "attention_flops_per_step": r.attention_flops, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
                          "h2d_bytes_per_step": r.h2d_bytes, "d2h_bytes_per_step": r.d2h_bytes,
                          "routed_expert_fraction": r.routed_fraction,
                          "adapter_s": r.adapter_s, "dequant_s": r.dequant_s,
@@ -374,7 +463,7 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         bases = {k: b if k == cfg.lora.base_dtype else budget_of(_with(cfg, lora={"base_dtype": k}))
                  for k in LORA_BASES}
     suggestions = _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type, bases)
-    return Plan(cfg, spec, device_type, b, m, rates, roof, ram_usable, gpu_budget, source, fits_host, fits_gpu,
+    return Plan(cfg, spec, device_type, b, m, rates, roof, schedule(cfg, spec, b, rates, roof), ram_usable, gpu_budget, source, fits_host, fits_gpu,
                 warnings, suggestions, modes, lora_bases=bases, dist=dist)
 
 
@@ -569,9 +658,18 @@ def render(p: Plan) -> str:
         lines.append(f"{f'  optimizer  ({where})':<48}{r.optimizer_s:9.3f} s")
     else:
         lines.append(f"  optimizer  ({mode} mode){'':24}{r.optimizer_s:9.3f} s")
-    tps = b.tokens_per_step / r.step_s
-    lines.append(f"  predicted step {r.step_s:.3f} s ({r.bound}-bound), {tps:,.0f} tokens/s; "
-                 f"{p.cfg.train.steps} steps in {_duration(r.step_s * p.cfg.train.steps)}")
+    sc = p.schedule
+    tps = b.tokens_per_step / sc.step_s
+    if sc.step_s != r.step_s:  # a GPU: the engine overlaps the host optimizer with part of the step only
+        terms = (f"max(optimizer {sc.opt_s:.3f}, forward {sc.fwd_s:.3f}) + head {sc.head_s:.3f} + backward "
+                 f"{sc.bwd_s:.3f}" if p.cfg.optim.clip != "previous" else
+                 f"forward {sc.fwd_s:.3f} + head {sc.head_s:.3f} + max(backward {sc.bwd_s:.3f}, optimizer "
+                 f"{sc.opt_s:.3f})")
+        lines.append(f"  all terms overlapped: {r.step_s:.3f} s ({r.bound}-bound); as the engine runs them, "
+                     f"{sc.overlap}:")
+        lines.append(f"    {terms} + tail {sc.tail_s:.3f}")
+    lines.append(f"  predicted step {sc.step_s:.3f} s ({sc.bound}-bound), {tps:,.0f} tokens/s; "
+                 f"{p.cfg.train.steps} steps in {_duration(sc.step_s * p.cfg.train.steps)}")
     if p.dist:
         lines += [""] + _dist_lines(p)
     for w in p.warnings:

@@ -475,8 +475,8 @@ def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device:
             f"{store.state_bytes_per_param():.2f} B/param of model state, {b.host_total / b.params:.2f} B/param in all "
             f"| {gpu}\n"
             f"megastream: {len(data)} sequences of {cfg.data.seq_len} ({_packing(data)}), "
-            f"{b.tokens_per_step} tokens/step, {t.steps} steps; roofline "
-            f"{plan.roofline.step_s:.3g} s/step ({plan.roofline.bound}-bound, {plan.rates.source.split(' (')[0]})"
+            f"{b.tokens_per_step} tokens/step, {t.steps} steps; predicted "
+            f"{plan.schedule.step_s:.3g} s/step ({plan.schedule.bound}-bound, {plan.rates.source.split(' (')[0]})"
             + ("" if comm is None else
                f"\nmegastream: data parallel over {comm.world} ranks ({comm.local_world} per node x {comm.nodes} "
                f"node(s)): each holds 1/{comm.local_world} of the host state ({store.host_bytes() / 1e9:.2f} GB here), "

@@ -64,8 +64,12 @@ def test_attainable_bound_by_hand_on_a_gpu(embedding):
     nl = sum(u.numel for u in units[1:-1])
     T, S, H, V = b.tokens_per_step, a.seq_len, spec.hidden_size, spec.vocab_size
     attn = 2 * spec.num_layers * T * S * spec.num_heads * spec.head_dim
-    c_fwd = 2 * nl * T / 600e12 + attn / 300e12  # rows are unpacked: the causal attention rate
-    c_bwd = 6 * nl * T / 600e12 + 3 * attn / 300e12
+    # the layers' projections (norms and biases are elementwise: not counted), 2 FLOPs per weight per
+    # token a pass: forward 1, recompute + backward 3; rows are unpacked: the causal attention rate
+    H, I, qd, kd = spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    proj = spec.num_layers * (2 * H * qd + 2 * H * kd + 3 * H * I)
+    c_fwd = 2 * proj * T / 600e12 + attn / 300e12
+    c_bwd = 6 * proj * T / 600e12 + 3 * attn / 300e12
     fwd = max(c_fwd, (nl + V * H) * 2 / 50e9)  # qwen2.5-0.5b ties its embeddings: the table is the head's
     max_layer = max(u.numel for u in units[1:-1])
     if embedding == "host":
