@@ -28,7 +28,7 @@
 #                steps: compute-stream busy fraction, H2D/D2H time hidden under compute (the timed steps'
 #                result is kept if the profile runs out of time); part 1's rates when it ran on this machine
 #     7b         qwen2.5-7b megastream rows that the host's RAM holds (rates reused from the 14b step)
-#   part 3 (<= 365 s) the step features before/after
+#   part 3 (<= 525 s) the step features before/after, and 14B at 32k tokens a step
 #     setup3     megastream's ops (a cache hit after part 1 or 2 on this machine) and the GPU's state
 #     pytest-features  pytest -m gpu of varlen attention and the embedding on the device
 #     features   qwen2.5-3b, 8192-token rows of 8 documents each (seeded boundaries), 1 x 2 rows a step:
@@ -40,6 +40,8 @@
 #                unmeasured. qwen2.5-3b, not 7b: megastream:full on 7b needs ~125 GB of host RAM (its memory
 #                model), over 95% of the machine's 128 GB, so its rows would be not-run (part 2 runs 7b in
 #                lean mode only)
+#     14b-32k    qwen2.5-14b compact + clip-previous (no gradient staging), 32k tokens a step, activations on
+#                the host, 24 GB cap: issue 13's MFU >= 40% target -> OUT/qwen2.5-14b-32k-clip-previous.json
 #   part 4 (<= 375 s) the rest of the step features, and LoRA on the GPU
 #     setup4     as setup3
 #     pytest-lora  pytest -m gpu of LoRA / QLoRA (tests/test_lora_gpu.py)
@@ -87,7 +89,7 @@ PY=${PYTHON:-python3}
 DEADLINE=""  # --deadline S: skip any step whose timeout would end more than S s after the run started
 BUDGET_1=545
 BUDGET_2=485
-BUDGET_3=365
+BUDGET_3=525
 BUDGET_4=375
 DRY_SCALE=${DRY_SCALE:-4}  # a dry run on a small CPU gets this many times each step's (GPU-sized) timeout
 HOST_RAM_GB=128  # the device machine's RAM (KINDS.md); its MemTotal starts lower and grows with use
@@ -309,6 +311,12 @@ part2() {
 FEATURE_ROWS="megastream:full megastream:full+flex megastream:full+varlen megastream:full+clip-previous megastream:full+embed-host"
 SHAPE_FEAT="--seq-len 8192 --docs-per-row 8 --micro-batch-size 1 --grad-accum 2 --steps 2 --warmup 1 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB"
 CMD_FEAT="$TP --model qwen2.5-3b $SHAPE_FEAT --systems $FEATURE_ROWS --timeouts roofline=50 megastream:full=40 megastream:full+flex=55 megastream:full+varlen=45 megastream:full+clip-previous=40 megastream:full+embed-host=40 --carry-over --json $OUT_DIR/step-features.json --logs $STEPS/features"
+# issue 13's 14B target: compact under the 24 GB cap with optim.clip: previous (no gradient staging) at
+# 32k tokens a step, MFU >= 40%: the boundary checkpoints of 32k tokens (16 GB at 14B) go to the host
+# (plan: 14.4 GB of GPU, 83 GB of host); the rates from the features step's probe when it ran.
+# clip-previous's first step runs twice (a norms-only pass): 2 warm-up steps.
+RATES_FEAT="\$([ -f $OUT_DIR/step-features.json ] && echo --rates-from $OUT_DIR/step-features.json)"
+CMD_14B32="$TP --model qwen2.5-14b --seq-len 1024 --micro-batch-size 4 --grad-accum 8 --activations host --steps 2 --warmup 2 --gpu-memory-gb 24 --host-ram-gb $HOST_RAM_GB --systems megastream:compact+clip-previous $RATES_FEAT --timeouts roofline=50 megastream:compact+clip-previous=150 --carry-over --json $OUT_DIR/qwen2.5-14b-32k-clip-previous.json --logs $STEPS/14b-32k"
 
 part3() {
   step setup3 40 "megastream's ops (built once: cached after part 1 or 2) and the GPU's state" \
@@ -318,6 +326,8 @@ part3() {
     "$PYTEST $FEATURE_TESTS" "$PYTEST $FEATURE_TESTS"
   step features 295 "step features before/after, qwen2.5-3b, 8k-token rows of 8 documents: $FEATURE_ROWS" \
     "$CMD_FEAT" "$CMD_FEAT --check"
+  step 14b-32k 160 "qwen2.5-14b compact + clip-previous, 32k tokens a step, activations on the host, 24 GB cap" \
+    "$CMD_14B32" "$CMD_14B32 --check"
 }
 
 # Part 4: the rest of the step features (compile; varlen + clip-previous together, the fastest settings
