@@ -253,7 +253,9 @@ CMD_H2H="$TP --model qwen2.5-3b $SHAPE_3B --systems $H2H_ROWS --timeouts rooflin
 RATES_3B="\$([ -f $OUT_DIR/h2h-qwen2.5-3b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-3b.json)"
 CMD_14B="$TP --model qwen2.5-14b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:compact $RATES_3B --profile --profile-steps 2 --timeouts roofline=50 megastream:compact=150 --carry-over --json $OUT_DIR/h2h-qwen2.5-14b.json --logs $STEPS/14b"
 RATES_14B="\$([ -f $OUT_DIR/h2h-qwen2.5-14b.json ] && echo --rates-from $OUT_DIR/h2h-qwen2.5-14b.json)"
-CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:lean $RATES_14B --timeouts roofline=50 megastream:lean=55 --carry-over --json $OUT_DIR/h2h-qwen2.5-7b.json --logs $STEPS/7b"
+# the baselines too: on a 128 GB host they are not-run up front (~18 and ~16 B/param of host state), and
+# the JSON says so with the figures ("on qwen2.5-7b where it fits")
+CMD_7B="$TP --model qwen2.5-7b $SHAPE_14B --steps 3 --warmup 1 --systems megastream:lean fsdp2 deepspeed $RATES_14B --timeouts roofline=50 megastream:lean=55 --carry-over --json $OUT_DIR/h2h-qwen2.5-7b.json --logs $STEPS/7b"
 
 # pytest -m gpu: part 1 runs the engine's GPU tests; the step features' and LoRA's run in parts 3 and 4.
 # Each file with gpu tests is in exactly one list (tests/test_gpu_acceptance.py checks it), so no part
