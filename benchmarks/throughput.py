@@ -21,7 +21,8 @@ bytes of model state per parameter:
                       (AdamW mode) -- bf16 params + fp32 master + fp32 m, v on the host (14 B/param)
   fsdp2               fully_shard per decoder layer and the root, CPUOffloadPolicy(pin_memory=True),
                       MixedPrecisionPolicy(bf16 params, fp32 reduce), fp32 sharded params on the host
-                      (the master), torch.optim.AdamW(fused=True) on the CPU (12 B/param)
+                      (the master), torch.optim.AdamW(fused=True) on the CPU (12 B/param); built on the
+                      meta device, sharded, then filled as transformers initialises it, drawn on the GPU
 The lean and compact rows stand beside the headline, labelled, never in its place.
 
 Step features before/after: a row megastream:<mode>+<variant>[+<variant>...] is megastream:<mode> with
