@@ -239,12 +239,11 @@ def schedule(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates, roof: Roofli
     n_layers, max_layer = sum(u.numel for u in layers), max(u.numel for u in layers)
     T, H, head = b.tokens_per_step, spec.hidden_size, spec.vocab_size * spec.hidden_size
     ec, eg = b.compute_dtype.itemsize, b.grad_dtype.itemsize
-    mms = _matmuls(spec, T)
-    rate = lambda w: gemm_rate(rates.matmul_by_width, w, rates.matmul_tflops) * 1e12  # noqa: E731
-    layer_mm = sum(f / rate(w) for f, w in mms[:-1])  # forward, recompute and 2 of backward
-    attn_pass = roof.attention_s / 4
-    c_fwd, c_bwd = layer_mm / 4 + attn_pass, 3 * layer_mm / 4 + 3 * attn_pass
-    c_head = mms[-1][0] / rate(mms[-1][1])
+    # the roofline's compute split by phase: each matmul's 4 passes (forward, recompute, 2 of backward)
+    # at the rate of its narrowest dimension, attention's 4 the same way; the head's 3 after the forward
+    times = [f / (gemm_rate(rates.matmul_by_width, w, rates.matmul_tflops) * 1e12) for f, w in _matmuls(spec, T)]
+    layer_mm, attn_pass = sum(times[:-1]), roof.attention_s / 4
+    c_fwd, c_bwd, c_head = layer_mm / 4 + attn_pass, 3 * layer_mm / 4 + 3 * attn_pass, times[-1]
     _, unrouted_in, unrouted_out = routed_expert_bytes(cfg, spec, units, T)
     lay_in = (n_layers - unrouted_in / 2) * ec  # each pass's share of the experts that stay home
     lay_out = (n_layers - unrouted_out) * eg
@@ -463,8 +462,8 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         bases = {k: b if k == cfg.lora.base_dtype else budget_of(_with(cfg, lora={"base_dtype": k}))
                  for k in LORA_BASES}
     suggestions = _suggest(cfg, b, modes, budget_of, ram_usable, gpu_budget, fits_host, fits_gpu, device_type, bases)
-    return Plan(cfg, spec, device_type, b, m, rates, roof, schedule(cfg, spec, b, rates, roof), ram_usable, gpu_budget, source, fits_host, fits_gpu,
-                warnings, suggestions, modes, lora_bases=bases, dist=dist)
+    return Plan(cfg, spec, device_type, b, m, rates, roof, schedule(cfg, spec, b, rates, roof), ram_usable,
+                gpu_budget, source, fits_host, fits_gpu, warnings, suggestions, modes, lora_bases=bases, dist=dist)
 
 
 def gpu_budget_of(cfg: Config, m: Machine) -> tuple[int | None, str]:
