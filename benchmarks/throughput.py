@@ -214,15 +214,7 @@ def _system_arg(name: str) -> str:
     return name
 
 
-# ---- bounds ----------------------------------------------------------------------------------------
-def attainable_bound(cfg, spec, b, rates):
-    """What megastream's own schedule can reach with the measured `rates`: `plan`'s predicted step,
-    megastream.plan.schedule (max(T_opt, T_fwd) + T_head + T_bwd + tail with optim.clip: global)."""
-    from megastream.plan import schedule
-
-    return schedule(cfg, spec, b, rates)
-
-
+# ---- bounds: megastream.plan.roofline (ideal) and megastream.plan.schedule (attainable) -----------
 def _rates_from(rec: dict):
     from megastream.plan import Rates
 
@@ -237,7 +229,7 @@ def megastream_bounds(a, mode: str, rates) -> dict:
     import torch
 
     from megastream.memory import budget
-    from megastream.plan import roofline
+    from megastream.plan import roofline, schedule
     from megastream.presets import PRESETS
     from megastream.resolve import resolve_dtypes
 
@@ -247,7 +239,7 @@ def megastream_bounds(a, mode: str, rates) -> dict:
     r = roofline(cfg, spec, b, rates)
     ideal = {"step_s": r.step_s, "bound": r.bound, "compute_s": r.compute_s, "h2d_s": r.h2d_s, "d2h_s": r.d2h_s,
              "optimizer_s": r.optimizer_s, "flops_per_step": r.flops}
-    return {"ideal": ideal, "attainable": vars(attainable_bound(cfg, spec, b, rates)),
+    return {"ideal": ideal, "attainable": vars(schedule(cfg, spec, b, rates, r)),
             "state_bytes_per_param": b.state_bytes_per_param, "host_bytes": b.host_total}
 
 

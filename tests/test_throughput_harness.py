@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import throughput as tp  # noqa: E402
 
 from megastream.memory import budget  # noqa: E402
-from megastream.plan import Rates, roofline  # noqa: E402
+from megastream.plan import Rates, roofline, schedule  # noqa: E402
 from megastream.presets import PRESETS  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def test_attainable_bound_by_hand_on_a_gpu(embedding):
     b = budget(cfg, spec, "cuda", torch.bfloat16, torch.bfloat16, 0)
     assert b.embedding == embedding
     r = _rates()
-    got = tp.attainable_bound(cfg, spec, b, r)
+    got = schedule(cfg, spec, b, r)
     units = model_layout(spec)
     nl = sum(u.numel for u in units[1:-1])
     T, S, H, V = b.tokens_per_step, a.seq_len, spec.hidden_size, spec.vocab_size
@@ -95,7 +95,7 @@ def test_attainable_bound_is_never_below_the_ideal_roofline(device, regime):
     for mode in ("full", "lean", "compact"):
         cfg, spec, b = _budget(a, mode)
         ideal = roofline(cfg, spec, b, rates)
-        att = tp.attainable_bound(cfg, spec, b, rates)
+        att = schedule(cfg, spec, b, rates)
         assert att.step_s >= ideal.step_s * (1 - 1e-9), (mode, att, ideal)
         if device == "cuda" and regime == "optimizer":
             assert att.bound == "optimizer" and att.step_s == pytest.approx(
