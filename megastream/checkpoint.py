@@ -58,37 +58,76 @@ def _weight_files(model_dir: Path) -> list[Path]:
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+def _header(f: Path, fh) -> tuple[int, list[tuple[str, dict]]]:
+    """(where the data starts, [(name, meta)] in file order) of an open safetensors file: 8-byte
+    little-endian header length, JSON header of dtype / shape / data_offsets, each checked against the
+    file's size, so a truncated or corrupt file is refused before any tensor is read."""
+    size = f.stat().st_size
+    head = fh.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{f}: the file is corrupt or truncated (no safetensors header); re-download it")
+    n = int.from_bytes(head, "little")
+    if n <= 0 or 8 + n > size:
+        raise CheckpointError(f"{f}: the safetensors header is corrupt or truncated; re-download it")
+    try:
+        header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{f}: the safetensors header is corrupt or truncated; re-download it") from None
+    header.pop("__metadata__", None)
+    for name, meta in header.items():
+        dtype = _ST_DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{f}: tensor {name!r} has dtype {meta.get('dtype')}; megastream reads "
+                                  f"{', '.join(_ST_DTYPES)}")
+        begin, end = meta["data_offsets"]
+        if 8 + n + end > size or end - begin != math.prod(meta["shape"]) * dtype.itemsize:
+            raise CheckpointError(f"{f}: tensor {name!r} runs past the end of the file or has the wrong "
+                                  "size; the file is corrupt or truncated, re-download it")
+    return 8 + n, sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+
+
+def _pread(f: Path, fh, start: int, name: str, meta: dict) -> torch.Tensor:
+    """One tensor of an open safetensors file, read with pread into a fresh buffer."""
+    begin, end = meta["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    got = os.preadv(fh.fileno(), [buf.numpy()], start + begin) if end > begin else 0
+    if got != end - begin:
+        raise CheckpointError(f"{f}: short read of tensor {name!r}; the file is corrupt or truncated")
+    return buf.view(_ST_DTYPES[meta["dtype"]]).view(meta["shape"])
+
+
 def _read_safetensors(f: Path):
     """Yield (name, tensor) from a safetensors file, one tensor at a time, read with pread into a
     fresh buffer. Not mmap: every touched page of a mapped file counts in the process's RSS, so
     loading through a mapping would add up to the whole checkpoint to the peak."""
-    size = f.stat().st_size
     with open(f, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{f}: the file is corrupt or truncated (no safetensors header); re-download it")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"{f}: the safetensors header is corrupt or truncated; re-download it")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{f}: the safetensors header is corrupt or truncated; re-download it") from None
-        header.pop("__metadata__", None)
-        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _ST_DTYPES.get(meta.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{f}: tensor {name!r} has dtype {meta.get('dtype')}; megastream reads "
-                                      f"{', '.join(_ST_DTYPES)}")
-            begin, end = meta["data_offsets"]
-            if 8 + n + end > size or end - begin != math.prod(meta["shape"]) * dtype.itemsize:
-                raise CheckpointError(f"{f}: tensor {name!r} runs past the end of the file or has the wrong "
-                                      "size; the file is corrupt or truncated, re-download it")
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            got = os.preadv(fh.fileno(), [buf.numpy()], 8 + n + begin) if end > begin else 0
-            if got != end - begin:
-                raise CheckpointError(f"{f}: short read of tensor {name!r}; the file is corrupt or truncated")
-            yield name, buf.view(dtype).view(meta["shape"])
+        start, header = _header(f, fh)
+        for name, meta in header:
+            yield name, _pread(f, fh, start, name, meta)
+
+
+def files_stamp(model_dir: str | Path) -> tuple[tuple[str, int, int], ...]:
+    """(file, size, mtime_ns) of each weight file: equal stamps mean the files were not replaced."""
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _weight_files(Path(model_dir)))
+
+
+class SafetensorsReader:
+    """A model directory's tensors by name, each read whole with pread when asked (a merge from the
+    original weights reads them in the order it writes them, not in file order)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for f in _weight_files(Path(model_dir)):
+            with open(f, "rb") as fh:
+                start, header = _header(f, fh)
+            self.where.update({name: (f, start, meta) for name, meta in header})
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"tensor {name!r} is in none of the weight files it was loaded from")
+        f, start, meta = self.where[name]
+        with open(f, "rb") as fh:
+            return _pread(f, fh, start, name, meta)
 
 
 def load_hf_weights(store: HostStore, spec: ModelSpec, model_dir: str | Path) -> None:
@@ -218,11 +257,17 @@ def _disk_full(path: Path, need: int, free: int, during: bool) -> ResourceError:
 
 def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, source_config: dict | None = None,
             copy_from: list[Path] = (), shard_bytes: int = 5 * 2**30,
-            extra: Callable[[Path], None] | None = None, extra_bytes: int = 0) -> Path:
+            extra: Callable[[Path], None] | None = None, extra_bytes: int = 0,
+            tensor_of: Callable[[int, object], torch.Tensor] | None = None) -> Path:
     """Write the weights (fp32 master, or the bf16 working copy without one) as a Hugging Face
     model directory at `path` (atomically). `extra(tmp_dir)` may add files (optimizer state, of
-    `extra_bytes`) before the directory is renamed into place. Refuses (ResourceError) a save the
-    free disk space cannot hold, before writing anything."""
+    `extra_bytes`) before the directory is renamed into place. `tensor_of(unit, entry)`, when given,
+    builds each tensor instead of the store (a merge from the source files); it is called as the
+    tensor's turn comes, so one is held at a time. Refuses (ResourceError) a save the free disk space
+    cannot hold, before writing anything."""
+    if tensor_of is None:
+        def tensor_of(u, e):
+            return store.weights_of(u)[e.offset:e.offset + e.numel]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_dtype = _DTYPES[dtype]
@@ -240,7 +285,7 @@ def save_hf(path: str | Path, spec: ModelSpec, store: HostStore, dtype: str, *, 
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            entries = [(name, lambda u=u, e=e: store.weights_of(u)[e.offset:e.offset + e.numel], e.shape)
+            entries = [(name, lambda u=u, e=e: tensor_of(u, e), e.shape)
                        for name, u, e in shard]
             write_safetensors(tmp / fname, entries, torch_dtype, finite=True)
             weight_map.update({name: fname for name, _, _ in entries})

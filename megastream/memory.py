@@ -432,10 +432,13 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
     if lo is not None:
         # host copies of the adapters (4 B a parameter) for the PEFT adapter; a training checkpoint adds
         # the exact state (parameters and both moments, 12 B); lora.merge adds B @ A and the weight in
-        # fp32 beside the sum, for the largest projection.
+        # fp32 beside the sum, for the largest projection (over a quantized base, read from the source files).
         io = max(io, 4 * (n_ad + n_x) + (12 * (n_ad + n_x) if cfg.output.save_every else 0))
         if lo.merge:
             io = max(io, 3 * 4 * max(en.numel for en in units[1].entries))
+            if scheme is not None:  # merged from model.path's files: each tensor read whole in the source dtype
+                src = {"float32": 4, "float64": 8}.get(spec.torch_dtype, 2)
+                io = max(io, src * max(en.numel for unit in units for en in unit.checkpoint_entries))
     elif cfg.output.save_every:
         io = max(io, units[0].numel * (4 if cfg.optim.master == "fp32" else ec))
     if device_type == "cpu":  # between steps, when the step's temporaries are gone

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from megastream import ops
 from megastream.adapters.lora import LoraAdapters, lora_state_bytes, read_lora_state, write_lora_state
+from megastream.adapters.merge import SourceMerge
 from megastream.adapters.peft_io import load_adapter, resolve_targets, save_adapter
-from megastream.checkpoint import COPIED_FILES, load_hf_weights, save_hf
+from megastream.checkpoint import COPIED_FILES, files_stamp, load_hf_weights, save_hf
 from megastream.config import Config
 from megastream.data.dataset import Dataset
 from megastream.data.loader import load_dataset
@@ -62,6 +63,7 @@ class Model:
     store: HostStore
     source_config: dict | None  # the source config.json, re-saved with the weights
     source_dir: Path | None
+    source_stamp: tuple | None = None  # checkpoint.files_stamp of source_dir when it was loaded
 
 
 
@@ -88,9 +90,10 @@ def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool =
         store = HostStore(model_layout(spec), compute, grad, quant=quant, **kw)
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
+        stamp = files_stamp(src)
         if init:
             load_hf_weights(store, spec, src)
-        return Model(spec, store, json.loads((src / "config.json").read_text()), src)
+        return Model(spec, store, json.loads((src / "config.json").read_text()), src, stamp)
     if init:
         store.init_random(spec.initializer_range, cfg.model.seed)
     return Model(spec, store, None, None)
@@ -117,11 +120,12 @@ def lora_start(cfg: Config, spec: ModelSpec, log, load_init: bool = True) -> tup
     model, rank and targets) or None (also when resuming: the checkpoint holds the adapter). Cheap:
     runs before anything is written."""
     lo = cfg.lora
-    if lo.base_dtype in _QUANT_BASES and lo.merge:  # the store holds the quantized layers, not the originals
-        raise ConfigError(f"lora.merge with lora.base_dtype: {lo.base_dtype}: the host holds the base's layers "
-                          "quantized, not the full-precision weights a merge must start from; set lora.merge: false "
-                          "(final/ is a PEFT adapter, which merges onto the original model), or train with "
-                          "base_dtype auto, bf16 or float32")
+    if lo.base_dtype in _QUANT_BASES and lo.merge and cfg.model.path is None:  # merged from model.path's files
+        raise ConfigError(f"lora.merge with lora.base_dtype: {lo.base_dtype} and model.preset: the host holds the "
+                          "base's layers quantized, and a merge starts from the full-precision weights, which a "
+                          "quantized base reads again from model.path's safetensors; a preset has none. Set "
+                          "lora.merge: false (final/ is a PEFT adapter), or train from a model.path, or with "
+                          "lora.base_dtype auto, bf16 or float32")
     if lo.merge and lo.train_extra and spec.tie_word_embeddings:
         raise ConfigError(f"lora.merge with lora.train_extra {list(lo.train_extra)} on a model with tied embeddings "
                           "(tie_word_embeddings): the trained copy breaks the tie, so there is no single merged table "
@@ -233,14 +237,14 @@ def _output_dtype(cfg: Config, spec: ModelSpec) -> str:
 
 
 def _save(path: Path, cfg: Config, model: Model, tokenizers: list[TextTokenizer], extra=None,
-          extra_bytes: int = 0) -> None:
+          extra_bytes: int = 0, tensor_of=None) -> None:
     copy_from = ([model.source_dir] if model.source_dir else []) + [t.path.parent for t in tokenizers]
     spec = model.spec
     if model.source_config is None and tokenizers:  # a preset: config.json names its tokenizer's eos/bos ids,
         spec = dataclasses.replace(spec, extra={**tokenizers[0].special_ids(), **spec.extra})  # so generate() stops
     save_hf(path, spec, model.store, _output_dtype(cfg, model.spec), source_config=model.source_config,
             copy_from=copy_from, shard_bytes=int(cfg.output.shard_size_gb * 2**30), extra=extra,
-            extra_bytes=extra_bytes)
+            extra_bytes=extra_bytes, tensor_of=tensor_of)
 
 
 def _save_checkpoint(out: Path, step: int, adam_steps: int, cfg: Config, model: Model,
@@ -318,10 +322,15 @@ def _save_final(out: Path, cfg: Config, model: Model, adapters: LoraAdapters | N
         run_on_main(comm, model.store, lambda: _save(out / "final", cfg, _gathered(model, comm), tokenizers))
         return
     run_on_main(comm, model.store, lambda: _save_adapter(out / "final", cfg, model, adapters, tokenizers))
-    if cfg.lora.merge:
+    if not cfg.lora.merge:
+        return
+    if cfg.lora.base_dtype in _QUANT_BASES:  # the host holds the projections quantized: merge from model.path
+        source = SourceMerge(adapters, model.source_dir, model.source_stamp)
+        _save(out / "merged", cfg, model, tokenizers, tensor_of=source.tensor_of)  # one process (torchrun refuses it)
+    else:
         adapters.merge_into(model.store)  # the base is no longer needed as it was (each rank: its shard)
         run_on_main(comm, model.store, lambda: _save(out / "merged", cfg, _gathered(model, comm), tokenizers))
-        log(f"megastream: merged model (base + adapter) saved to {out / 'merged'}")
+    log(f"megastream: merged model (base + adapter) saved to {out / 'merged'}")
 
 
 _DATA_KEYS = ("data.path", "data.seq_len", "data.pack", "data.shuffle", "train.micro_batch_size", "train.grad_accum",

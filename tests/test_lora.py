@@ -535,7 +535,6 @@ def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
 
     refused("lora.target_modules", "'qproj'", target_modules=["qproj", "v_proj"])
     refused("lora.rank", ">= 1", rank=0)
-    refused("lora.merge", "quantized", base_dtype="nf4", merge=True)  # the host holds no full-precision base
     refused("lora.rank is 8", "r=4", rank=8)  # the init adapter has r=4
     refused("lora.target_modules", "q_proj", target_modules=["q_proj", "v_proj"])  # it adapts all seven
     refused("lora.train_extra", "'embed'", "embed_tokens, lm_head", train_extra=["embed"])

@@ -92,6 +92,21 @@ def test_lora_host_is_the_base_plus_the_usual_runtime_terms():
     assert f32.host["working"] == 4 * n and f32.compute_dtype == torch.float32
 
 
+def test_merge_over_a_quantized_base_plans_reading_the_source_files():
+    """lora.merge over an NF4 base reads each tensor of model.path whole in its own dtype (bf16 here), and
+    an adapted projection's fp32 sum and delta beside it: the I/O buffer is the larger of the two."""
+    cfg = _load(LORA_14B)
+    spec = PRESETS["qwen2.5-14b"]
+    q = _budget(replace(cfg, lora=replace(cfg.lora, base_dtype="nf4")))
+    merged = _budget(replace(cfg, lora=replace(cfg.lora, base_dtype="nf4", merge=True)))
+    embed = spec.vocab_size * spec.hidden_size
+    proj = max(e.numel for e in model_layout(spec)[1].entries)
+    assert 2 * embed > 12 * proj  # the embedding, read whole, is the largest read
+    assert merged.host["checkpoint I/O buffer"] == max(q.host["checkpoint I/O buffer"], 2 * embed)
+    unquantized = _budget(replace(cfg, lora=replace(cfg.lora, merge=True)))  # merged in the host store
+    assert unquantized.host["checkpoint I/O buffer"] == max(q.host["checkpoint I/O buffer"], 12 * proj)
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_quantized_base_host_bytes_use_quantized_nbytes(scheme):
     spec = PRESETS["qwen2.5-72b"]

@@ -176,3 +176,55 @@ def test_expert_stacks_are_quantized_expert_by_expert(scheme):
     bad = [units[0], _unit("layer.0", [("x", "model.layers.0.x", (2, 2, 4, 4))]), units[2]]
     with pytest.raises(ValueError, match=r"layer.0.x: a 4-D weight"):
         HostStore(bad, torch.float32, torch.float32, pin=False, trainable=False, quant=scheme)
+
+
+def test_merge_over_a_quantized_base_starts_from_the_original_weights(tmp_path):
+    """lora.merge with an NF4 base: merged/ is read again from model.path's files and equals peft's
+    merge_and_unload of final/ onto the original model (not a merge into the dequantized base); a
+    preset (no files) is refused before anything is written, and so are source files that changed
+    since they were loaded."""
+    import os
+
+    import peft
+    import transformers
+    from safetensors.torch import load_file
+
+    from helpers import write_config
+    from test_cli_errors import _user_error
+
+    from megastream.adapters.merge import SourceMerge
+    from megastream.checkpoint import files_stamp
+    from megastream.errors import CheckpointError
+
+    pm = _peft_model("llama", tmp_path)
+    rows = _rows(pm.config.vocab_size, STEPS * ACCUM * MB, seed=1)
+    cfg = _lora_config(tmp_path, rows, base_dtype="nf4", merge=True)
+    run_cli("train", str(cfg))
+    run = tmp_path / "run"
+    got = {}
+    for f in sorted((run / "merged").glob("*.safetensors")):
+        got.update(load_file(f))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    want = peft.PeftModel.from_pretrained(base, run / "final").merge_and_unload().state_dict()
+    assert set(got) <= set(want) and {k for k in want if ".layers." in k} <= set(got)
+    for k in got:
+        assert got[k].dtype == torch.float32  # the source's dtype (output.dtype: auto)
+        assert_close_normwise(got[k], want[k], RANK, msg=k)  # W + scale * B @ A, an r-term sum
+    k = "model.layers.1.mlp.down_proj.weight"
+    src = load_file(tmp_path / "model" / "model.safetensors")[k]
+    deq = dequantize(quantize(src, "nf4"), torch.float32)
+    assert float((got[k] - src).norm()) > 0  # the adapter moved it
+    assert float((got[k] - want[k]).norm()) < 1e-3 * float((deq - src).norm())  # not the dequantized base
+
+    preset = write_config(tmp_path / "preset.yaml", {
+        **{k: v for k, v in __import__("yaml").safe_load(cfg.read_text()).items() if k != "model"},
+        "model": {"preset": "tiny"}, "lora": {"base_dtype": "nf4", "merge": True},
+        "output": {"dir": str(tmp_path / "preset-run"), "progress": False}})
+    _user_error(run_cli("train", str(preset), check=False), "lora.merge", "model.preset", "model.path")
+    assert not (tmp_path / "preset-run").exists()
+
+    stamp = files_stamp(tmp_path / "model")
+    f = tmp_path / "model" / "model.safetensors"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # replaced since it was loaded
+    with pytest.raises(CheckpointError, match="changed since this run loaded them"):
+        SourceMerge(None, tmp_path / "model", stamp)

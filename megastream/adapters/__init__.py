@@ -5,4 +5,5 @@
   dequantized on the device right before the matmul.
 - peft_io.py: reading and writing PEFT adapter checkpoints.
 - lora.py: the LoRA layers trained over the frozen base.
+- merge.py: lora.merge over a quantized base, from the original weights read again from model.path.
 """
