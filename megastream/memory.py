@@ -329,11 +329,13 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
                   "train_extra": list(lo.train_extra), "extra_params": n_x,
                   "base_dtype": scheme or {torch.bfloat16: "bf16", torch.float32: "float32"}.get(compute, str(compute)[6:]),
                   "base_bytes": sum(unit_bytes),
-                  # each layer twice (forward, backward's recompute); the head stays resident, and so does a
-                  # tied table; an untied one on the device takes the head's buffer, so both cross each step.
-                  # Upper bound: the two layers still resident at each turn (forward -> backward, backward ->
-                  # next forward) are not copied again.
-                  "h2d_bytes_per_step": 2 * sum(unit_bytes[1:-1]) + (
+                  # each layer twice (forward, backward's recompute), but the base never changes, so the
+                  # double buffer's two layers are not copied again at either turn: the forward starts on
+                  # layers 0 and 1, still resident from the previous backward, and the backward on the last
+                  # two (a step after the first: forward copies layers 2..L-1, backward L-3..0). The head
+                  # stays resident, and so does a tied table; an untied one on the device takes the head's
+                  # buffer, so both cross each step.
+                  "h2d_bytes_per_step": sum(unit_bytes[3:-1]) + sum(unit_bytes[1:-3]) + (
                       (unit_bytes[0] + unit_bytes[-1]) if b.embedding == "device" and not spec.tie_word_embeddings
                       and "embed_tokens" not in lo.train_extra else 0),
                   "d2h_bytes_per_step": 0}

@@ -109,8 +109,8 @@ def roofline(cfg: Config, spec: ModelSpec, b: Budget, rates: Rates) -> Roofline:
     LoRA (b.lora): the frozen base computes no weight gradients, so a layer costs forward + recompute +
     input gradients = 6 FLOPs per weight per token instead of 8 (3/4 of full fine-tuning's; the head 4
     instead of 6), plus 8 per adapter parameter (forward, recompute, input and adapter gradients);
-    attention's backward is unchanged. H2D is b.lora's (the layers twice, in the streamed format), D2H
-    nothing, and there is no host optimizer: the adapters' AdamW runs where they live (on a GPU a few
+    attention's backward is unchanged. H2D is b.lora's (each layer twice, in the streamed format, but
+    the two resident at each turn), D2H nothing, and there is no host optimizer: the adapters' AdamW runs where they live (on a GPU a few
     ms, not counted; on the CPU 28 B of traffic per adapter parameter). The adapters' matmuls run at
     the rank-wide rate `megastream probe` measured (lora_matmul_tflops_by_rank), and an int8 / nf4
     base adds its dequantization (each streamed layer, forward and recompute) at probe's dequant_gbps."""
@@ -711,7 +711,7 @@ def _lora_lines(p: Plan) -> list[str]:
              f"  {'host  frozen base in ' + lo['base_dtype']:<60}"
              f"{lo['base_bytes'] / 1e9:8.2f} GB   ({lo['base_bytes'] / b.params:.2f} B/param; no master, optimizer "
              "states or gradient staging)",
-             f"  PCIe  per step: H2D {lo['h2d_bytes_per_step'] / 1e9:.2f} GB (the layers twice), "
+             f"  PCIe  per step: H2D {lo['h2d_bytes_per_step'] / 1e9:.2f} GB (each layer twice, but the two resident at each turn), "
              f"D2H {lo['d2h_bytes_per_step'] / 1e9:.2f} GB",
              "  lora.base_dtype, host RAM / GPU (GB): " + ", ".join(
                  f"{k} {m.host_total / 1e9:.1f} / {m.gpu_total / 1e9:.1f}"

@@ -635,8 +635,7 @@ def _train(cfg: Config, comm, device: torch.device, main: bool, overwrite: bool,
                 rec = {"step": step + 1, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                        "tokens": tokens_per_step, "loss_tokens": stats.loss_tokens, "fill": round(data.fill(rows), 4),
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
-                if adapters is None:  # PCIe bytes the step moved (weights in, gradients out)
-                    rec["h2d_bytes"], rec["d2h_bytes"] = stats.h2d_bytes, stats.d2h_bytes
+                rec["h2d_bytes"], rec["d2h_bytes"] = stats.h2d_bytes, stats.d2h_bytes  # PCIe: weights in, grads out
                 rec.update(moved)
                 if stats.skipped:
                     bad_run, skipped = bad_run + 1, skipped + 1

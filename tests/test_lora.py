@@ -483,6 +483,12 @@ def test_resume_is_bit_exact_with_dropout(tmp_path, extra):
     rows = _rows(pm.config.vocab_size, 4 * ACCUM * MB, seed=2)
     steps = {"steps": 4}
     straight = _lora_run(tmp_path, rows, dropout=0.2, train=steps, output={"save_every": 2}, train_extra=extra)
+    # PCIe, as the step counts it: the base's layers in (the plan's figure once warm), nothing back
+    planned = json.loads(run_cli("plan", str(straight / "config.yaml"), "--json").stdout)["lora"]
+    recs = [m for m in read_metrics(straight) if "h2d_bytes" in m]
+    assert len(recs) == 4 and all(m["d2h_bytes"] == 0 == planned["d2h_bytes_per_step"] for m in recs)
+    assert recs[0]["h2d_bytes"] > planned["h2d_bytes_per_step"] > 0  # the first step copies every unit
+    assert all(m["h2d_bytes"] == planned["h2d_bytes_per_step"] for m in recs[1:])
     ck = straight / "checkpoint-2"
     assert {"adapter_config.json", "adapter_model.safetensors", "lora_state.safetensors",
             "trainer_state.json"} <= {p.name for p in ck.iterdir()}

@@ -125,7 +125,9 @@ def test_quantized_base_host_bytes_use_quantized_nbytes(scheme):
     layer_bytes = [memory.frozen_unit_bytes(u, torch.bfloat16, scheme) for u in units[1:-1]]
     assert b.device_persistent["layer weight buffers"] == 2 * max(layer_bytes)
     assert b.device_persistent["dequantized layer"] == 2 * max(u.numel for u in units[1:-1])
-    assert b.lora["h2d_bytes_per_step"] == 2 * sum(layer_bytes) and b.lora["d2h_bytes_per_step"] == 0
+    # each layer twice a step, but for the two resident at each turn (measured: test_lora's CLI runs)
+    assert b.lora["h2d_bytes_per_step"] == 2 * sum(layer_bytes) - 4 * layer_bytes[0]
+    assert b.lora["d2h_bytes_per_step"] == 0
 
 
 # ---- GPU --------------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def test_plan_json_and_text_have_the_lora_block():
     assert js["modes"] == {} and js["fits"] and js["roofline"]["d2h_s"] == 0
     text = render(p)
     for s in ("LoRA: rank 16 on all-linear", "adapters, gradients, AdamW moments", "frozen base in nf4",
-              "H2D 72.45 GB", "verdict: fits"):
+              "H2D 70.64 GB", "verdict: fits"):
         assert s in text, s
     assert "optimizer modes" not in text
     # too little RAM: a smaller base is suggested

@@ -32,6 +32,7 @@ Pure torch: runs on CPU and CUDA tensors alike.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -231,11 +232,17 @@ def _quantize_nf4(w: torch.Tensor, shape, use_ext: bool | None = None) -> Quanti
     )
 
 
-def _nf4_pair_table(dtype: torch.dtype, device) -> torch.Tensor:
-    """(256, 2): the two NF4 values a byte holds, high nibble first."""
+@functools.lru_cache(maxsize=None)
+def _nf4_pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 2): the two NF4 values a byte holds, high nibble first. Built once per dtype and device
+    (read-only): built per call, its torch.tensor(list, device=cuda) would be a pageable H2D copy that
+    makes the host wait for the device, once per projection on every layer's dequantization."""
     t = _nf4_table(dtype, device)
     b = torch.arange(256, device=device)
-    return torch.stack([t[b >> 4], t[b & 15]], dim=1)
+    table = torch.stack([t[b >> 4], t[b & 15]], dim=1)
+    if table.is_cuda:  # once: ready before any stream reads it
+        torch.cuda.synchronize(table.device)
+    return table
 
 
 def block_absmax(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

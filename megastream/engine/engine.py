@@ -354,6 +354,7 @@ class Engine:
         inv_n = 1.0 / max(n_tok, 1)
         self.adam_steps += 1  # also keys the dropout masks: the recompute draws the forward's again
         ad.begin_step()
+        h2d0 = self.weights.h2d_bytes  # the base's bytes this step copies in; nothing is copied back
 
         xs = self._forward(mbs, ropes, masks, keep=True)
         labels = [mb.labels.to(self.device, non_blocking=True) for mb in mbs]
@@ -400,14 +401,15 @@ class Engine:
             loss_sum = torch.tensor(self.comm.sum(float(loss_sum))[0])
         total = float(ad.grad_norm())  # sync point: waits for all backward work
         loss = float(loss_sum) * inv_n
+        pcie = {"h2d_bytes": self.weights.h2d_bytes - h2d0, "d2h_bytes": 0}
         if not (math.isfinite(loss) and math.isfinite(total)):
             self.adam_steps -= 1
-            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True)
+            return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, skipped=True, **pcie)
         clip = self.cfg.train.grad_clip
         o = self.cfg.optim
         ad.adamw(lr=lr, beta1=o.betas[0], beta2=o.betas[1], eps=o.eps, weight_decay=self.cfg.train.weight_decay,
                  step=self.adam_steps, grad_scale=clip_coef(total, clip) if clip > 0 else 1.0)
-        return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr)
+        return StepStats(loss=loss, loss_tokens=n_tok, grad_norm=total, lr=lr, **pcie)
 
     def _loss_tokens(self, mbs: list[MicroBatch]) -> int:
         """Tokens that carry a loss in the step (every rank's): the loss is their mean."""
