@@ -89,6 +89,20 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def release_freed_memory() -> None:
+    """Hand the heap memory that glibc malloc keeps after frees back to the kernel (malloc_trim). Loading
+    and initialising a model frees many tensor-sized temporaries (a read tensor, a random-init piece, a
+    layer staged for quantization): malloc keeps them for reuse, and the step's larger buffers, mapped
+    anew, do not reuse them, so without this they stay in the RSS for the whole run (measured: 0.26 GB of
+    a qwen2.5-0.5b NF4 LoRA run's 2.3 GB peak). A no-op where the C library has no malloc_trim."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def vm_hwm(pid: int | str = "self") -> int | None:
     """Peak resident set size of process `pid` (default: this one), bytes: VmHWM from
     /proc/<pid>/status, the high-water mark of that address space; None where it cannot be read."""

@@ -306,7 +306,7 @@ class HostStore:
                 else:
                     t.fill_(1.0)
 
-        list(pool.map(lambda job: job[0].copy_(init_piece(job[1], job[0].numel(), std)), jobs))
+        list(pool.map(lambda job: init_piece_into(job[0], job[1], std), jobs))
 
     def unit_range(self, u: int) -> tuple[int, int]:
         """The elements [lo, hi) of unit u (in the whole unit's flat layout) this store holds."""
@@ -318,11 +318,23 @@ class HostStore:
         self.weights_of(u)[offset:offset + flat.numel()].copy_(flat)
 
 
-def init_piece(key: tuple[int, ...], n: int, std: float) -> torch.Tensor:
-    """The N(0, std) values (fp32) of one piece of a random init, from a generator seeded by `key`
-    (seed, unit, tensor, piece): the same values wherever and however the piece is drawn."""
+def _piece_generator(key: tuple[int, ...]) -> torch.Generator:
     h = 0
     for part in key:  # a fixed mix (Python's hash() is not promised to stay the same)
         h = (h * 0x9E3779B97F4A7C15 + part + 1) % (1 << 63)
-    g = torch.Generator().manual_seed(h)
-    return torch.empty(n, dtype=torch.float32).normal_(0.0, std, generator=g)
+    return torch.Generator().manual_seed(h)
+
+
+def init_piece(key: tuple[int, ...], n: int, std: float) -> torch.Tensor:
+    """The N(0, std) values (fp32) of one piece of a random init, from a generator seeded by `key`
+    (seed, unit, tensor, piece): the same values wherever and however the piece is drawn."""
+    return torch.empty(n, dtype=torch.float32).normal_(0.0, std, generator=_piece_generator(key))
+
+
+def init_piece_into(dst: torch.Tensor, key: tuple[int, ...], std: float) -> torch.Tensor:
+    """dst <- init_piece(key, dst.numel(), std). A contiguous fp32 destination is drawn into in place
+    (normal_ gives a view the values it gives a fresh tensor), so a random init of an fp32 store
+    allocates no 16 MB temporary per piece for malloc to keep."""
+    if dst.dtype == torch.float32 and dst.is_contiguous():
+        return dst.normal_(0.0, std, generator=_piece_generator(key))
+    return dst.copy_(init_piece(key, dst.numel(), std))

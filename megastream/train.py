@@ -38,6 +38,7 @@ from megastream.data.dataset import Dataset
 from megastream.data.loader import load_dataset
 from megastream.engine.engine import Engine
 from megastream.errors import ConfigError, DataError, Interrupted, ResourceError, TrainingError
+from megastream.machine import release_freed_memory
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
 from megastream.optim import lr_at
@@ -525,6 +526,7 @@ def _build(cfg: Config, spec: ModelSpec, device: torch.device, comm, resume_from
         if comm is not None or written != 1:
             log(f"megastream: the checkpoint's state was written by {written} rank(s) and is read by "
                 f"{1 if comm is None else comm.local_world} per node (resharded by element ranges)")
+    release_freed_memory()  # what loading freed (read tensors, init pieces, staged layers): not kept for the run
     return model, adapters, start_step, adam_steps, prev_norm
 
 
