@@ -475,9 +475,12 @@ def _check_lora(lo: LoraConfig, need, errors: list[str]) -> None:
     need(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout:g}")
     if lo.target_modules != "all-linear":
         unknown = [t for t in lo.target_modules if t not in LORA_TARGETS]
+        whole = [t for t in unknown if t in LORA_EXTRA]
         need(not unknown, "lora.target_modules",
-             f"unknown module(s) {', '.join(map(repr, unknown))}; allowed: all-linear or a list of "
-             f"{', '.join(LORA_TARGETS)}")
+             f"unknown module(s) {', '.join(map(repr, unknown))}; the models megastream adapts (Llama, Mistral, "
+             f"Qwen2, Qwen3) have the linear projections {', '.join(LORA_TARGETS)} in every layer: list some of "
+             "them, or all-linear" + (f". {' and '.join(whole)} take no adapter: train them in full with "
+                                      f"lora.train_extra: [{', '.join(whole)}]" if whole else ""))
         dup = sorted({t for t in lo.target_modules if lo.target_modules.count(t) > 1})
         need(not dup, "lora.target_modules", f"{', '.join(dup)} listed more than once")
     unknown = [m for m in lo.train_extra if m not in LORA_EXTRA]

@@ -539,7 +539,9 @@ def test_bad_lora_input_is_refused_and_overwrites_nothing(tmp_path):
         _user_error(run_cli("train", str(cfg), "--overwrite", check=False), *needles)
         assert _snapshot(run) == before
 
-    refused("lora.target_modules", "'qproj'", target_modules=["qproj", "v_proj"])
+    refused("lora.target_modules", "'qproj'", "q_proj, k_proj", target_modules=["qproj", "v_proj"])
+    refused("lora.target_modules", "'embed_tokens'", "lora.train_extra: [embed_tokens]",
+            target_modules=["q_proj", "embed_tokens"])  # no adapter: trained in full, if at all
     refused("lora.rank", ">= 1", rank=0)
     refused("lora.rank is 8", "r=4", rank=8)  # the init adapter has r=4
     refused("lora.target_modules", "q_proj", target_modules=["q_proj", "v_proj"])  # it adapts all seven

@@ -31,20 +31,7 @@ GB = 1e9
 
 
 def _load(path, *sets):
-    """The config as written. While the config check still refuses a quantized base ("not built
-    yet"), the same file with its lora.base_dtype put back after the check."""
-    try:
-        return load_config(path, list(sets))
-    except ConfigError as e:
-        if "not built yet" not in str(e):
-            raise
-    want = next((s.split("=", 1)[1] for s in sets if s.startswith("lora.base_dtype=")), None)
-    cfg = load_config(path, [*sets, "lora.base_dtype=bf16"])
-    if want is None:
-        import yaml
-
-        want = yaml.safe_load(open(path))["lora"]["base_dtype"]
-    return replace(cfg, lora=replace(cfg.lora, base_dtype=want))
+    return load_config(path, list(sets))
 
 
 def _budget(cfg, preset=None):
