@@ -16,7 +16,6 @@ from megastream.adapters.lora import lora_slots
 from megastream.adapters.peft_io import adapter_shapes, resolve_targets
 from megastream.adapters.quant import quantized_nbytes
 from megastream.config import load_config
-from megastream.errors import ConfigError
 from megastream.machine import Machine
 from megastream.model.layout import model_layout
 from megastream.plan import Rates, make_plan, render, roofline
