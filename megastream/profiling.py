@@ -43,9 +43,11 @@ def _overlap(a: list[tuple[float, float]], b_union: list[tuple[float, float]]) -
     return total
 
 
-def summarize_trace(events: list[dict]) -> dict:
+def summarize_trace(events: list[dict], copy_bytes: set[int] | None = None) -> dict:
     """Chrome-trace events -> busy and hidden fractions. Kernels are compute ("cat": "kernel");
-    copies are "gpu_memcpy" events, H2D or D2H by name."""
+    copies are "gpu_memcpy" events, H2D or D2H by name. With `copy_bytes`, only the copies of those
+    sizes (the trace's args.bytes) count as copies: one kind of copy (e.g. the activation offload's,
+    one micro-batch's layer input each) apart from the rest (weights, gradients)."""
     kernels, h2d, d2h = [], [], []
     for ev in events:
         if ev.get("ph") != "X" or "dur" not in ev:
@@ -54,7 +56,7 @@ def summarize_trace(events: list[dict]) -> dict:
         cat, name = ev.get("cat", ""), ev.get("name", "")
         if cat == "kernel":
             kernels.append(span)
-        elif cat == "gpu_memcpy":
+        elif cat == "gpu_memcpy" and (copy_bytes is None or ev.get("args", {}).get("bytes") in copy_bytes):
             if "HtoD" in name:
                 h2d.append(span)
             elif "DtoH" in name:
@@ -74,9 +76,11 @@ def summarize_trace(events: list[dict]) -> dict:
     return out
 
 
-def profile_steps(engine, mbs, lr: float, steps: int = 3, trace_path: str | Path | None = None) -> dict:
+def profile_steps(engine, mbs, lr: float, steps: int = 3, trace_path: str | Path | None = None,
+                  copy_bytes: set[int] | None = None) -> dict:
     """Run `steps` engine steps under torch.profiler (after one untraced warm-up step) and summarise
-    the GPU timeline. Optionally keeps the Chrome trace at `trace_path`."""
+    the GPU timeline (`copy_bytes`: as summarize_trace takes it). Optionally keeps the Chrome trace at
+    `trace_path`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -92,6 +96,6 @@ def profile_steps(engine, mbs, lr: float, steps: int = 3, trace_path: str | Path
         path = Path(trace_path) if trace_path else Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    out = summarize_trace(events)
+    out = summarize_trace(events, copy_bytes)
     out["steps"] = steps
     return out

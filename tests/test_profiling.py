@@ -28,3 +28,15 @@ def test_busy_and_hidden_fractions():
 def test_no_kernels_is_an_error():
     with pytest.raises(ValueError, match="no CUDA kernels"):
         summarize_trace([_ev("gpu_memcpy", "Memcpy HtoD", 0, 1)])
+
+
+def test_copies_of_given_sizes_only():
+    """copy_bytes picks one kind of copy by its size (the trace's args.bytes): here the small ones,
+    hidden under compute, apart from a large exposed one."""
+    small = [dict(_ev("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 10, 20), args={"bytes": 64})]
+    large = [dict(_ev("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 60, 40), args={"bytes": 4096})]
+    events = [_ev("kernel", "gemm", 0, 50), *small, *large, _ev("kernel", "gemm", 100, 10)]
+    assert summarize_trace(events)["d2h_hidden_fraction"] == pytest.approx(20 / 60)
+    s = summarize_trace(events, copy_bytes={64})
+    assert s["d2h_s"] == pytest.approx(20e-6) and s["d2h_hidden_fraction"] == 1.0
+    assert summarize_trace(events, copy_bytes={7})["d2h_s"] == 0  # none of that size
