@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from megastream import cuda
@@ -57,12 +58,17 @@ def pinned_zeros(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, Callable
     if numel == 0:
         return torch.zeros(0, dtype=dtype), _no_release
     nbytes = numel * dtype.itemsize
-    buf = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled; torch.frombuffer keeps it alive
-    t = torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+    buf = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled
+    # The tensors hold a numpy array, which holds the mmap. The finalizer watches the array: when the
+    # last view dies, numpy clears the array's weak references before it lets go of the mmap, so the
+    # registration ends while the pages are still mapped. (A finalizer on the mmap itself would run
+    # after CPython's munmap.)
+    owner = np.frombuffer(buf, dtype=np.uint8)
+    t = torch.from_numpy(owner).view(dtype)
     ptr = t.data_ptr()
     err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
     if err == 0:
-        release = weakref.finalize(buf, _unregister, ptr)
+        release = weakref.finalize(owner, _unregister, ptr)
         release.atexit = False  # at exit the driver releases it with the process
         return t, release
     # The failed call also set this thread's CUDA last error, which the next checked kernel launch
@@ -70,7 +76,7 @@ def pinned_zeros(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, Callable
     cuda.clear_last_error()
     warnings.warn(f"cudaHostRegister of {nbytes / 1e9:.2f} GB failed (CUDA error {err}); falling back to "
                   "torch's pinned allocator, which rounds each arena up to a power of two", stacklevel=2)
-    del t, buf
+    del t, owner, buf
     return torch.zeros(numel, dtype=dtype).pin_memory(), _no_release
 
 

@@ -114,6 +114,34 @@ def test_an_arena_freed_without_close_is_unregistered_when_its_last_view_dies(ru
 
 
 
+def _mapped(ptr: int) -> bool:
+    """Whether address `ptr` lies in one of this process's mappings (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+def test_the_finalizer_unregisters_before_the_pages_are_unmapped(runtime):
+    """The registration must end while the memory is still mapped: unregistering after the munmap
+    leaves a window in which another thread's mmap can be given those addresses (and its
+    cudaHostRegister fail, CUDA error 712), and a copy still in flight would outlive its mapping."""
+    rt = runtime()
+    mapped = []
+    unregister = rt.cudaHostUnregister
+    rt.cudaHostUnregister = lambda ptr: (mapped.append(_mapped(ptr)), unregister(ptr))[1]
+    t, _ = pinned_zeros(1 << 20, torch.float32)
+    view = t[10:20]
+    del t
+    gc.collect()
+    assert mapped == []  # a view keeps the arena registered
+    del view
+    gc.collect()
+    assert mapped == [True]
+
+
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_a_pinned_quantized_store_allocates_its_packed_arena_once(runtime, monkeypatch, quant):
     """A quantized base's packed arena (~40 GB for a 72B NF4 base on a 64 GB host) is allocated pinned
