@@ -46,6 +46,17 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo), e.g. avx2, avx512_bf16, amx_bf16; empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next(line.split(":", 1)[1].split() for line in f
+                                  if line.split(":", 1)[0].strip() in ("flags", "Features")))
+    except (OSError, StopIteration):
+        return frozenset()
+
+
 def _nvml() -> tuple[list[Gpu], str | None]:
     try:
         import pynvml

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from megastream.config import Config
-from megastream.machine import Machine, machine, rss
+from megastream.machine import Machine, cpu_flags, machine, rss
 from megastream.memory import Budget, budget
 from megastream.model.layout import model_layout
 from megastream.model.spec import ModelSpec
@@ -56,7 +56,27 @@ class Rates:
     source: str = "defaults"
 
 
-def rates_for(device_type: str) -> Rates:
+def rates_for(device_type: str, compute: torch.dtype | None = None) -> Rates:
+    """The rates `plan` times a step with: this host's cached probe, else stated defaults. The CPU's
+    are fp32 rates; for a bf16 run on the CPU every compute rate is scaled by the probe's measured
+    bf16 / fp32 matmul ratio (~0.1 without AVX512-BF16 or AMX), or the source says it is unscaled."""
+    r = _rates(device_type)
+    if device_type != "cpu" or compute != torch.bfloat16:
+        return r
+    rec = cached_probe(device_type) or {}
+    k = rec.get("bf16_matmul_ratio")
+    if k is None:
+        return replace(r, source=r.source + "; fp32 rates, bf16 unmeasured on this CPU (`megastream "
+                                   "probe` measures it: without AVX512-BF16 or AMX it runs ~9x slower)")
+    return replace(
+        r, matmul_tflops=r.matmul_tflops * k, attention_tflops={n: v * k for n, v in r.attention_tflops.items()},
+        matmul_by_width={w: v * k for w, v in r.matmul_by_width.items()},
+        attention_by_shape={kind: {p: v * k for p, v in pts.items()} for kind, pts in r.attention_by_shape.items()},
+        lora_matmul_by_rank={n: v * k for n, v in r.lora_matmul_by_rank.items()},
+        source=r.source + f"; bf16 at {k:.3f}x the fp32 rates, the probe's bf16 / fp32 matmul ratio")
+
+
+def _rates(device_type: str) -> Rates:
     rec = cached_probe(device_type)
     if rec is None:
         return Rates(**DEFAULT_RATES[device_type], source="stated defaults (run `megastream probe` to measure)")
@@ -427,7 +447,7 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         return budget(c, spec, device_type, compute, grad, runtime, gpu_budget=gpu_budget, distributed=distributed)
 
     b = budget_of(cfg)
-    rates = rates_for(device_type)
+    rates = rates_for(device_type, compute)
     roof = roofline(cfg, spec, b, rates)
     ram_usable = m.ram_available + (rss() if host is None else runtime)
     dist = {}
@@ -450,6 +470,14 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         warnings.append(f"{b.pinned / 1e9:.1f} GB would be page-locked but the locked-memory limit (ulimit -l) "
                         f"is {m.memlock_limit / 1e9:.2f} GB; if pinning fails, raise it (ulimit -l unlimited, or "
                         "memlock in /etc/security/limits.conf / docker --ulimit memlock=-1)")
+    if device_type == "cpu" and compute == torch.bfloat16:
+        ratio = (cached_probe("cpu") or {}).get("bf16_matmul_ratio")
+        if ratio is not None and ratio < 0.5:
+            warnings.append(f"bf16 matmuls run at {ratio:.2f}x float32's rate on this CPU (measured by `megastream "
+                            "probe`); engine.dtype: float32, the CPU's default, is faster here and exact")
+        elif ratio is None and host is None and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+            warnings.append("this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 matmuls typically run ~9x "
+                            "slower than float32 there; engine.dtype: float32, the CPU's default, is faster and exact")
     if fits_host and b.host_total > 0.9 * m.ram_total:
         warnings.append(f"the run takes {b.host_total / m.ram_total:.0%} of this machine's RAM; other programs "
                         "may push it into swap")

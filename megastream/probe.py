@@ -255,6 +255,11 @@ def run_probe(device: torch.device, log=print, optimizer_params: int = 16 * 2**2
     rec["matmul_dtype"] = str(dtype)[6:]
     rec["matmul_tflops"] = measure_matmul(device, dtype, **small.get("matmul", {}))
     log(f"  {rec['matmul_dtype']} matmul                          {rec['matmul_tflops']:8.2f} TFLOP/s")
+    if device.type == "cpu":  # a bf16 run on a CPU: without AVX512-BF16 / AMX, ~9x slower than fp32
+        n, reps = (256, 2) if quick else (1024, 3)
+        rec["bf16_matmul_ratio"] = (measure_matmul(device, torch.bfloat16, n=n, repeats=reps)
+                                    / measure_matmul(device, torch.float32, n=n, repeats=reps))
+        log(f"  bf16 / fp32 matmul rate at {n}         {rec['bf16_matmul_ratio']:8.3f} (scales a bf16 plan's rates here)")
     kind = device.type
     at = small.get("attention", {}) or {"seq": 1024, **attention_batch(kind, 1024)}
     rec["attention_tflops"] = {k: measure_attention(device, dtype, masked=k == "masked", **at)

@@ -487,6 +487,7 @@ def _summary(cfg: Config, spec: ModelSpec, plan: Plan, store: HostStore, device:
             f"megastream: {len(data)} sequences of {cfg.data.seq_len} ({_packing(data)}), "
             f"{b.tokens_per_step} tokens/step, {t.steps} steps; predicted "
             f"{plan.schedule.step_s:.3g} s/step ({plan.schedule.bound}-bound, {plan.rates.source.split(' (')[0]})"
+            + "".join(f"\nmegastream: warning: {w}" for w in plan.warnings)
             + ("" if comm is None else
                f"\nmegastream: data parallel over {comm.world} ranks ({comm.local_world} per node x {comm.nodes} "
                f"node(s)): each holds 1/{comm.local_world} of the host state ({store.host_bytes() / 1e9:.2f} GB here), "

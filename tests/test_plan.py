@@ -167,7 +167,7 @@ def test_plan_predicts_the_step_as_the_engine_overlaps_it(clip, monkeypatch):
     # never faster than every term overlapped: compute, the copies, the optimizer
     assert sc.step_s >= roof.step_s and sc.step_s >= roof.compute_s and sc.step_s >= roof.h2d_s
 
-    monkeypatch.setattr("megastream.plan.rates_for", lambda device_type: rates)  # plan with these rates
+    monkeypatch.setattr("megastream.plan.rates_for", lambda device_type, compute=None: rates)  # plan with these rates
     p = make_plan(cfg, spec, runtime_bytes=int(0.3e9), host=_machine(256))
     js = p.to_json()
     assert js["predicted_step_s"] == pytest.approx(sc.step_s) and js["roofline"]["step_s"] == pytest.approx(roof.step_s)

@@ -73,7 +73,7 @@ def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
 
     monkeypatch.setattr(probe, "_cache_file", lambda: tmp_path / "probe.json")
     monkeypatch.setattr(probe, "measure_host_bandwidth", lambda *a: 12.5)
-    monkeypatch.setattr(probe, "measure_matmul", lambda device, dtype: 0.25)
+    monkeypatch.setattr(probe, "measure_matmul", lambda device, dtype, **k: 0.25 if dtype == torch.float32 else 0.025)
     monkeypatch.setattr(probe, "measure_attention",
                         lambda device, dtype, masked, seq=1024, head_dim=64, **k: (0.01 if masked else 0.05) * (
                             1 if seq == 1024 else seq / 2048 * head_dim / 128))
@@ -91,6 +91,24 @@ def test_probe_caches_what_plan_uses(tmp_path, monkeypatch):
     assert p.rates.matmul_by_width == {"128": 0.25 / 16, "512": 0.25 / 4, "2048": 0.25}
     assert p.rates.attention_by_shape["masked"]["2048,128"] == 0.01
     assert p.rates.attention_by_shape["masked"]["512,32"] == pytest.approx(0.01 / 16)
+
+    # a bf16 run on this CPU: every compute rate at the probe's measured bf16 / fp32 matmul ratio
+    bf16 = make_plan(load_config(REPO / "configs" / "demo.yaml", ["engine.dtype=bfloat16"]), PRESETS["tiny"])
+    assert list(cached.values())[0]["bf16_matmul_ratio"] == pytest.approx(0.1)
+    assert bf16.rates.matmul_tflops == pytest.approx(0.025) and "bf16 at 0.100x" in bf16.rates.source
+    assert bf16.rates.attention_tflops == pytest.approx({"masked": 0.001, "causal": 0.005})
+    assert bf16.rates.matmul_by_width["2048"] == pytest.approx(0.025)
+    assert bf16.roofline.step_s > 5 * p.roofline.step_s
+    assert any("bf16 matmuls run at 0.10x float32's rate" in w for w in bf16.warnings), bf16.warnings
+    assert not any("bf16" in w for w in p.warnings)
+    del cached[next(iter(cached))]["bf16_matmul_ratio"]  # a probe from before it measured bf16
+    (tmp_path / "probe.json").write_text(json.dumps(cached))
+    old = make_plan(load_config(REPO / "configs" / "demo.yaml", ["engine.dtype=bfloat16"]), PRESETS["tiny"])
+    assert old.rates.matmul_tflops == 0.25 and "bf16 unmeasured on this CPU" in old.rates.source
+    from megastream.machine import cpu_flags
+
+    native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())  # then no warning without a measurement
+    assert any("no native bf16" in w for w in old.warnings) == (not native), old.warnings
 
 
 def test_rates_follow_the_model_shapes():
