@@ -332,7 +332,8 @@ def budget(cfg: Config, spec: ModelSpec, device_type: str, compute: torch.dtype,
                   # each layer twice (forward, backward's recompute), but the base never changes, so the
                   # double buffer's two layers are not copied again at either turn: the forward starts on
                   # layers 0 and 1, still resident from the previous backward, and the backward on the last
-                  # two (a step after the first: forward copies layers 2..L-1, backward L-3..0). The head
+                  # two (a step after the first, but for one right after an evaluation, which ends on the
+                  # last layers: forward copies layers 2..L-1, backward L-3..0). The head
                   # stays resident, and so does a tied table; an untied one on the device takes the head's
                   # buffer, so both cross each step.
                   "h2d_bytes_per_step": sum(unit_bytes[3:-1]) + sum(unit_bytes[1:-3]) + (

@@ -447,7 +447,7 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         return budget(c, spec, device_type, compute, grad, runtime, gpu_budget=gpu_budget, distributed=distributed)
 
     b = budget_of(cfg)
-    rates = rates_for(device_type, compute)
+    rates = rates_for(device_type, b.compute_dtype)  # (a LoRA base computes in lora.base_dtype)
     roof = roofline(cfg, spec, b, rates)
     ram_usable = m.ram_available + (rss() if host is None else runtime)
     dist = {}
@@ -470,14 +470,15 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
         warnings.append(f"{b.pinned / 1e9:.1f} GB would be page-locked but the locked-memory limit (ulimit -l) "
                         f"is {m.memlock_limit / 1e9:.2f} GB; if pinning fails, raise it (ulimit -l unlimited, or "
                         "memlock in /etc/security/limits.conf / docker --ulimit memlock=-1)")
-    if device_type == "cpu" and compute == torch.bfloat16:
+    if device_type == "cpu" and b.compute_dtype == torch.bfloat16:
         ratio = (cached_probe("cpu") or {}).get("bf16_matmul_ratio")
+        key = "lora.base_dtype" if cfg.lora is not None and cfg.lora.base_dtype == "bf16" else "engine.dtype"
         if ratio is not None and ratio < 0.5:
             warnings.append(f"bf16 matmuls run at {ratio:.2f}x float32's rate on this CPU (measured by `megastream "
-                            "probe`); engine.dtype: float32, the CPU's default, is faster here and exact")
-        elif ratio is None and host is None and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
-            warnings.append("this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 matmuls typically run ~9x "
-                            "slower than float32 there; engine.dtype: float32, the CPU's default, is faster and exact")
+                            f"probe`); {key}: float32 is faster here and exact")
+        elif ratio is None and host is None and not {"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags():
+            warnings.append("this CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16): bf16 matmuls typically "
+                            f"run ~9x slower than float32 there; {key}: float32 is faster and exact")
     if fits_host and b.host_total > 0.9 * m.ram_total:
         warnings.append(f"the run takes {b.host_total / m.ram_total:.0%} of this machine's RAM; other programs "
                         "may push it into swap")

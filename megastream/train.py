@@ -91,8 +91,9 @@ def build_model(cfg: Config, spec: ModelSpec, device: torch.device, init: bool =
         store = HostStore(model_layout(spec), compute, grad, quant=quant, **kw)
     if cfg.model.path is not None:
         src = Path(cfg.model.path)
-        stamp = files_stamp(src)
-        if init:
+        stamp = None
+        if init:  # (a full run resumed from its checkpoint reads only config.json from model.path)
+            stamp = files_stamp(src)
             load_hf_weights(store, spec, src)
         return Model(spec, store, json.loads((src / "config.json").read_text()), src, stamp)
     if init:

@@ -118,10 +118,15 @@ def test_frozen_base_holds_and_moves_nothing_it_does_not_need():
         copies.clear()
         engine.step(_batches(spec, M=2, B=1, S=6, seed=step), lr=1e-3)
         seen.append(list(copies))
+    engine.eval_loss(_batches(spec, M=1, B=1, S=6, seed=9))  # an evaluation between steps
+    copies.clear()
+    engine.step(_batches(spec, M=2, B=1, S=6, seed=3), lr=1e-3)
+    seen.append(list(copies))
     engine.close()
     # 0: the embedding rows' wait (the step's rows gathered on the host, not the table copied)
     assert seen[0] == [0, 1, 2, 3, head, 1], seen  # forward 1..L, head, backward L-2..1
     assert seen[1] == seen[2] == [0, 3, 1], seen  # units 1, 2 and the head are still resident
+    assert seen[3] == [0, 1, 2, 3, 1], seen  # it ended on the last layers: this forward copies all of them
 
 
 def test_update_is_torch_adamw_with_clipping_and_decay():

@@ -32,13 +32,16 @@ class SourceMerge:
         model_dir = Path(model_dir)
         if files_stamp(model_dir) != stamp:
             raise CheckpointError(
-                f"lora.merge: the weight files in {model_dir} changed since this run loaded them, so they are not "
+                f"lora.merge: the weight files in {model_dir} changed since this run loaded them, so they may not be "
                 "the base the adapter was trained on; merged/ was not written. final/ holds the adapter: merge it "
                 "onto the original model with peft (PeftModel.from_pretrained(base, final).merge_and_unload())")
         self.adapters = adapters
         self.reader = SafetensorsReader(model_dir)
 
     def tensor_of(self, u: int, e) -> torch.Tensor:
+        trained = self.adapters.merged_weight(u, e.key, None)  # a module of lora.train_extra: not read at all
+        if trained is not None:
+            return trained
         w = self.reader.read(e.hf_name)  # the source's dtype; a fresh buffer, so the merge may sum into it
         if tuple(w.shape) != tuple(e.shape):
             raise CheckpointError(f"lora.merge: tensor {e.hf_name!r} has shape {tuple(w.shape)} in the source "

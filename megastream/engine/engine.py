@@ -488,7 +488,9 @@ class Engine:
         the weights as a step does (and waiting, unit by unit, for pending updates)."""
         ropes, masks = self._attention_inputs(mbs)
         n_tok = int(sum(int((mb.labels != IGNORE).sum()) for mb in mbs))
-        self.weights.invalidate()
+        frozen = self.adapters is not None  # a frozen base: what is resident stays valid (as _lora_step keeps it)
+        if not frozen:
+            self.weights.invalidate()
         xs = self._forward(mbs, ropes, masks)
         norm_w, head_w = self._head_views(self.weights.acquire(self.head_unit))
         if self.adapters is not None and self.adapters.trains("lm_head"):
@@ -496,7 +498,8 @@ class Engine:
         total = sum(head_loss(x, mb.labels.to(self.device), norm_w, head_w, self.spec.rms_norm_eps, self.chunk_tokens,
                               **self.fns.head_kw) for x, mb in zip(xs, mbs))
         self.weights.release(self.head_unit)
-        self.weights.invalidate()
+        if not frozen:
+            self.weights.invalidate()
         return float(total) / max(n_tok, 1), n_tok  # sync point
 
     # ---- optimizer -------------------------------------------------------------------------------
