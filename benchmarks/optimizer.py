@@ -63,13 +63,13 @@ _torch_on_the_same_isa()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
 from megastream import ops  # noqa: E402
+from megastream.machine import cpu_flags, cpu_name  # noqa: E402
 from megastream.ops import reference as R  # noqa: E402
 from megastream.probe import timeit  # noqa: E402
 
@@ -86,21 +86,9 @@ _FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx5
 
 
 def cpu_info() -> tuple[str, list[str]]:
-    """The CPU model (/proc/cpuinfo "model name") and which of the vector extensions that matter
-    here it reports."""
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key.strip() == "model name" and model is None:
-                    model = val.strip()
-                elif key.strip() in ("flags", "Features") and not flags:
-                    flags = set(val.split())
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return model, [f for f in _FLAGS if f in flags]
+    """The CPU model and which of the vector extensions that matter here it reports."""
+    flags = cpu_flags()
+    return cpu_name(), [f for f in _FLAGS if f in flags]
 
 
 def copy_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> float:

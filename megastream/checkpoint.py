@@ -108,7 +108,7 @@ def _read_safetensors(f: Path):
 
 def files_stamp(model_dir: str | Path) -> tuple[tuple[str, int, int], ...]:
     """(file, size, mtime_ns) of each weight file: equal stamps mean the files were not replaced."""
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _weight_files(Path(model_dir)))
+    return tuple((str(f), st.st_size, st.st_mtime_ns) for f in _weight_files(Path(model_dir)) for st in [f.stat()])
 
 
 class SafetensorsReader:

@@ -54,17 +54,18 @@ class Rates:
     dequant_gbps: dict[str, float] = field(default_factory=dict)  # int8 / nf4 -> GB/s of packed bytes (LoRA)
     lora_matmul_by_rank: dict = field(default_factory=dict)  # probe's lora_matmul_tflops_by_rank
     source: str = "defaults"
+    bf16_scale: float | None = None  # a bf16 run on the CPU: the probe's bf16 / fp32 ratio the rates carry
 
 
 def rates_for(device_type: str, compute: torch.dtype | None = None) -> Rates:
     """The rates `plan` times a step with: this host's cached probe, else stated defaults. The CPU's
     are fp32 rates; for a bf16 run on the CPU every compute rate is scaled by the probe's measured
     bf16 / fp32 matmul ratio (~0.1 without AVX512-BF16 or AMX), or the source says it is unscaled."""
-    r = _rates(device_type)
+    rec = cached_probe(device_type)
+    r = _rates(device_type, rec)
     if device_type != "cpu" or compute != torch.bfloat16:
         return r
-    rec = cached_probe(device_type) or {}
-    k = rec.get("bf16_matmul_ratio")
+    k = (rec or {}).get("bf16_matmul_ratio")
     if k is None:
         return replace(r, source=r.source + "; fp32 rates, bf16 unmeasured on this CPU (`megastream "
                                    "probe` measures it: without AVX512-BF16 or AMX it runs ~9x slower)")
@@ -72,12 +73,11 @@ def rates_for(device_type: str, compute: torch.dtype | None = None) -> Rates:
         r, matmul_tflops=r.matmul_tflops * k, attention_tflops={n: v * k for n, v in r.attention_tflops.items()},
         matmul_by_width={w: v * k for w, v in r.matmul_by_width.items()},
         attention_by_shape={kind: {p: v * k for p, v in pts.items()} for kind, pts in r.attention_by_shape.items()},
-        lora_matmul_by_rank={n: v * k for n, v in r.lora_matmul_by_rank.items()},
+        lora_matmul_by_rank={n: v * k for n, v in r.lora_matmul_by_rank.items()}, bf16_scale=k,
         source=r.source + f"; bf16 at {k:.3f}x the fp32 rates, the probe's bf16 / fp32 matmul ratio")
 
 
-def _rates(device_type: str) -> Rates:
-    rec = cached_probe(device_type)
+def _rates(device_type: str, rec: dict | None) -> Rates:
     if rec is None:
         return Rates(**DEFAULT_RATES[device_type], source="stated defaults (run `megastream probe` to measure)")
     d = DEFAULT_RATES[device_type]
@@ -471,7 +471,7 @@ def make_plan(cfg: Config, spec: ModelSpec, runtime_bytes: int | None = None, ho
                         f"is {m.memlock_limit / 1e9:.2f} GB; if pinning fails, raise it (ulimit -l unlimited, or "
                         "memlock in /etc/security/limits.conf / docker --ulimit memlock=-1)")
     if device_type == "cpu" and b.compute_dtype == torch.bfloat16:
-        ratio = (cached_probe("cpu") or {}).get("bf16_matmul_ratio")
+        ratio = rates.bf16_scale
         key = "lora.base_dtype" if cfg.lora is not None and cfg.lora.base_dtype == "bf16" else "engine.dtype"
         if ratio is not None and ratio < 0.5:
             warnings.append(f"bf16 matmuls run at {ratio:.2f}x float32's rate on this CPU (measured by `megastream "

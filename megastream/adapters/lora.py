@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,19 +219,17 @@ class LoraAdapters:
         return (b @ a).mul_(self.scale).cpu()
 
     @torch.no_grad()
-    def merged_weight(self, u: int, key: str, w: torch.Tensor | None) -> torch.Tensor | None:
+    def merged_weight(self, u: int, key: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Checkpoint tensor `key` of unit u (0: the embedding, 1..L: the layers, L+1: the head) as
-        the merged model holds it, flat on the host: w + scale * B @ A summed in fp32 for an adapted
-        projection (w's own buffer when it is fp32), the trained copy for a module in
-        lora.train_extra (w is not needed: it may be None), else w as given."""
-        if 1 <= u <= self.spec.num_layers and w is not None:
-            s = next((s for s in self.by_layer.get(u - 1, ()) if s.key == key), None)
-            if s is not None:
-                return w.reshape(-1).float().add_(self.delta(s).view(-1))
+        the merged model holds it, flat on the host, from the base's tensor `read()` gives: that plus
+        scale * B @ A summed in fp32 for an adapted projection (in the read buffer when it is fp32), the
+        trained copy for a module in lora.train_extra (the base's is not read), else the base's."""
         head = {0: ("embed", "embed_tokens"), self.spec.num_layers + 1: ("lm_head", "lm_head")}.get(u)
         if head is not None and head[0] == key and self.trains(head[1]):
             return self._extra(self.params, head[1]).reshape(-1).cpu()  # D2H: 4 B a parameter
-        return None if w is None else w.reshape(-1)
+        w = read().reshape(-1)
+        s = next((s for s in self.by_layer.get(u - 1, ()) if s.key == key), None)
+        return w if s is None else w.float().add_(self.delta(s).view(-1))
 
     @torch.no_grad()
     def merge_into(self, store) -> None:

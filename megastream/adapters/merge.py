@@ -39,11 +39,11 @@ class SourceMerge:
         self.reader = SafetensorsReader(model_dir)
 
     def tensor_of(self, u: int, e) -> torch.Tensor:
-        trained = self.adapters.merged_weight(u, e.key, None)  # a module of lora.train_extra: not read at all
-        if trained is not None:
-            return trained
+        return self.adapters.merged_weight(u, e.key, lambda: self._read(e))
+
+    def _read(self, e) -> torch.Tensor:
         w = self.reader.read(e.hf_name)  # the source's dtype; a fresh buffer, so the merge may sum into it
         if tuple(w.shape) != tuple(e.shape):
             raise CheckpointError(f"lora.merge: tensor {e.hf_name!r} has shape {tuple(w.shape)} in the source "
                                   f"files, the model {tuple(e.shape)}; merged/ was not written")
-        return self.adapters.merged_weight(u, e.key, w)
+        return w
